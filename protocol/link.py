@@ -1,0 +1,101 @@
+# Both ends of one device's link, built from topics, messages and the COSE
+# profile. `DeviceLink` is what a board holds; `open_uplink` and
+# `CommandSealer` are the reference for the gateway side (the CPython gateway
+# has a faster cbor2 path that must agree with these byte for byte).
+from protocol import cbor, cose, messages, topics
+from protocol.errors import ProtocolError, E_TOPIC, E_KID
+
+
+class DeviceLink:
+    """Seals a board's uplink messages and opens the commands sent to it."""
+
+    def __init__(self, community, device, secret):
+        up, down = cose.derive_keys(secret)
+        kid = device.encode()
+        self.community = community
+        self.device = device
+        self.kid = kid
+        self.t_reading = topics.topic(community, device, topics.READING)
+        self.t_status = topics.topic(community, device, topics.STATUS)
+        self.t_ack = topics.topic(community, device, topics.ACK)
+        self.t_cmd = topics.topic(community, device, topics.CMD)
+        self._aad_reading = self.t_reading.encode()
+        self._aad_status = self.t_status.encode()
+        self._aad_ack = self.t_ack.encode()
+        self._aad_cmd = self.t_cmd.encode()
+        self._reading = cose.Sealer(up, kid, messages.ALGS[topics.READING][0])
+        self._other = cose.Sealer(up, kid, cose.ALG_HMAC256)
+        self._down = cose.HmacKey(down, cose.ALG_HMAC256)
+        self._w = cbor.Writer(messages.MAX_PAYLOAD)
+        self.cmd_guard = None
+
+    def reading(self, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv=None, bat=None):
+        """Frame for a reading (memoryview into a reused buffer)."""
+        w = self._w
+        w.reset()
+        messages.encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat)
+        return self._reading.seal(w.mv[:w.pos], self._aad_reading)
+
+    def _seal_fields(self, kind, fields, aad):
+        w = self._w
+        w.reset()
+        messages.encode(w, kind, fields)
+        return self._other.seal(w.mv[:w.pos], aad)
+
+    def status(self, fields):
+        return self._seal_fields(topics.STATUS, fields, self._aad_status)
+
+    def ack(self, fields):
+        return self._seal_fields(topics.ACK, fields, self._aad_ack)
+
+    def open_command(self, topic, frame):
+        """Verify and decode a command received on `topic`. Counter and lease
+        are the caller's to enforce (replay.CounterGuard, its clock)."""
+        if isinstance(topic, (bytes, bytearray)):
+            ok = topic == self._aad_cmd
+        else:
+            ok = topic == self.t_cmd
+        if not ok:
+            raise ProtocolError(E_TOPIC, "not this board's command topic")
+        down = self._down
+        payload = cose.open_frame(frame, self._aad_cmd, self.kid,
+                                  lambda kid, alg: down, messages.ALGS[topics.CMD])
+        return messages.decode(topics.CMD, payload)
+
+
+class CommandSealer:
+    """Gateway side: seals commands for one device with its downlink key."""
+
+    def __init__(self, community, device, secret):
+        down = cose.derive_keys(secret)[1]
+        self.topic = topics.topic(community, device, topics.CMD)
+        self._aad = self.topic.encode()
+        self._s = cose.Sealer(down, device.encode(), messages.ALGS[topics.CMD][0])
+        self._w = cbor.Writer(messages.MAX_PAYLOAD)
+
+    def seal(self, fields):
+        w = self._w
+        w.reset()
+        messages.encode(w, topics.CMD, fields)
+        return bytes(self._s.seal(w.mv[:w.pos], self._aad))
+
+
+def open_uplink(topic, frame, secret_for):
+    """Reference verification of an uplink frame.
+
+    secret_for(community, device) -> the device's 32-byte secret or None.
+    Returns (community, device, kind, message dict)."""
+    community, device, kind = topics.parse(topic)
+    if kind not in topics.UPLINK:
+        raise ProtocolError(E_TOPIC, "not an uplink topic")
+    aad = topic if isinstance(topic, (bytes, bytearray)) else topic.encode()
+
+    def key_for(kid, alg):
+        s = secret_for(community, device)
+        return None if s is None else cose.derive_keys(s)[0]
+
+    kid = device.encode()
+    if not kid:
+        raise ProtocolError(E_KID, "empty device id")
+    payload = cose.open_frame(frame, aad, kid, key_for, messages.ALGS[kind])
+    return community, device, kind, messages.decode(kind, payload)

@@ -1,0 +1,267 @@
+# Message payloads of the PeerGrid wire contract (PROTOCOL.md, "Messages").
+#
+# Every payload is a deterministic CBOR map with small integer keys. Keys 1-4
+# are the same in every uplink message (boot, seq, t, flags). A field equal to
+# its default (flags 0, version 1) is left out, so each message has exactly one
+# encoding. Integers carry units stated in the schema below; there are no
+# floats on the wire.
+from protocol import cbor
+from protocol.errors import ProtocolError, E_SCHEMA, E_VERSION, E_NONCANONICAL, E_RANGE
+from protocol.topics import READING, STATUS, ACK, CMD
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
+
+VERSION = const(1)
+
+# flags (key 4) of uplink messages
+F_CLOCK_UNSYNCED = const(1)   # t is the board's guess, not NTP time
+F_NO_VREF = const(2)          # no voltage reference: powers are apparent (VA) at an assumed voltage
+F_BUFFERED = const(4)         # replayed from the flash buffer, not live
+F_INV_MISSING = const(8)      # inverter configured but not answering
+F_BAT_MISSING = const(16)     # battery configured but not answering
+F_ENERGY_LOSS = const(32)     # registers restored after an unclean reset (see status lost_wh)
+F_UNCALIBRATED = const(64)    # a channel runs on default calibration
+
+# command operations
+OP_RELAY = const(1)           # value 0 = open (off), 1 = closed (on)
+OP_BATTERY = const(2)         # value W, positive charges, negative discharges
+
+# payload limits
+MAX_PAYLOAD = const(448)
+MAX_CHANNELS = const(12)
+_U32 = 0xFFFFFFFF
+_E_MAX = 1 << 48              # Wh registers: 2^48 Wh is far beyond any house
+_P_MAX = 10000000             # 10 MW: beyond anything a board measures
+
+# field types
+_U = const(0)     # unsigned integer within [lo, hi]
+_I = const(1)     # signed integer within [lo, hi]
+_T = const(2)     # text, at most hi bytes
+_B = const(3)     # byte string, at most hi bytes
+_CH = const(4)    # flat array: W, import Wh, export Wh, mA for each channel
+_INV = const(5)   # [state, W, lifetime Wh]
+_BAT = const(6)   # [state, W, state of charge in permille]
+
+# (key, name, type, required, lo, hi)
+_COMMON = (
+    (1, "boot", _U, True, 0, _U32),        # boot counter
+    (2, "seq", _U, True, 0, _U32),         # message counter within the boot
+    (3, "t", _U, True, 0, _U32),           # Unix time, s (board clock)
+    (4, "flags", _U, False, 1, 0xFFFF),    # F_* bits; absent = 0
+)
+SCHEMAS = {
+    READING: _COMMON + (
+        (5, "vrms_dv", _U, False, 0, 10000),     # voltage, 0.1 V
+        (6, "freq_chz", _U, False, 0, 10000),    # frequency, 0.01 Hz
+        (7, "ch", _CH, True, 1, MAX_CHANNELS),  # per channel
+        (8, "inv", _INV, False, 0, 0),
+        (9, "bat", _BAT, False, 0, 0),
+    ),
+    STATUS: _COMMON + (
+        (5, "fw", _T, True, 0, 24),              # firmware version
+        (6, "cfg", _B, True, 0, 16),             # commissioning config digest
+        (7, "reset", _U, True, 0, 255),          # reset cause (machine.reset_cause)
+        (8, "heap", _U, True, 0, _U32),          # free heap, bytes
+        (9, "uptime", _U, True, 0, _U32),        # s
+        (10, "buffered", _U, True, 0, _U32),     # readings waiting in flash
+        (11, "online", _U, True, 0, 1),          # 0 in the last will
+        (12, "board", _T, True, 0, 24),          # board definition name
+        (13, "dropped", _U, False, 0, _U32),     # readings lost to a full buffer
+        (14, "lost_wh", _U, False, 0, _U32),     # energy at risk after unclean reset, Wh
+    ),
+    ACK: _COMMON + (
+        (5, "ctr", _U, True, 1, _U32),           # counter of the command acknowledged
+        (6, "result", _U, True, 0, 255),         # 0 applied, else an E_* code
+        (7, "value", _I, False, -_P_MAX, _P_MAX),  # value now in force
+        (8, "lease", _U, False, 0, 86400),       # s left on the lease
+    ),
+    CMD: (
+        (1, "ctr", _U, True, 1, _U32),           # strictly increasing per device
+        (2, "t", _U, True, 0, _U32),             # issue time, Unix s (gateway clock)
+        (3, "lease", _U, True, 1, 86400),        # s the command holds after receipt
+        (4, "op", _U, True, 1, 2),               # OP_*
+        (5, "target", _U, True, 0, 15),          # relay or battery index
+        (6, "value", _I, True, -_P_MAX, _P_MAX),
+    ),
+}
+# Which profile algorithm each message kind uses (cose.ALG_*): readings carry
+# a 64-bit tag to stay within the byte budget; everything else the full tag.
+ALGS = {READING: (4,), STATUS: (5,), ACK: (5,), CMD: (5,)}
+
+
+def _int_in(v, lo, hi, name):
+    if not isinstance(v, int) or v is True or v is False:
+        raise ProtocolError(E_SCHEMA, "%s must be an integer" % name)
+    if v < lo or v > hi:
+        raise ProtocolError(E_RANGE, "%s=%d outside [%d, %d]" % (name, v, lo, hi))
+    return v
+
+
+def _check(typ, v, lo, hi, name):
+    if typ == _U:
+        return _int_in(v, max(lo, 0), hi, name)
+    if typ == _I:
+        return _int_in(v, lo, hi, name)
+    if typ == _T:
+        if not isinstance(v, str) or len(v.encode()) > hi:
+            raise ProtocolError(E_SCHEMA, "%s must be text of at most %d bytes" % (name, hi))
+        return v
+    if typ == _B:
+        if not isinstance(v, (bytes, bytearray)) or len(v) > hi:
+            raise ProtocolError(E_SCHEMA, "%s must be at most %d bytes" % (name, hi))
+        return bytes(v)
+    if typ == _CH:
+        # On the wire one flat array, 4 integers per channel; decoded grouped.
+        if not isinstance(v, list) or not v:
+            raise ProtocolError(E_SCHEMA, "ch must be a non-empty array")
+        if isinstance(v[0], list):
+            flat = []
+            for c in v:
+                if not isinstance(c, list) or len(c) != 4:
+                    raise ProtocolError(E_SCHEMA, "a channel is [W, import Wh, export Wh, mA]")
+                flat.extend(c)
+            v = flat
+        if len(v) % 4 or len(v) > 4 * hi:
+            raise ProtocolError(E_SCHEMA, "ch must hold 4 integers for each of 1-%d channels" % hi)
+        out = []
+        for i in range(0, len(v), 4):
+            out.append([_int_in(v[i], -_P_MAX, _P_MAX, "ch W"),
+                        _int_in(v[i + 1], 0, _E_MAX, "ch import Wh"),
+                        _int_in(v[i + 2], 0, _E_MAX, "ch export Wh"),
+                        _int_in(v[i + 3], 0, 10000000, "ch mA")])
+        return out
+    if typ == _INV or typ == _BAT:
+        if not isinstance(v, list) or len(v) != 3:
+            raise ProtocolError(E_SCHEMA, "%s must be [state, W, %s]"
+                                % (name, "Wh" if typ == _INV else "permille"))
+        third = _int_in(v[2], 0, _E_MAX if typ == _INV else 1000, name)
+        return [_int_in(v[0], 0, 0xFFFF, name + " state"),
+                _int_in(v[1], -_P_MAX, _P_MAX, name + " W"), third]
+    raise ProtocolError(E_SCHEMA, "unknown field type")
+
+
+def decode(kind, payload):
+    """Decode and check a payload of the given kind; return a dict by field name.
+
+    Unknown integer keys are newer optional fields: they are ignored and their
+    count is returned as "_ext". Version (key 0) absent means 1."""
+    schema = SCHEMAS.get(kind)
+    if schema is None:
+        raise ProtocolError(E_SCHEMA, "unknown message kind")
+    m = cbor.loads(payload, max_depth=2, max_items=96, max_container=4 * MAX_CHANNELS,
+                   max_size=MAX_PAYLOAD)
+    if not isinstance(m, dict):
+        raise ProtocolError(E_SCHEMA, "payload must be a map")
+    v = m.get(0)
+    if v is not None:
+        if not isinstance(v, int) or v < 1:
+            raise ProtocolError(E_SCHEMA, "bad version field")
+        if v == VERSION:
+            raise ProtocolError(E_NONCANONICAL, "version 1 must be left out")
+        raise ProtocolError(E_VERSION, "payload version %d, this side speaks %d" % (v, VERSION))
+    out = {}
+    for key, name, typ, required, lo, hi in schema:
+        if key in m:
+            out[name] = _check(typ, m[key], lo, hi, name)
+        elif required:
+            raise ProtocolError(E_SCHEMA, "%s missing" % name)
+    ext = 0
+    for key in m:
+        if not isinstance(key, int) or key < 0:
+            raise ProtocolError(E_SCHEMA, "map keys must be unsigned integers")
+        if key not in _keys(kind):
+            ext += 1
+    if "flags" not in out and kind != CMD:
+        out["flags"] = 0
+    if ext:
+        out["_ext"] = ext
+    return out
+
+
+_KEYS = {}
+
+
+def _keys(kind):
+    ks = _KEYS.get(kind)
+    if ks is None:
+        ks = tuple(f[0] for f in SCHEMAS[kind])
+        _KEYS[kind] = ks
+    return ks
+
+
+def encode(w, kind, fields):
+    """Encode a message given as a dict by field name into Writer `w`.
+    Not the hot path: readings on a board use `encode_reading`."""
+    schema = SCHEMAS[kind]
+    items = []
+    for key, name, typ, required, lo, hi in schema:
+        v = fields.get(name)
+        if v is None or (name == "flags" and v == 0):
+            if required:
+                raise ProtocolError(E_SCHEMA, "%s missing" % name)
+            continue
+        items.append((key, _check(typ, v, lo, hi, name)))
+    w.map(len(items))
+    for key, v in items:      # schema order is ascending key order
+        w.int(key)
+        if key == 7 and kind == READING:
+            w.array(4 * len(v))
+            for c in v:
+                for x in c:
+                    w.int(x)
+        else:
+            w.value(v)
+
+
+def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat):
+    """Encode a reading into Writer `w` without allocating.
+
+    ch: flat sequence of 4*nch integers (W, import Wh, export Wh, mA per channel);
+    inv, bat: 3-item sequences or None; vrms_dv, freq_chz: int or None."""
+    n = 4
+    if flags:
+        n += 1
+    if vrms_dv is not None:
+        n += 1
+    if freq_chz is not None:
+        n += 1
+    if inv is not None:
+        n += 1
+    if bat is not None:
+        n += 1
+    w.map(n)
+    w.head(0, 1)
+    w.int(boot)
+    w.head(0, 2)
+    w.int(seq)
+    w.head(0, 3)
+    w.int(t)
+    if flags:
+        w.head(0, 4)
+        w.int(flags)
+    if vrms_dv is not None:
+        w.head(0, 5)
+        w.int(vrms_dv)
+    if freq_chz is not None:
+        w.head(0, 6)
+        w.int(freq_chz)
+    w.head(0, 7)
+    w.array(4 * nch)
+    for i in range(4 * nch):
+        w.int(ch[i])
+    if inv is not None:
+        w.head(0, 8)
+        w.array(3)
+        w.int(inv[0])
+        w.int(inv[1])
+        w.int(inv[2])
+    if bat is not None:
+        w.head(0, 9)
+        w.array(3)
+        w.int(bat[0])
+        w.int(bat[1])
+        w.int(bat[2])

@@ -1,0 +1,66 @@
+# The MQTT topic tree: pg/<community>/<device>/<kind>
+from protocol.errors import ProtocolError, E_TOPIC
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
+
+ROOT = "pg"
+READING = "reading"   # board -> gateway, QoS 1, not retained
+STATUS = "status"     # board -> gateway, QoS 1, retained (birth and last will)
+ACK = "ack"           # board -> gateway, QoS 1, not retained
+CMD = "cmd"           # gateway -> board, QoS 1, not retained
+UPLINK = (READING, STATUS, ACK)
+DOWNLINK = (CMD,)
+KINDS = (READING, STATUS, ACK, CMD)
+
+MAX_ID = const(16)
+MAX_TOPIC = const(64)
+
+
+def valid_id(s):
+    """Community and device ids: 1-16 of a-z, 0-9 and '-', not starting with '-'."""
+    if not isinstance(s, str) or not 0 < len(s) <= MAX_ID or s[0] == "-":
+        return False
+    for c in s:
+        if not ("a" <= c <= "z" or "0" <= c <= "9" or c == "-"):
+            return False
+    return True
+
+
+def topic(community, device, kind):
+    if not valid_id(community) or not valid_id(device) or kind not in KINDS:
+        raise ProtocolError(E_TOPIC, "bad community, device or kind")
+    return ROOT + "/" + community + "/" + device + "/" + kind
+
+
+def parse(t):
+    """Split a topic into (community, device, kind) or raise E_TOPIC."""
+    if isinstance(t, (bytes, bytearray, memoryview)):
+        if len(t) > MAX_TOPIC:
+            raise ProtocolError(E_TOPIC, "topic too long")
+        try:
+            t = str(bytes(t), "utf-8")
+        except UnicodeError:
+            raise ProtocolError(E_TOPIC, "topic is not UTF-8")
+    if len(t) > MAX_TOPIC:
+        raise ProtocolError(E_TOPIC, "topic too long")
+    parts = t.split("/")
+    if len(parts) != 4 or parts[0] != ROOT or parts[3] not in KINDS \
+            or not valid_id(parts[1]) or not valid_id(parts[2]):
+        raise ProtocolError(E_TOPIC, "not pg/<community>/<device>/<kind>")
+    return parts[1], parts[2], parts[3]
+
+
+def subscriptions(community):
+    """What the gateway subscribes to for one community."""
+    return [ROOT + "/" + community + "/+/" + k for k in UPLINK]
+
+
+def device_acl(community, device):
+    """(pattern, access) pairs a board's broker account gets."""
+    base = ROOT + "/" + community + "/" + device + "/"
+    return [(base + READING, "write"), (base + STATUS, "write"),
+            (base + ACK, "write"), (base + CMD, "read")]
