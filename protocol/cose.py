@@ -183,7 +183,10 @@ def verify_mac0(frame, key, external_aad=b"", require_tag=True):
     k = HmacKey(key, alg)
     if len(tag) != k.tag_len:
         raise ProtocolError(E_TAG, "tag length %d" % len(tag))
-    if not ct_equal(mac_structure_tag(k, prot_raw, external_aad, payload), tag):
+    # An empty protected map counts as the empty byte string in the
+    # MAC_structure, whichever way the sender wrote it (h'' or h'A0').
+    signed_prot = prot_raw if prot else b""
+    if not ct_equal(mac_structure_tag(k, signed_prot, external_aad, payload), tag):
         raise ProtocolError(E_TAG, "MAC does not verify")
     return prot, unprot, payload
 

@@ -53,7 +53,7 @@ class ProtocolError(ValueError):
     """A frame or message was rejected; `code` is one of the E_* numbers."""
 
     def __init__(self, code, detail=""):
-        ValueError.__init__(self, code, detail)
+        super().__init__(code, detail)
         self.code = code
         self.detail = detail
 

@@ -149,11 +149,17 @@ def decode(kind, payload):
 
     Unknown integer keys are newer optional fields: they are ignored and their
     count is returned as "_ext". Version (key 0) absent means 1."""
+    if kind not in SCHEMAS:
+        raise ProtocolError(E_SCHEMA, "unknown message kind")
+    return check(kind, cbor.loads(payload, max_depth=2, max_items=96,
+                                  max_container=4 * MAX_CHANNELS, max_size=MAX_PAYLOAD))
+
+
+def check(kind, m):
+    """Check a decoded payload map against the schema of `kind`."""
     schema = SCHEMAS.get(kind)
     if schema is None:
         raise ProtocolError(E_SCHEMA, "unknown message kind")
-    m = cbor.loads(payload, max_depth=2, max_items=96, max_container=4 * MAX_CHANNELS,
-                   max_size=MAX_PAYLOAD)
     if not isinstance(m, dict):
         raise ProtocolError(E_SCHEMA, "payload must be a map")
     v = m.get(0)
@@ -166,6 +172,8 @@ def decode(kind, payload):
     out = {}
     for key, name, typ, required, lo, hi in schema:
         if key in m:
+            if key == 4 and m[key] == 0 and kind != CMD:
+                raise ProtocolError(E_NONCANONICAL, "flags 0 must be left out")
             out[name] = _check(typ, m[key], lo, hi, name)
         elif required:
             raise ProtocolError(E_SCHEMA, "%s missing" % name)

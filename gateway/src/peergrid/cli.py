@@ -1,0 +1,37 @@
+"""Command line of the gateway. Sub-commands arrive with their issues."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peergrid import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="peergrid", description="PeerGrid gateway")
+    p.add_argument("--version", action="version", version=f"peergrid {__version__}")
+    sub = p.add_subparsers(dest="cmd")
+    v = sub.add_parser("verify-frame", help="verify one uplink frame (hex) against a device secret")
+    v.add_argument("topic")
+    v.add_argument("frame_hex")
+    v.add_argument("--secret-hex", required=True)
+    args = p.parse_args(argv)
+    if args.cmd == "verify-frame":
+        from peergrid.wire import UplinkVerifier
+        from protocol.errors import ProtocolError
+
+        secret = bytes.fromhex(args.secret_hex)
+        ver = UplinkVerifier(lambda c, d: secret)
+        try:
+            msg = ver.open(args.topic, bytes.fromhex(args.frame_hex))
+        except ProtocolError as e:
+            print(f"rejected: {e}", file=sys.stderr)
+            return 1
+        print(msg)
+        return 0
+    p.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
