@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -113,6 +114,9 @@ class Broker:
             "persistence false\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\n"
+            # as root, mosquitto would switch to user "mosquitto", which cannot
+            # read files in the test's private temp folder
+            + (f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else "")
         )
         self.stop()
         self.start()
