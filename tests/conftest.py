@@ -33,3 +33,18 @@ def broker(tmp_path_factory):
     b = Broker(tmp_path_factory.mktemp("mosquitto"))
     yield b
     b.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say how many tests ran under each interpreter."""
+    stats = terminalreporter.stats
+    mpy = cpy = 0
+    for rep in stats.get("passed", []):
+        if "test_under_micropython" in rep.nodeid:
+            mpy += 1
+        else:
+            cpy += 1
+    failed = len(stats.get("failed", []))
+    terminalreporter.write_line(
+        f"interpreters: {cpy} passed under CPython, {mpy} passed under MicroPython "
+        f"(shared tests from source and from .mpy), {failed} failed")
