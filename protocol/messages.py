@@ -33,6 +33,7 @@ OP_BATTERY = const(2)         # value W, positive charges, negative discharges
 # payload limits
 MAX_PAYLOAD = const(448)
 MAX_CHANNELS = const(12)
+MAX_ITEMS = const(96)         # CBOR items in one payload, containers included
 _U32 = 0xFFFFFFFF
 _E_MAX = 1 << 48              # Wh registers: 2^48 Wh is far beyond any house
 _P_MAX = 10000000             # 10 MW: beyond anything a board measures
@@ -151,7 +152,7 @@ def decode(kind, payload):
     count is returned as "_ext". Version (key 0) absent means 1."""
     if kind not in SCHEMAS:
         raise ProtocolError(E_SCHEMA, "unknown message kind")
-    return check(kind, cbor.loads(payload, max_depth=2, max_items=96,
+    return check(kind, cbor.loads(payload, max_depth=2, max_items=MAX_ITEMS,
                                   max_container=4 * MAX_CHANNELS, max_size=MAX_PAYLOAD))
 
 

@@ -212,3 +212,26 @@ def test_replay_window_duplicates(peer) -> None:
     with pytest.raises(ProtocolError) as ei:
         w.accept(1, 1)
     assert ei.value.code == E_REPLAY
+
+
+@pytest.mark.parametrize("extra,code", [(60, "count"), (40, None)])
+def test_limits_agree_on_fast_and_reference_paths(extra: int, code: str | None) -> None:
+    from protocol import cose
+
+    body = {1: 1, 2: 2, 3: 3, 7: [0, 0, 0, 0]}
+    body.update({100 + i: i for i in range(extra)})
+    payload = cbor.dumps(body, 4096)
+    if len(payload) > messages.MAX_PAYLOAD:
+        pytest.skip("payload too long for this case")
+    topic = "pg/oak/d3f9a2/reading"
+    frame = bytes(cose.Sealer(cose.derive_keys(SECRET)[0], b"d3f9a2", 4).seal(payload, topic.encode()))
+    ver = UplinkVerifier(lambda c, d: SECRET)
+    if code is None:
+        assert ver.open(topic, frame).fields["_ext"] == extra
+        return
+    with pytest.raises(ProtocolError) as ei:
+        ver.open(topic, frame)
+    assert ei.value.name() == code
+    with pytest.raises(ProtocolError) as ei:
+        link.open_uplink(topic, frame, lambda c, d: SECRET)
+    assert ei.value.name() == code

@@ -24,6 +24,9 @@ from protocol.errors import E_SCHEMA, E_TOO_BIG, E_TOPIC, ProtocolError
 
 SecretLookup = Callable[[str, str], "bytes | None"]
 _ALG_TAGLEN = {4: 8, 5: 32}
+# must equal the limits messages.decode gives the reference decoder
+_MAX_CONTAINER = 4 * messages.MAX_CHANNELS
+_MAX_ITEMS = messages.MAX_ITEMS
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,19 @@ class UplinkVerifier:
         body = cbor2.loads(payload, max_depth=2, allow_indefinite=False, allow_duplicate_keys=False)
         if not isinstance(body, dict) or cbor2.dumps(body, canonical=True) != payload:
             return None
+        # the reference decoder's limits: entries per container and items in all
+        if len(body) > _MAX_CONTAINER:
+            return None
+        items = 1 + 2 * len(body)
         for k, v in body.items():
-            if isinstance(v, list) and len(v) > 4 * messages.MAX_CHANNELS:
+            if isinstance(v, list):
+                if len(v) > _MAX_CONTAINER or any(not isinstance(x, int) for x in v):
+                    return None
+                items += len(v)
+            elif isinstance(v, (float, dict)) or not isinstance(k, int):
                 return None
-            if isinstance(v, float) or not isinstance(k, int):
-                return None
+        if items > _MAX_ITEMS:
+            return None
         return messages.check(kind, body)
 
     def _reference(self, community: str, device: str, kind: str, aad: bytes, frame: bytes) -> None:
