@@ -10,7 +10,7 @@ except ImportError:  # CPython
 
 OK = const(0)
 # framing and CBOR (1-19)
-E_TOO_BIG = const(1)        # frame or topic longer than the limit
+E_TOO_BIG = const(1)        # frame or payload longer than the limit (a long topic is E_TOPIC)
 E_TRUNCATED = const(2)      # input ends inside an item
 E_TRAILING = const(3)       # bytes left after the top-level item
 E_DEPTH = const(4)          # nesting deeper than allowed

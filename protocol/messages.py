@@ -44,8 +44,8 @@ _I = const(1)     # signed integer within [lo, hi]
 _T = const(2)     # text, at most hi bytes
 _B = const(3)     # byte string, at most hi bytes
 _CH = const(4)    # flat array: W, import Wh, export Wh, mA for each channel
-_INV = const(5)   # [state, W, lifetime Wh]
-_BAT = const(6)   # [state, W, state of charge in permille]
+_INV = const(5)   # [SunSpec inverter St state, AC W (positive produces), lifetime Wh]
+_BAT = const(6)   # [SunSpec 802 ChaSt state, W (positive charges), state of charge in permille]
 
 # (key, name, type, required, lo, hi)
 _COMMON = (
