@@ -1,0 +1,32 @@
+"""The worked examples in PROTOCOL.md must stay the golden frames."""
+from __future__ import annotations
+
+import json
+import re
+
+from harness import ROOT
+
+
+def _hex_blocks_after(heading: str, text: str) -> list[str]:
+    out = []
+    for m in re.finditer(re.escape(heading) + r"[^\n]*\n\n```\n([0-9a-f\n]+)```", text):
+        out.append(m.group(1).replace("\n", ""))
+    return out
+
+
+def test_worked_example_frames_are_golden_vectors() -> None:
+    doc = (ROOT / "protocol" / "PROTOCOL.md").read_text()
+    frames = {v["frame"] for v in json.loads((ROOT / "protocol" / "vectors" / "frames.json").read_text())["vectors"]}
+    shown = _hex_blocks_after("Frame (", doc)
+    assert len(shown) >= 4, "PROTOCOL.md lost its worked example frames"
+    for h in shown:
+        assert h in frames, f"PROTOCOL.md shows a frame that is not a golden vector: {h[:40]}..."
+
+
+def test_error_code_table_matches_errors_py() -> None:
+    from protocol.errors import NAMES
+
+    doc = (ROOT / "protocol" / "PROTOCOL.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| ([a-z_0-9]+) \|", doc, re.M))
+    for code, name in NAMES.items():
+        assert rows.get(str(code)) == name, f"error {code} ({name}) missing or different in PROTOCOL.md"
