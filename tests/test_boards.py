@@ -1,0 +1,103 @@
+"""Board definitions: the shipped ones pass, and each rule catches what it should."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from harness import ROOT
+from peergrid.boards import check, check_paths, load
+
+BOARDS = sorted(p for p in (ROOT / "boards").iterdir() if (p / "board.json").exists())
+REQUIRED = {"devkitc-3ct", "olimex-esp32-poe-iso", "circuitsetup-6ch", "sim"}
+
+
+def test_required_boards_exist() -> None:
+    assert REQUIRED <= {p.name for p in BOARDS}
+
+
+@pytest.mark.parametrize("path", BOARDS, ids=lambda p: p.name)
+def test_shipped_board_has_no_errors(path) -> None:
+    errors = [f for f in check_paths([path]) if f.level == "error"]
+    assert errors == []
+
+
+def _devkit():
+    return copy.deepcopy(load(ROOT / "boards" / "devkitc-3ct"))
+
+
+def _errors(board) -> list[str]:
+    return [f.message for f in check(board) if f.level == "error"]
+
+
+def test_flash_pin_rejected() -> None:
+    b = _devkit()
+    b["relays"][0]["pin"] = 7
+    assert any("SPI flash" in m for m in _errors(b))
+
+
+def test_output_on_input_only_pin_rejected() -> None:
+    b = _devkit()
+    b["rs485"]["de"] = 35
+    errs = _errors(b)
+    assert any("input-only" in m for m in errs)
+
+
+def test_adc2_with_wifi_rejected_but_fine_on_ethernet() -> None:
+    b = _devkit()
+    b["channels"][0]["pin"] = 25
+    assert any("ADC2" in m for m in _errors(b))
+    b["network"] = {"type": "ethernet", "mdc": 23, "mdio": 18}
+    assert not any("ADC2" in m for m in _errors(b))
+
+
+def test_duplicate_pin_rejected() -> None:
+    b = _devkit()
+    b["relays"][1]["pin"] = b["relays"][0]["pin"]
+    assert any("used twice" in m for m in _errors(b))
+
+
+def test_strapping_pin_warns_only() -> None:
+    b = _devkit()
+    b["relays"][0]["pin"] = 15
+    findings = [f for f in check(b) if "GPIO15" in f.message]
+    assert findings and all(f.level == "warning" for f in findings)
+
+
+def test_console_pins_and_missing_adc_rejected() -> None:
+    b = _devkit()
+    b["relays"][0]["pin"] = 1
+    b["channels"][1]["pin"] = 23
+    errs = _errors(b)
+    assert any("UART0" in m for m in errs) and any("has no ADC" in m for m in errs)
+
+
+def test_ct_that_would_clip_rejected() -> None:
+    b = _devkit()
+    b["channels"][0]["burden_ohm"] = 47     # 100 A through 2000 turns into 47 ohm: 3.3 V peak
+    assert any("clip" in m for m in _errors(b))
+
+
+def test_metering_ic_inputs_checked() -> None:
+    b = copy.deepcopy(load(ROOT / "boards" / "circuitsetup-6ch"))
+    b["channels"][1]["phase"] = "A"
+    assert any("used twice" in m for m in _errors(b))
+    b["channels"][1]["chip"] = 5
+    assert any("needs chip" in m for m in _errors(b))
+
+
+def test_cli_exit_code(tmp_path) -> None:
+    bad = _devkit()
+    bad["relays"][0]["pin"] = 8
+    d = tmp_path / "devkitc-3ct"
+    d.mkdir()
+    import json
+
+    (d / "board.json").write_text(json.dumps(bad))
+    cmd = [sys.executable, "-m", "peergrid.cli", "check-board"]
+    ok = subprocess.run(cmd + [str(p) for p in BOARDS], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    fail = subprocess.run(cmd + [str(d)], capture_output=True, text=True)
+    assert fail.returncode == 1 and "SPI flash" in fail.stderr
