@@ -1,0 +1,77 @@
+# Hardware layer of the meter board: the one interface application code uses.
+# Backends: hal_esp32 (machine module, on a board) and hal_sim (unix port,
+# tests, virtual board). Application code never imports `machine`.
+#
+# The interface, by object:
+#   Hal.adc_block(pins, buf, n)   sample len(pins) inputs n times, interleaved,
+#                                 into buf (array 'H' of raw codes); returns the
+#                                 sample period in us. No allocation per sample.
+#   Hal.adc_uv(code)              calibrated microvolts for a raw code
+#   Hal.spi(cfg) -> Spi           write_readinto(wbuf, rbuf), select(cs, on)
+#   Hal.uart(cfg) -> Uart         write(b), readinto(buf) -> n or None, any()
+#   Hal.pin_out(n, value) -> Pin  value(v=None)
+#   Hal.flash(name, size) -> Flash  read(off, n) -> bytes, write(off, data), size
+#   Hal.ticks_ms(), ticks_us(), ticks_diff(a, b), time() -> (unix s, synced)
+#   Hal.wdt_feed()
+#   Hal.reset_cause() -> int
+
+
+class Flash:
+    """A fixed-size region of persistent storage, addressed by offset."""
+
+    size = 0
+
+    def read(self, off, n):
+        raise NotImplementedError
+
+    def write(self, off, data):
+        raise NotImplementedError
+
+
+class Hal:
+    name = "abstract"
+
+    def adc_block(self, pins, buf, n):
+        raise NotImplementedError
+
+    def adc_uv(self, code):
+        raise NotImplementedError
+
+    def spi(self, cfg):
+        raise NotImplementedError
+
+    def uart(self, cfg):
+        raise NotImplementedError
+
+    def pin_out(self, n, value=0):
+        raise NotImplementedError
+
+    def flash(self, name, size):
+        raise NotImplementedError
+
+    def ticks_ms(self):
+        raise NotImplementedError
+
+    def ticks_us(self):
+        raise NotImplementedError
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    def time(self):
+        raise NotImplementedError
+
+    def wdt_feed(self):
+        pass
+
+    def reset_cause(self):
+        return 0
+
+
+def open_hal(board, **kw):
+    """The backend for a board definition (dict loaded from board.json)."""
+    if board.get("mcu") == "sim":
+        from firmware.hal_sim import SimHal
+        return SimHal(board, **kw)
+    from firmware.hal_esp32 import Esp32Hal
+    return Esp32Hal(board, **kw)

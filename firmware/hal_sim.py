@@ -1,0 +1,132 @@
+# Simulated hardware for the MicroPython unix port (and CPython): an ADC fed
+# by a waveform source, flash in a file that can be made to die mid-write,
+# a clock the test controls, pins whose states tests can read.
+import struct
+
+from firmware.hal import Hal, Flash
+
+try:
+    import os
+except ImportError:  # pragma: no cover
+    os = None
+
+
+class FlashDied(OSError):
+    """The simulated flash lost power in the middle of a write."""
+
+
+class SimFlash(Flash):
+    """A file of fixed size. `die_after` bytes into a later write, the write
+    stops (what was written so far stays, like a real torn page program)."""
+
+    def __init__(self, path, size):
+        self.path = path
+        self.size = size
+        self.die_after = -1
+        self.writes = 0
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        if len(data) != size:
+            data = (data + b"\xff" * size)[:size]
+            with open(path, "wb") as f:
+                f.write(data)
+
+    def read(self, off, n):
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            return f.read(n)
+
+    def write(self, off, data):
+        if off < 0 or off + len(data) > self.size:
+            raise ValueError("flash write out of range")
+        self.writes += 1
+        n = len(data)
+        torn = 0 <= self.die_after < n
+        if torn:
+            n = self.die_after
+        with open(self.path, "r+b") as f:
+            f.seek(off)
+            f.write(bytes(data[:n]) if n < len(data) else data)
+        if torn:
+            self.die_after = -1
+            raise FlashDied("power lost during flash write")
+        if self.die_after >= 0:
+            self.die_after -= len(data)
+
+
+class Waveforms:
+    """Default waveform source: every input at its bias, i.e. silence.
+    Tests and the virtual board install their own with `SimHal.source`."""
+
+    def fill(self, pins, buf, n, t0_us, period_us):
+        mid = 2048
+        for i in range(n * len(pins)):
+            buf[i] = mid
+
+
+class SimHal(Hal):
+    name = "sim"
+
+    def __init__(self, board, root="/tmp/peergrid-sim", period_us=250):
+        self.board = board
+        self.root = root
+        self.source = Waveforms()
+        self.period_us = period_us
+        self.now_us = 0
+        self.unix = 946684800       # 2000-01-01: what an unsynced board believes
+        self.synced = False
+        self.outputs = {}
+        self.fed = 0
+        self._flashes = {}
+        try:
+            os.mkdir(root)
+        except OSError:
+            pass
+
+    # ADC: the source writes raw 12-bit codes; adc_uv is the per-chip calibration
+    def adc_block(self, pins, buf, n):
+        self.source.fill(pins, buf, n, self.now_us, self.period_us)
+        self.now_us += n * self.period_us
+        return self.period_us
+
+    def adc_uv(self, code):
+        # ideal 12-bit converter over 0-3.3 V after calibration
+        return code * 3300000 // 4095
+
+    def pin_out(self, n, value=0):
+        hal = self
+
+        class Pin:
+            def value(self, v=None):
+                if v is None:
+                    return hal.outputs.get(n, 0)
+                hal.outputs[n] = 1 if v else 0
+
+        p = Pin()
+        p.value(value)
+        return p
+
+    def flash(self, name, size):
+        f = self._flashes.get(name)
+        if f is None:
+            f = SimFlash(self.root + "/" + name + ".bin", size)
+            self._flashes[name] = f
+        return f
+
+    def advance(self, ms):
+        self.now_us += ms * 1000
+
+    def ticks_ms(self):
+        return self.now_us // 1000
+
+    def ticks_us(self):
+        return self.now_us
+
+    def time(self):
+        return self.unix + self.now_us // 1000000, self.synced
+
+    def wdt_feed(self):
+        self.fed += 1
