@@ -96,6 +96,12 @@ class SimHal(Hal):
         # ideal 12-bit converter over 0-3.3 V after calibration
         return code * 3300000 // 4095
 
+    def adc_calibration(self):
+        """(code, microvolts) points of this ADC's transfer curve, if the
+        source models one (the per-chip calibration a board reads with read_uv)."""
+        adc = getattr(self.source, "adc", None)
+        return adc.calibration_points() if adc is not None else None
+
     def pin_out(self, n, value=0):
         hal = self
 

@@ -1,0 +1,238 @@
+# Measurement from the ADC front end: Vrms, Irms, real and apparent power,
+# power factor and frequency per channel over whole mains cycles, and the
+# energy of each window for the registers.
+#
+# One window: the hardware layer fills a preallocated buffer with interleaved
+# raw codes of [voltage reference, ct1, ct2, ...]. Raw codes are linearised
+# through the per-chip table (firmware/dsp.py works in 200 uV units), the
+# window is cut to whole cycles between the first and last rising zero
+# crossing of the voltage, DC offsets are removed through the sums, and the
+# phase error (CT phase lead plus the skew of sampling the inputs one after
+# another) is corrected by interpolating the voltage between neighbouring
+# frames, which is linear and so can be done on the sums.
+import gc
+import math
+from array import array
+
+from firmware import dsp
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
+
+def zeros(typecode, n, size):
+    """A zero-filled array of n items of `size` bytes, made with as little
+    transient heap as MicroPython allows (collect first: the table is big)."""
+    gc.collect()
+    return array(typecode, bytes(size * n))
+
+
+UNIT_UV = const(200)          # linear unit of the table, microvolts
+LUT_MAX = const(16500)        # 3.3 V
+SQRT2 = 1.4142135623730951
+
+
+def linear_lut(bits=12, full_scale_uv=3300000):
+    """Table for an ideal converter (codes spread evenly over full scale)."""
+    n = 1 << bits
+    lut = zeros("H", n, 2)
+    for c in range(n):
+        lut[c] = (c * full_scale_uv // (n - 1)) // UNIT_UV
+    return lut
+
+
+def lut_from_points(points, bits=12, out=None):
+    """Per-chip linearisation from (code, microvolts) calibration points,
+    sorted by code: piecewise linear between them, clamped at the ends. On a
+    board the points come from ADC.read_uv() against the raw code; the
+    simulated ADC supplies its own. Pass `out` (allocated early, at boot) to
+    fill a table in place."""
+    n = 1 << bits
+    lut = out if out is not None else zeros("H", n, 2)
+    p = 0
+    for c in range(n):
+        while p + 2 < len(points) and points[p + 1][0] <= c:
+            p += 1
+        c0, u0 = points[p]
+        c1, u1 = points[p + 1]
+        uv = u0 + (u1 - u0) * (c - c0) // (c1 - c0) if c1 != c0 else u0
+        if uv < 0:
+            uv = 0
+        lut[c] = min(LUT_MAX, uv // UNIT_UV)
+    return lut
+
+
+class Channel:
+    """Per-channel scale and calibration (from the board and the commissioning config)."""
+
+    def __init__(self, name, amps_per_volt, gain=1.0, phase_deg=0.0, rating_a=100):
+        self.name = name
+        self.amps_per_volt = amps_per_volt
+        self.gain = gain
+        self.phase_deg = phase_deg     # positive: the CT's output leads the current
+        self.rating_a = rating_a
+
+
+class Result:
+    """Measured values of one channel in protocol units (integers)."""
+
+    def __init__(self):
+        self.vrms_dv = 0
+        self.irms_ma = 0
+        self.p_w = 0
+        self.s_va = 0
+        self.pf_permille = 0
+        self.freq_chz = 0
+        self.energy_mwh = 0         # signed: positive import, negative export
+        self.p_exact = 0.0          # real power before rounding, W
+
+
+class Meter:
+    """Measures one window at a time; every buffer is allocated here, once."""
+
+    def __init__(self, hal, vref_pin, ct_pins, channels, volts_per_volt=None, nominal_v=230,
+                 frames=1000, lut=None, mains_hz=50):
+        self.hal = hal
+        self.has_vref = vref_pin is not None
+        self.pins = ([vref_pin] if self.has_vref else []) + list(ct_pins)
+        self.m = len(self.pins)
+        self.jv = 0 if self.has_vref else -1
+        self.channels = channels
+        self.vpv = volts_per_volt      # mains volts per volt at the ADC pin
+        self.nominal_v = nominal_v
+        self.frames = frames
+        self.mains_hz = mains_hz
+        self.buf = zeros("H", frames * self.m, 2)
+        self.lut = lut if lut is not None else linear_lut()
+        self.acc = array("i", bytes(4 * 2 * dsp.N_SLOTS))
+        self.vacc = array("i", bytes(4 * 4))
+        self.zc = array("i", bytes(4 * 64))
+        self.results = [Result() for _ in channels]
+        self.window_us = 0
+        self.cycles = 0
+
+    def sample(self):
+        """Fill the buffer; returns the frame period in microseconds."""
+        return self.hal.adc_block(self.pins, self.buf, self.frames)
+
+    def measure(self):
+        """Sample one window and compute every channel; returns the results."""
+        period_us = self.sample()
+        return self.compute(period_us)
+
+    def _cut(self, mean_v):
+        """Whole cycles. Among the numbers of cycles the window holds, take
+        the one whose length in frames is closest to an integer (at 60 Hz and
+        5 kHz a cycle is 83.33 frames, so 3 cycles fit exactly), and start at
+        the first rising zero crossing."""
+        n = dsp.rising_crossings(self.buf, self.lut, self.m, self.jv, self.frames, int(mean_v), self.zc)
+        if n < 2:
+            return 1, self.frames - 1, 0, 0
+        span = self.zc[n - 1] - self.zc[0]
+        per = span / (256 * (n - 1))          # frames per cycle
+        best = n - 1
+        best_res = 1.0
+        c = n - 1
+        while c >= 1 and c * 2 >= n - 1:
+            x = c * per
+            res = abs(x - int(x + 0.5))
+            if res < best_res - 0.02:
+                best, best_res = c, res
+            c -= 1
+        k0 = (self.zc[0] + 128) // 256 + 1
+        if k0 < 1:
+            k0 = 1
+        k1 = k0 + int(best * per + 0.5)
+        if k1 > self.frames - 1:
+            k1 = self.frames - 1
+        return k0, k1, best, int(best * per * 256)
+
+    def compute(self, period_us):
+        m = self.m
+        frames = self.frames
+        lut = self.lut
+        buf = self.buf
+        if self.has_vref:
+            dsp.clear(self.vacc)
+            dsp.sum_sq(buf, lut, m, self.jv, 0, frames, self.vacc)
+            mean_v = dsp.value(self.vacc, 0) / frames
+            k0, k1, cycles, span256 = self._cut(mean_v)
+            if k1 - k0 < frames // 4:
+                k0, k1 = 1, frames - 1
+        else:
+            k0, k1, cycles, span256 = 1, frames - 1, 0, 0
+        n = k1 - k0
+        self.cycles = cycles
+        self.window_us = n * period_us
+        scale_v = UNIT_UV * 1e-6        # volts at the pin per unit
+        if span256 and cycles:
+            freq = cycles * 256 * 1e6 / (span256 * period_us)
+        else:
+            freq = float(self.mains_hz)
+        vrms = 0.0
+        mv = 0.0
+        if self.has_vref:
+            dsp.clear(self.vacc)
+            dsp.sum_sq(buf, lut, m, self.jv, k0, k1, self.vacc)
+            mv = dsp.value(self.vacc, 0) / n
+            var = dsp.value(self.vacc, 1) / n - mv * mv
+            vrms = math.sqrt(var if var > 0 else 0) * scale_v * self.vpv
+        omega_per_frame = 2 * math.pi * freq * period_us * 1e-6
+        for ci in range(len(self.channels)):
+            ch = self.channels[ci]
+            r = self.results[ci]
+            ji = ci + (1 if self.has_vref else 0)
+            acc = self.acc
+            dsp.clear(acc)
+            ia = ch.amps_per_volt * ch.gain * scale_v
+            if self.has_vref:
+                # The voltage is wanted at the instant the current sample
+                # stands for: the current input was sampled ji/m of a frame
+                # after the voltage, and the CT's output runs phase_deg ahead
+                # of the real current. Shift v by lag = q + f frames, the
+                # fraction by linear interpolation between v[k+q] and v[k+q+1].
+                lag = ji / m + (ch.phase_deg * math.pi / 180) / omega_per_frame
+                q = int(math.floor(lag))
+                f = lag - q
+                a = k0 if k0 + q >= 0 else -q
+                b = k1 if k1 + q + 1 <= frames else frames - q - 1
+                dsp.cross(buf, lut, m, self.jv, ji, q, a, b, acc)
+                nn = b - a
+            else:
+                dsp.sum_sq(buf, lut, m, ji, k0, k1, acc)
+                nn = n
+            mi = dsp.value(acc, dsp.S_I) / nn
+            var_i = dsp.value(acc, dsp.S_II) / nn - mi * mi
+            irms = math.sqrt(var_i if var_i > 0 else 0) * ia
+            if self.has_vref:
+                svi = dsp.value(acc, dsp.S_VI) / nn
+                svn = dsp.value(acc, dsp.S_VNI) / nn
+                cross_sum = svi + f * (svn - svi)
+                # mean of the shifted voltage over exactly these frames
+                mvs = (dsp.value(acc, dsp.S_V) * (1 - f) + dsp.value(acc, dsp.S_VN) * f) / nn
+                p = (cross_sum - mvs * mi) * scale_v * self.vpv * ia
+                s = vrms * irms
+                # linear interpolation shrinks the voltage's amplitude a little:
+                # undo that for the fundamental
+                shrink = math.sqrt(1 - 2 * f * (1 - f) * (1 - math.cos(omega_per_frame)))
+                if shrink > 0:
+                    p /= shrink
+            else:
+                s = self.nominal_v * irms
+                p = s                   # apparent power, flagged by the caller
+                vrms = self.nominal_v
+            r.vrms_dv = int(vrms * 10 + 0.5)
+            r.irms_ma = int(irms * 1000 + 0.5)
+            r.p_exact = p
+            r.p_w = int(p + 0.5) if p >= 0 else -int(-p + 0.5)
+            r.s_va = int(s + 0.5)
+            r.pf_permille = int(1000 * p / s) if s > 0 else 0
+            if r.pf_permille > 1000:
+                r.pf_permille = 1000
+            elif r.pf_permille < -1000:
+                r.pf_permille = -1000
+            r.freq_chz = int(freq * 100 + 0.5)
+            r.energy_mwh = int(p * self.window_us / 3600000.0)
+        return self.results

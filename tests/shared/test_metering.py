@@ -1,0 +1,110 @@
+# Measurement from the ADC (firmware/metering.py, firmware/dsp.py) on the
+# simulated converter, under CPython and MicroPython.
+from array import array
+
+from firmware import dsp
+from firmware.hal_sim import SimHal
+from firmware.metering import Meter, Channel, lut_from_points, linear_lut
+from firmware.sim_waveforms import AdcModel, MainsSource
+from util import Skip
+
+APV = 117.6
+VPV = 300.0
+
+
+def _meter(chans, freq=50.0, has_vref=True, leads=None, noise=1.0):
+    hal = SimHal({"mcu": "sim"}, period_us=200)
+    adc = AdcModel(nl=0.04, noise_lsb=noise)
+    hal.source = MainsSource(adc, chans, freq=freq, volts_per_volt=VPV, has_vref=has_vref)
+    cal = [Channel("ct%d" % i, APV, phase_deg=(leads or [0.0] * 4)[i]) for i in range(len(chans))]
+    pins = [39, 34, 35, 32][:len(chans)]
+    m = Meter(hal, 36 if has_vref else None, pins, cal, volts_per_volt=VPV, frames=1000,
+              lut=lut_from_points(adc.calibration_points()), mains_hz=int(freq))
+    return hal, m
+
+
+def _close(got, want, pct):
+    return abs(got - want) <= abs(want) * pct / 100
+
+
+def test_values_at_unity_pf():
+    hal, m = _meter([{"irms": 40.0, "pf": 1.0, "amps_per_volt": APV}])
+    r = m.measure()[0]
+    assert _close(r.p_exact, 230 * 40.0, 0.2), r.p_exact
+    assert _close(r.vrms_dv, 2300, 0.3) and _close(r.irms_ma, 40000, 0.3), (r.vrms_dv, r.irms_ma)
+    assert abs(r.freq_chz - 5000) <= 2 and r.pf_permille >= 997
+
+
+def test_export_is_negative_and_lagging_pf_is_kept():
+    hal, m = _meter([{"irms": 20.0, "pf": -1.0, "amps_per_volt": APV},
+                     {"irms": 10.0, "pf": 0.5, "amps_per_volt": APV}])
+    a, b = m.measure()
+    assert _close(a.p_exact, -230 * 20.0, 0.2) and a.p_w < 0
+    assert _close(b.p_exact, 230 * 10.0 * 0.5, 0.3) and 490 <= b.pf_permille <= 510
+
+
+def test_ct_phase_lead_is_corrected_at_60_hz_with_harmonics():
+    chans = [{"irms": 30.0, "pf": 0.5, "amps_per_volt": APV, "ct_lead_deg": 3.0,
+              "harmonics": ((3, 0.25), (5, 0.166))}]
+    hal, m = _meter(chans, freq=60.0, leads=[3.0])
+    r = m.measure()[0]
+    assert _close(r.p_exact, 230 * 30.0 * 0.5, 0.2), r.p_exact
+    assert abs(r.freq_chz - 6000) <= 3
+    # the same signal without the correction is visibly wrong
+    m.channels[0].phase_deg = 0.0
+    hal2, m2 = _meter(chans, freq=60.0, leads=[0.0])
+    r2 = m2.measure()[0]
+    assert not _close(r2.p_exact, 230 * 30.0 * 0.5, 2.0), r2.p_exact
+
+
+def test_without_voltage_reference_power_is_apparent_at_nominal_voltage():
+    hal, m = _meter([{"irms": 10.0, "pf": 0.5, "amps_per_volt": APV}], has_vref=False)
+    r = m.measure()[0]
+    assert not m.has_vref
+    assert _close(r.p_exact, 230 * 10.0, 0.5) and r.vrms_dv == 2300   # VA, not W
+
+
+def test_linearisation_table_matters():
+    chans = [{"irms": 80.0, "pf": 1.0, "amps_per_volt": APV}]
+    hal, m = _meter(chans, noise=0.0)
+    good = m.measure()[0].p_exact
+    m.lut = linear_lut()            # ignore the chip's calibration
+    hal.now_us = 0
+    bad = m.compute(m.sample())[0].p_exact
+    assert _close(good, 230 * 80.0, 0.2) and abs(bad - good) > abs(good - 230 * 80.0)
+
+
+def test_folded_sums_are_exact():
+    n = 3000
+    buf = array("H", bytes(2 * 2 * n))
+    x = 7
+    for i in range(2 * n):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        buf[i] = x % 4096
+    lut = linear_lut()
+    acc = array("i", bytes(4 * 2 * dsp.N_SLOTS))
+    dsp.cross(buf, lut, 2, 0, 1, 0, 1, n - 1, acc)
+    s_ii = 0
+    s_vi = 0
+    for k in range(1, n - 1):
+        s_ii += lut[buf[2 * k + 1]] ** 2
+        s_vi += lut[buf[2 * k]] * lut[buf[2 * k + 1]]
+    assert dsp.value(acc, dsp.S_II) == s_ii and dsp.value(acc, dsp.S_VI) == s_vi
+
+
+def test_sampling_kernels_allocate_nothing():
+    import gc
+    if not hasattr(gc, "mem_alloc"):
+        raise Skip("heap accounting exists on MicroPython only")
+    hal, m = _meter([{"irms": 10.0, "pf": 1.0, "amps_per_volt": APV}])
+    m.sample()
+    dsp.cross(m.buf, m.lut, m.m, 0, 1, 0, 1, m.frames - 1, m.acc)
+    gc.collect()
+    gc.disable()
+    a = gc.mem_alloc()
+    dsp.clear(m.acc)
+    dsp.sum_sq(m.buf, m.lut, m.m, 0, 0, m.frames, m.vacc)
+    dsp.cross(m.buf, m.lut, m.m, 0, 1, 0, 1, m.frames - 1, m.acc)
+    b = gc.mem_alloc()
+    gc.enable()
+    assert b == a, b - a
