@@ -36,6 +36,13 @@ class PartitionFlash(Flash):
         # callers only write to erased (0xFF) bytes or erase whole blocks
         self.part.writeblocks(off // self.block, data, off % self.block)
 
+    def erase(self, off, n):
+        """Erase the blocks covering [off, off+n); off and n block-aligned."""
+        if off % self.block or n % self.block:
+            raise ValueError("erase must cover whole %d-byte blocks" % self.block)
+        for b in range(off // self.block, (off + n) // self.block):
+            self.part.ioctl(6, b)       # MP_BLOCKDEV_IOCTL_BLOCK_ERASE
+
 
 class Esp32Hal(Hal):
     name = "esp32"

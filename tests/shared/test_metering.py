@@ -108,3 +108,30 @@ def test_sampling_kernels_allocate_nothing():
     b = gc.mem_alloc()
     gc.enable()
     assert b == a, b - a
+
+
+def test_calibration_from_a_known_load_finds_phase_and_gain():
+    from firmware.calibrate import calibrate
+
+    # a CT that leads by 2.2 degrees and reads 3 % low, unknown to the board
+    chans = [{"irms": 2000 / 230.0, "pf": 1.0, "amps_per_volt": APV * 1.03, "ct_lead_deg": 2.2}]
+    hal, m = _meter(chans, leads=[0.0])
+    phase, gain = calibrate(m, 0, 2000.0)
+    assert abs(phase - 2.2) < 0.3, phase
+    assert abs(gain / 1.03 - 1) < 0.003, gain
+    # afterwards a reactive load on the same CT measures right
+    hal.source.channels[0] = {"irms": 10.0, "pf": 0.5, "amps_per_volt": APV * 1.03, "ct_lead_deg": 2.2}
+    r = m.measure()[0]
+    assert _close(r.p_exact, 230 * 10.0 * 0.5, 0.5), r.p_exact
+
+
+def test_calibration_refuses_a_reversed_ct():
+    from firmware.calibrate import calibrate
+
+    hal, m = _meter([{"irms": 8.0, "pf": -1.0, "amps_per_volt": APV}])
+    try:
+        calibrate(m, 0, 1840.0)
+    except ValueError as e:
+        assert "direction" in str(e)
+    else:
+        raise AssertionError("a reversed CT was calibrated")
