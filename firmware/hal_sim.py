@@ -102,6 +102,14 @@ class SimHal(Hal):
         adc = getattr(self.source, "adc", None)
         return adc.calibration_points() if adc is not None else None
 
+    def spi(self, cfg):
+        """The simulated SPI bus: tests attach devices (e.g. SimATM90E32) to
+        `spi_devices` before the driver talks to them."""
+        from firmware.atm90e32_sim import SimBus
+        if not hasattr(self, "spi_devices"):
+            self.spi_devices = []
+        return SimBus(self.spi_devices)
+
     def pin_out(self, n, value=0):
         hal = self
 

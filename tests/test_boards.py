@@ -101,3 +101,9 @@ def test_cli_exit_code(tmp_path) -> None:
     assert ok.returncode == 0, ok.stderr
     fail = subprocess.run(cmd + [str(d)], capture_output=True, text=True)
     assert fail.returncode == 1 and "SPI flash" in fail.stderr
+
+
+def test_voltage_reference_that_would_clip_rejected() -> None:
+    b = _devkit()
+    b["vref"]["transformer_ratio"] = 9.2     # a 25 V transformer on an 11:1 divider
+    assert any("voltage reference" in m and "clip" in m for m in _errors(b))

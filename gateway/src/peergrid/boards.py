@@ -111,6 +111,15 @@ def check(board: dict[str, Any]) -> list[Finding]:
     vref = board.get("vref")
     if vref and fe == "adc":
         use(vref.get("pin"), "voltage reference", "analog")
+        ratio = vref.get("transformer_ratio", 0) * vref.get("divider_ratio", 0)
+        if ratio <= 0:
+            err("voltage reference: transformer_ratio and divider_ratio must be positive")
+        else:
+            # +10 % on the nominal voltage (EN 50160) must not clip either
+            peak = vref.get("nominal_v", 230) * 1.1 * math.sqrt(2) / ratio
+            if peak > bias_v:
+                err(f"voltage reference: {peak:.2f} V peak at the pin exceeds the ±{bias_v:.2f} V swing: "
+                    "the wave would clip")
     if fe == "atm90e32":
         spi = board["frontend"].get("spi", {})
         use(spi.get("sck"), "SPI SCK", "out")
