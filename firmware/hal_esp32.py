@@ -75,11 +75,24 @@ class Esp32Hal(Hal):
         dt = time.ticks_diff(time.ticks_us(), t0)
         return dt // (n * m) * m if n else 0
 
-    def adc_uv(self, code):
-        # per-chip eFuse calibration through the first channel's ADC unit
-        for a in self._adc.values():
-            return a.read_uv() if code is None else code * 3300000 // 4095
-        return 0
+    def adc_calibration(self, n=800):
+        """(code, microvolts) points of this chip's ADC from its eFuse
+        calibration: read_uv() (calibrated) against read_u16() (raw) on the
+        voltage reference while the mains wave sweeps it; averaged per bin
+        (metering.points_from_pairs). Each raw read sits between two
+        calibrated ones, so the wave's movement between reads cancels."""
+        from firmware.metering import points_from_pairs
+        pin = self.board.get("vref", {}).get("pin")
+        if pin is None:
+            return None
+        a = self._adc[pin]
+        pairs = []
+        for _ in range(n):
+            u1 = a.read_uv()
+            c = a.read_u16() >> 4
+            u2 = a.read_uv()
+            pairs.append((c, (u1 + u2) // 2))
+        return points_from_pairs(pairs)
 
     def pin_out(self, n, value=0):
         return machine.Pin(n, machine.Pin.OUT, value=value)

@@ -64,6 +64,35 @@ def lut_from_points(points, bits=12, out=None):
     return lut
 
 
+def points_from_pairs(pairs, bin_codes=64):
+    """Calibration points from (raw code, microvolts) pairs measured on a
+    board (read_u16 against read_uv while the voltage reference sweeps its
+    range): averaged per bin of codes, extended linearly to both ends of the
+    scale from the outermost bins, which is where the converter is least
+    trustworthy anyway; the front end keeps its signals inside the measured
+    span."""
+    sums = {}
+    for code, uv in pairs:
+        b = code // bin_codes
+        s = sums.get(b)
+        if s is None:
+            sums[b] = [code, uv, 1]
+        else:
+            s[0] += code
+            s[1] += uv
+            s[2] += 1
+    pts = [(s[0] // s[2], s[1] // s[2]) for b, s in sorted(sums.items()) if s[2] >= 2]
+    if len(pts) < 2:
+        raise ValueError("calibration needs the signal to sweep at least two code bins")
+    (c0, u0), (c1, u1) = pts[0], pts[1]
+    if c0 > 0:
+        pts.insert(0, (0, u0 - (u1 - u0) * c0 // (c1 - c0)))
+    (c0, u0), (c1, u1) = pts[-2], pts[-1]
+    if c1 < 4095:
+        pts.append((4095, u1 + (u1 - u0) * (4095 - c1) // (c1 - c0)))
+    return pts
+
+
 class Channel:
     """Per-channel scale and calibration (from the board and the commissioning config)."""
 

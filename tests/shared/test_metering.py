@@ -135,3 +135,28 @@ def test_calibration_refuses_a_reversed_ct():
         assert "direction" in str(e)
     else:
         raise AssertionError("a reversed CT was calibrated")
+
+
+def test_calibration_points_from_measured_pairs():
+    from firmware.metering import points_from_pairs
+
+    adc = AdcModel(nl=0.04, noise_lsb=1.0)
+    truth = adc.calibration_points(step=16)
+    # a board sees pairs only where the voltage reference sweeps: codes 600-3500
+    pairs = []
+    for c, uv in truth:
+        if 600 <= c <= 3500:
+            pairs.append((c, uv + 300))
+            pairs.append((c, uv - 300))        # read_uv noise, averaging out
+    pts = points_from_pairs(pairs)
+    assert pts[0][0] == 0 and pts[-1][0] == 4095
+    lut_true = lut_from_points(truth)
+    lut_meas = lut_from_points(pts)
+    worst = max(abs(lut_true[c] - lut_meas[c]) for c in range(600, 3501))
+    assert worst <= 2, worst          # 2 units = 400 uV inside the swept span
+    try:
+        points_from_pairs([(100, 5), (101, 6)])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("one bin accepted")
