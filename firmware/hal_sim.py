@@ -57,6 +57,46 @@ class SimFlash(Flash):
             self.die_after -= len(data)
 
 
+class SimUart:
+    """One end of a simulated serial line. Bytes written here are read at
+    `peer`; `connected = False` models an unplugged cable (writes vanish,
+    nothing arrives). The virtual board replaces this with a pseudo-terminal."""
+
+    def __init__(self, size=512):
+        self.rx = bytearray()
+        self.size = size
+        self.peer = None
+        self.connected = True
+        self.written = 0
+
+    def write(self, data):
+        self.written += len(data)
+        p = self.peer
+        if self.connected and p is not None:
+            room = p.size - len(p.rx)
+            p.rx.extend(data[:room] if room < len(data) else data)
+        return len(data)
+
+    def any(self):
+        return len(self.rx)
+
+    def readinto(self, buf):
+        n = min(len(buf), len(self.rx))
+        if not n:
+            return None
+        buf[:n] = self.rx[:n]
+        self.rx = self.rx[n:]
+        return n
+
+
+def uart_pair():
+    a = SimUart()
+    b = SimUart()
+    a.peer = b
+    b.peer = a
+    return a, b
+
+
 class Waveforms:
     """Default waveform source: every input at its bias, i.e. silence.
     Tests and the virtual board install their own with `SimHal.source`."""
@@ -109,6 +149,15 @@ class SimHal(Hal):
         if not hasattr(self, "spi_devices"):
             self.spi_devices = []
         return SimBus(self.spi_devices)
+
+    def uart(self, cfg):
+        """The board's end of a simulated serial line; the far end is in
+        `uart_far[cfg["uart"]]` for tests to play the device."""
+        a, b = uart_pair()
+        if not hasattr(self, "uart_far"):
+            self.uart_far = {}
+        self.uart_far[cfg.get("uart", 1)] = b
+        return a
 
     def pin_out(self, n, value=0):
         hal = self
