@@ -7,8 +7,10 @@ by the channel's calibration); a nonlinear 12-bit converter with noise and DC
 bias, linearised through its per-chip calibration points.
 
 Reports the worst energy error per band, heap allocated per 1000 samples by
-the sampling-loop kernels, and the peak heap of one full measurement cycle of
-four channels. Last line: one JSON object."""
+the sampling-loop kernels, the peak heap in use during a full measurement
+cycle of four channels (the whole interpreter: front end, simulated ADC and
+this bench), and what the front end itself keeps resident. Last line: one
+JSON object."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +47,7 @@ def main() -> None:
         "max_error_pct_1": round(r["worst"]["1"], 4),
         "alloc_bytes_per_1000_samples": r["alloc_per_1000"],
         "peak_heap_bytes": r["peak"],
+        "frontend_resident_bytes": r["resident"],
         "worst_cases": r["worst_case"],
     }
     for band, case in r["worst_case"].items():

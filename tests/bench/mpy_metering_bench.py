@@ -21,10 +21,14 @@ worst = {"10_120": 0.0, "2_10": 0.0, "1": 0.0}
 worst_case = {}
 cases = 0
 # the big buffers first, as the firmware does at boot, before the heap fragments
+gc.collect()
+before = gc.mem_alloc()
 lut = zeros("H", 4096, 2)
 hal = SimHal({"mcu": "sim"}, period_us=200)
 cal = [Channel("ct%d" % n, APV, rating_a=RATING) for n in range(4)]
 meter = Meter(hal, 36, [39, 34, 35, 32], cal, volts_per_volt=VPV, frames=1000, lut=lut)
+gc.collect()
+resident = gc.mem_alloc() - before
 adc = AdcModel(nl=0.04, noise_lsb=1.0)
 lut_from_points(adc.calibration_points(), out=lut)
 gc.collect()
@@ -79,4 +83,4 @@ for freq in (50.0, 60.0):
                             freq, pf, " leading" if lead else "", pct, len(h), chans[i]["ct_lead_deg"])
                     cases += 1
 print("RESULT " + json.dumps({"worst": worst, "cases": cases, "alloc_per_1000": alloc_per_1000,
-                              "peak": peak, "base": base, "worst_case": worst_case, "windows": windows}))
+                              "peak": peak, "base": base, "resident": resident, "worst_case": worst_case, "windows": windows}))
