@@ -107,3 +107,9 @@ def test_voltage_reference_that_would_clip_rejected() -> None:
     b = _devkit()
     b["vref"]["transformer_ratio"] = 9.2     # a 25 V transformer on an 11:1 divider
     assert any("voltage reference" in m and "clip" in m for m in _errors(b))
+
+
+def test_bias_outside_the_linear_range_rejected() -> None:
+    b = _devkit()
+    b["frontend"]["bias_mv"] = 2600
+    assert any("outside the linear range" in m for m in _errors(b))

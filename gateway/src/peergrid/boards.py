@@ -81,7 +81,14 @@ def check(board: dict[str, Any]) -> list[Finding]:
     names = [c.get("name") for c in chans]
     if len(set(names)) != len(names):
         err("channel names must be unique")
-    bias_v = board["frontend"].get("bias_mv", 1650) / 1000
+    # Signals must stay inside the converter's calibrated linear range (the
+    # ESP32 ADC at 11 dB is linear from about 150 to 2450 mV): the swing
+    # around the bias is the smaller distance to either end.
+    bias_mv = board["frontend"].get("bias_mv", 1300)
+    lin_lo, lin_hi = board["frontend"].get("linear_mv", [150, 2450])
+    bias_v = min(bias_mv - lin_lo, lin_hi - bias_mv) / 1000
+    if bias_v <= 0:
+        err(f"frontend: bias {bias_mv} mV lies outside the linear range {lin_lo}-{lin_hi} mV")
     seen_inputs = set()
     for c in chans:
         role = f"channel {c.get('name')}"
@@ -96,10 +103,11 @@ def check(board: dict[str, Any]) -> list[Finding]:
             if not burden or burden <= 0:
                 err(f"{role}: burden_ohm must be positive")
                 continue
-            peak = rating * math.sqrt(2) / turns * burden
+            # up to 120 % of the rating must be measured, not clipped
+            peak = 1.2 * rating * math.sqrt(2) / turns * burden
             if peak > bias_v:
-                err(f"{role}: {rating} A peaks at {peak:.2f} V on the burden, beyond the ±{bias_v:.2f} V "
-                    "the ADC input swings around its bias: the wave would clip")
+                err(f"{role}: 120 % of {rating} A peaks at {peak:.2f} V on the burden, beyond the ±{bias_v:.2f} V "
+                    "of the ADC's linear range around the bias: the wave would clip or bend")
         elif fe == "atm90e32":
             chips = board["frontend"].get("chips", [])
             key = (c.get("chip"), c.get("phase"))
