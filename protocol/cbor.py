@@ -297,7 +297,8 @@ class _Reader:
                 k0 = self.pos
                 k = self.item(depth + 1)
                 k1 = self.pos
-                if not isinstance(k, (int, str)):
+                if k is True or k is False or not isinstance(k, (int, str)):
+                    # (a bool would also compare equal to the keys 1 and 0)
                     raise ProtocolError(E_TYPE, "map key must be integer or text")
                 if pk0 >= 0:
                     c = _key_cmp(buf, pk0, pk1, k0, k1)

@@ -261,7 +261,12 @@ def open_frame(frame, aad, kid_expected, key_for, allowed_algs, max_size=MAX_FRA
     key = key_for(kid, alg)
     if key is None:
         raise ProtocolError(E_UNKNOWN_DEVICE, "no key for this device")
-    k = key if isinstance(key, HmacKey) and key.alg == alg else HmacKey(key, alg)
+    if isinstance(key, HmacKey):
+        if key.alg != alg:
+            raise ProtocolError(E_ALG, "key made for another algorithm")
+        k = key
+    else:
+        k = HmacKey(key, alg)
     if len(tag) != k.tag_len or not ct_equal(mac_structure_tag(k, prot_raw, aad, payload), tag):
         raise ProtocolError(E_TAG, "MAC does not verify")
     return payload

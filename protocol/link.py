@@ -88,7 +88,7 @@ def open_uplink(topic, frame, secret_for):
     community, device, kind = topics.parse(topic)
     if kind not in topics.UPLINK:
         raise ProtocolError(E_TOPIC, "not an uplink topic")
-    aad = topic if isinstance(topic, (bytes, bytearray)) else topic.encode()
+    aad = topic.encode() if isinstance(topic, str) else bytes(topic)
 
     def key_for(kid, alg):
         s = secret_for(community, device)

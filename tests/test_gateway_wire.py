@@ -235,3 +235,36 @@ def test_limits_agree_on_fast_and_reference_paths(extra: int, code: str | None) 
     with pytest.raises(ProtocolError) as ei:
         link.open_uplink(topic, frame, lambda c, d: SECRET)
     assert ei.value.name() == code
+
+
+@pytest.mark.parametrize("ext,ok", [
+    (cbor.dumps({1: 2}), True), (b"\xa0", True), (cbor.dumps(["a", None, b"x"]), True),
+    (b"\xf7", False), (b"\xe0", False), (b"\xd9\x04\xd2\x01", False), (b"\xc2\x49\x01" + bytes(8), False),
+    (b"\xfb\x3f\xf0\x00\x00\x00\x00\x00\x00", False), (cbor.dumps([[1]]), False),
+])
+def test_extension_fields_agree_on_both_paths(ext: bytes, ok: bool) -> None:
+    # A newer board may add fields of any type the CBOR subset has; anything
+    # outside the subset is refused the same way by both decoders.
+    from protocol import cose
+
+    base = cbor.dumps({1: 7, 2: 5, 3: 1795000000, 7: [1, 2, 3, 4]})
+    payload = bytes([base[0] + 1]) + base[1:] + b"\x0f" + ext
+    topic = "pg/oak/d3f9a2/reading"
+    frame = bytes(cose.Sealer(cose.derive_keys(SECRET)[0], b"d3f9a2", 4).seal(payload, topic.encode()))
+    ver = UplinkVerifier(lambda c, d: SECRET)
+    if ok:
+        assert ver.open(topic, frame).fields["_ext"] == 1
+        assert link.open_uplink(topic, frame, lambda c, d: SECRET)[3]["_ext"] == 1
+        return
+    with pytest.raises(ProtocolError) as g:
+        ver.open(topic, frame)
+    with pytest.raises(ProtocolError) as r:
+        link.open_uplink(topic, frame, lambda c, d: SECRET)
+    assert g.value.code == r.value.code and g.value.name() in ("type", "depth")
+
+
+def test_open_uplink_takes_any_bytes_like_topic() -> None:
+    dl = link.DeviceLink("oak", "d3f9a2", SECRET)
+    f = bytes(dl.reading(1, 1, 1, 0, None, None, [0, 0, 0, 0], 1))
+    for t in (dl.t_reading, dl.t_reading.encode(), memoryview(dl.t_reading.encode())):
+        assert link.open_uplink(t, f, lambda c, d: SECRET)[2] == "reading"

@@ -170,6 +170,15 @@ def main() -> None:
     zero_flags[4] = 0
     bad("explicit_zero_flags", topics.READING, t_r, resealed(cbor.dumps(zero_flags)), errors.E_NONCANONICAL,
         "flags 0 must be left out")
+    boolkey = bytes([good_payload[0]]) + good_payload[3:] + b"\xf5\x0c"
+    bad("bool_map_key", topics.READING, t_r, resealed(boolkey), errors.E_TYPE,
+        "key `true` where boot (1) belongs: a bool would compare equal to 1")
+    bignum = bytes([good_payload[0] + 1]) + good_payload[1:] + b"\x0f\xc2\x49\x01" + bytes(8)
+    bad("bignum_extension", topics.READING, t_r, resealed(bignum), errors.E_TYPE,
+        "an extension field holding tag 2 (bignum): tags exist only as the envelope's 17")
+    undef = bytes([good_payload[0] + 1]) + good_payload[1:] + b"\x0f\xf7"
+    bad("undefined_extension", topics.READING, t_r, resealed(undef), errors.E_TYPE,
+        "an extension field holding the simple value undefined")
     bad("bad_topic", topics.READING, "pg/oak/d3f9a2/readings", r_full, errors.E_TOPIC, "unknown kind")
     cmd = cs.seal(CMD)
     fcmd = bytearray(cmd)

@@ -59,7 +59,8 @@ def test_rejections():
         ("1817", E_NONCANONICAL), ("190017", E_NONCANONICAL), ("1a0000ffff", E_NONCANONICAL),
         ("1b00000000ffffffff", E_NONCANONICAL), ("3800", E_NONCANONICAL),
         ("f93c00", E_TYPE), ("fb3ff0000000000000", E_TYPE), ("f0", E_TYPE), ("1c", E_TYPE),
-        ("c100", E_TYPE), ("a1 40 01", E_TYPE), ("62 c3 28", E_UTF8),
+        ("c100", E_TYPE), ("a1 40 01", E_TYPE), ("a1 f5 01", E_TYPE), ("a1 f4 01", E_TYPE),
+        ("62 c3 28", E_UTF8),
     ]
     for hexs, code in cases:
         raises_code(code, cbor.loads, unhex(hexs.replace(" ", "")))

@@ -37,6 +37,37 @@ class Uplink:
     fields: dict[str, Any]
 
 
+class _Refused(Exception):
+    pass
+
+
+def _items(v: Any, depth: int) -> int:
+    """Items in v counted as protocol.cbor counts them; raises _Refused for
+    anything the protocol's CBOR subset does not have (tags, simple values,
+    undefined, floats, integers beyond 64 bits, bool or non-scalar keys) or
+    for nesting and container sizes beyond its limits."""
+    if v is None or v is True or v is False or isinstance(v, (str, bytes)):
+        return 1
+    if type(v) is int:
+        if not -(2**64) <= v < 2**64:
+            raise _Refused
+        return 1
+    if isinstance(v, (list, dict)):
+        if depth >= 2 or len(v) > _MAX_CONTAINER:
+            raise _Refused
+        n = 1
+        if isinstance(v, list):
+            for x in v:
+                n += _items(x, depth + 1)
+        else:
+            for k, x in v.items():
+                if not (type(k) is int or type(k) is str) or (type(k) is int and not -(2**64) <= k < 2**64):
+                    raise _Refused
+                n += 1 + _items(x, depth + 1)
+        return n
+    raise _Refused
+
+
 def mac_structure(protected: bytes, aad: bytes, payload: bytes) -> bytes:
     return b"".join((b"\x84\x64MAC0", cbor2.dumps(protected), cbor2.dumps(aad), cbor2.dumps(payload)))
 
@@ -110,18 +141,8 @@ class UplinkVerifier:
         body = cbor2.loads(payload, max_depth=2, allow_indefinite=False, allow_duplicate_keys=False)
         if not isinstance(body, dict) or cbor2.dumps(body, canonical=True) != payload:
             return None
-        # the reference decoder's limits: entries per container and items in all
-        if len(body) > _MAX_CONTAINER:
-            return None
-        items = 1 + 2 * len(body)
-        for k, v in body.items():
-            if isinstance(v, list):
-                if len(v) > _MAX_CONTAINER or any(not isinstance(x, int) for x in v):
-                    return None
-                items += len(v)
-            elif isinstance(v, (float, dict)) or not isinstance(k, int):
-                return None
-        if items > _MAX_ITEMS:
+        # only the data model and limits the reference decoder allows
+        if _items(body, 0) > _MAX_ITEMS:
             return None
         return messages.check(kind, body)
 
