@@ -23,6 +23,8 @@ def _client(broker, user: str, password: str) -> tuple[mqtt.Client, queue.Queue]
                     protocol=mqtt.MQTTv311)
     c.username_pw_set(user, password)
     c.on_message = lambda cl, ud, msg: q.put((msg.topic, bytes(msg.payload)))
+    c.user_data_set({"subacks": queue.Queue()})
+    c.on_subscribe = lambda cl, ud, mid, codes, props: ud["subacks"].put(mid)
     c.connect(broker.host, broker.port, keepalive=10)
     c.loop_start()
     return c, q
@@ -38,9 +40,18 @@ def community(broker):
 
 
 def _sub(c: mqtt.Client, topic: str) -> None:
+    """Subscribe and wait for the broker's SUBACK (granted or refused)."""
     res, mid = c.subscribe(topic, qos=1)
     assert res == mqtt.MQTT_ERR_SUCCESS
-    time.sleep(0.2)
+    acks = c.user_data_get()["subacks"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if acks.get(timeout=0.1) == mid:
+                return
+        except queue.Empty:
+            pass
+    raise AssertionError(f"no SUBACK for {topic}")
 
 
 def test_board_frame_through_broker_verifies_on_gateway(community, mpy_dir) -> None:
