@@ -31,11 +31,14 @@ class AdcFrontEnd:
                            frames=frames, lut=lut)
         self.has_vref = vpin is not None
 
-    def update(self, regs):
+    def update(self, regs, dt_ms=None):
+        """Measure one window. The energy added is the window's power times
+        dt_ms, the time since the previous update (the board measures one
+        window per period); without dt_ms, the window's own length."""
         rs = self.meter.measure()
-        w_ms = self.meter.window_us
+        w_ms = self.meter.window_us if dt_ms is None else dt_ms * 1000
         for i in range(len(rs)):
-            # the window's energy in W*ms, rounded to the nearest
+            # the energy in W*ms, rounded to the nearest
             e = rs[i].p_exact * w_ms / 1000
             regs.add_wms(i, int(e + 0.5) if e >= 0 else -int(-e + 0.5))
         return rs
@@ -57,7 +60,8 @@ class AtmFrontEnd:
         for chip in self.chips:
             chip.begin()
 
-    def update(self, regs):
+    def update(self, regs, dt_ms=None):
+        # the chips integrate energy themselves; dt_ms is not needed
         totals = [chip.energy_read() for chip in self.chips]
         for i in range(len(self.map)):
             ci, ph = self.map[i]

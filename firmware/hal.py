@@ -12,8 +12,17 @@
 #   Hal.pin_out(n, value) -> Pin  value(v=None)
 #   Hal.flash(name, size) -> Flash  read(off, n) -> bytes, write(off, data), size
 #   Hal.ticks_ms(), ticks_us(), ticks_diff(a, b), time() -> (unix s, synced)
+#   Hal.io_ms()                   real milliseconds for I/O timeouts (network,
+#                                 Modbus); on a board the same clock as
+#                                 ticks_ms, on the virtual board wall time
+#                                 while ticks_ms runs faster
+#   Hal.io_diff(a, b)             difference of two io_ms() values
+#   Hal.sleep_ms(ms)              wait ms of board time
+#   Hal.idle(ms)                  nothing to do for up to ms of board time
+#   Hal.set_time(unix)            the clock was set (NTP): time() is synced
 #   Hal.wdt_feed()
 #   Hal.reset_cause() -> int
+#   Hal.mem_free() -> int         free heap, bytes
 
 
 class Flash:
@@ -61,8 +70,32 @@ class Hal:
     def time(self):
         raise NotImplementedError
 
+    def io_ms(self):
+        return self.ticks_ms()
+
+    def io_diff(self, a, b):
+        return self.ticks_diff(a, b)
+
+    def sleep_ms(self, ms):
+        pass
+
+    def idle(self, ms):
+        """Nothing to do for up to ms of board time."""
+        if ms > 0:
+            self.sleep_ms(ms)
+
+    def set_time(self, unix):
+        raise NotImplementedError
+
     def wdt_feed(self):
         pass
+
+    def mem_free(self):
+        try:
+            import gc
+            return gc.mem_free()
+        except (ImportError, AttributeError):   # CPython has no mem_free
+            return 0
 
     def reset_cause(self):
         return 0

@@ -117,6 +117,13 @@ class Esp32Hal(Hal):
     def ticks_diff(self, a, b):
         return time.ticks_diff(a, b)
 
+    def sleep_ms(self, ms):
+        time.sleep_ms(ms)
+
+    def set_time(self, unix):
+        # ntptime.settime() already set the RTC; nothing to keep here
+        pass
+
     def time(self):
         t = time.time()
         return t + 946684800 if t < 946684800 else t, t > 1700000000 - 946684800

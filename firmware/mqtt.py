@@ -1,0 +1,191 @@
+# The board's MQTT protocol object: umqtt.simple from micropython-lib (fetched
+# at build time into build/lib), extended by subclass so that nothing the
+# network does can block the main loop:
+#
+#   * the socket is wrapped so that "blocking" means "blocking for at most
+#     `timeout_s`": a peer that stops half-way through a packet raises
+#     OSError instead of hanging in umqtt's read loops;
+#   * connect() takes an address resolved once by the caller (no DNS per
+#     reconnect) and times out;
+#   * publish() at QoS 1 returns the packet id at once instead of waiting for
+#     the PUBACK (umqtt.simple waits for it forever); poll() reads whatever
+#     arrived (PUBACK, SUBACK, PINGRESP, commands) without waiting and
+#     records acknowledged ids in `acked`.
+#
+# Any exception out of this object means the connection is unusable: the
+# caller (firmware/uplink.py) closes it and reconnects with back-off.
+import struct
+
+from umqtt.simple import MQTTClient, MQTTException
+
+try:
+    import usocket as socket
+except ImportError:  # pragma: no cover - CPython never runs this module
+    import socket
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+_PUBACK = const(0x40)
+_SUBACK = const(0x90)
+_CONNACK = const(0x20)
+
+
+class TimedSocket:
+    """A socket whose blocking mode has a deadline. umqtt switches between
+    setblocking(False) (poll) and setblocking(True) (read the rest of a
+    packet); here True means settimeout(timeout_s)."""
+
+    def __init__(self, sock, timeout_s):
+        self.s = sock
+        self.t = timeout_s
+        self.nread = 0
+        sock.settimeout(timeout_s)
+
+    def setblocking(self, flag):
+        self.s.settimeout(self.t if flag else 0)
+
+    def read(self, n):
+        d = self.s.read(n)
+        if d:
+            self.nread += len(d)
+            if len(d) < n:
+                # the peer stopped inside a packet: never hand umqtt half of one
+                raise OSError(116, "short read")
+        return d
+
+    def write(self, buf, n=None):
+        if n is None:
+            n = len(buf)
+        mv = memoryview(buf)
+        done = 0
+        while done < n:
+            w = self.s.write(mv[done:n])
+            if not w:
+                raise OSError(116, "write stalled")
+            done += w
+        return n
+
+    def close(self):
+        self.s.close()
+
+
+class BoardMQTT(MQTTClient):
+    """umqtt.simple with deadlines and non-blocking QoS 1 publishing."""
+
+    def __init__(self, client_id, addr, user=None, password=None, keepalive=30, timeout_s=5):
+        MQTTClient.__init__(self, client_id, "", port=1, user=user, password=password,
+                            keepalive=keepalive)
+        self.addr = addr
+        self.timeout_s = timeout_s
+        self.acked = []             # packet ids PUBACKed since the caller last looked
+        self.rx = 0                 # packets received (for keepalive accounting)
+        self.subscribed = False     # SUBACK seen
+        self._hdr = bytearray(5)
+
+    def connect(self, clean_session=True):
+        s = socket.socket()
+        try:
+            s.settimeout(self.timeout_s)
+            s.connect(self.addr)
+        except Exception:
+            s.close()
+            raise
+        self.sock = TimedSocket(s, self.timeout_s)
+        # CONNECT: variable header "MQTT" level 4, flags, keepalive; payload
+        # client id, will topic and message, user name, password
+        flags = 2 if clean_session else 0
+        size = 10 + 2 + len(self.client_id)
+        if self.lw_topic:
+            flags |= 4 | (self.lw_qos & 3) << 3 | (1 << 5 if self.lw_retain else 0)
+            size += 4 + len(self.lw_topic) + len(self.lw_msg)
+        if self.user is not None:
+            flags |= 0xC0
+            size += 4 + len(self.user) + len(self.pswd)
+        self._fixed(0x10, size)
+        self.sock.write(b"\x00\x04MQTT\x04")
+        self.sock.write(struct.pack("!BH", flags, self.keepalive))
+        self._send_str(self.client_id)
+        if self.lw_topic:
+            self._send_str(self.lw_topic)
+            self._send_str(self.lw_msg)
+        if self.user is not None:
+            self._send_str(self.user)
+            self._send_str(self.pswd)
+        resp = self.sock.read(4)
+        if not resp or resp[0] != _CONNACK or resp[1] != 2:
+            raise MQTTException("bad CONNACK")
+        if resp[3] != 0:
+            raise MQTTException(resp[3])
+        self.rx += 1
+        return resp[2] & 1
+
+    def _fixed(self, first, size):
+        h = self._hdr
+        h[0] = first
+        i = 1
+        while size > 0x7F:
+            h[i] = (size & 0x7F) | 0x80
+            size >>= 7
+            i += 1
+        h[i] = size
+        self.sock.write(h, i + 1)
+
+    def publish(self, topic, msg, retain=False, qos=0):
+        """Send one PUBLISH; for QoS 1 return its packet id (watch `acked`)."""
+        size = 2 + len(topic) + len(msg) + (2 if qos else 0)
+        self._fixed(0x30 | qos << 1 | (1 if retain else 0), size)
+        self._send_str(topic)
+        pid = 0
+        if qos:
+            self.pid = self.pid % 65535 + 1
+            pid = self.pid
+            self.sock.write(struct.pack("!H", pid))
+        self.sock.write(msg)
+        return pid
+
+    def subscribe(self, topic, qos=0):
+        """Send SUBSCRIBE without waiting; poll() checks the SUBACK."""
+        self.pid = self.pid % 65535 + 1
+        self._fixed(0x82, 2 + 2 + len(topic) + 1)
+        self.sock.write(struct.pack("!H", self.pid))
+        self._send_str(topic)
+        self.sock.write(bytes((qos,)))
+        return self.pid
+
+    def poll(self, limit=6):
+        """Handle up to `limit` waiting packets without blocking. Returns the
+        number handled."""
+        n = 0
+        sock = self.sock
+        while n < limit:
+            before = sock.nread
+            sock.setblocking(False)
+            op = self.wait_msg()
+            if op is None:
+                # nothing waiting, or a PINGRESP / PUBLISH umqtt handled itself
+                if sock.nread == before:
+                    break
+                n += 1
+                self.rx += 1
+                continue
+            n += 1
+            self.rx += 1
+            if op == _PUBACK:
+                self.sock.setblocking(True)
+                b = self.sock.read(3)
+                if b[0] != 2:
+                    raise MQTTException("bad PUBACK")
+                self.acked.append(b[1] << 8 | b[2])
+            elif op == _SUBACK:
+                self.sock.setblocking(True)
+                b = self.sock.read(4)
+                if b[3] == 0x80:
+                    raise MQTTException("subscription refused")
+                self.subscribed = True
+            else:
+                raise MQTTException("unexpected packet %02x" % op)
+        return n
