@@ -25,14 +25,21 @@ class SimFlash(Flash):
         self.die_after = -1
         self.writes = 0
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            have = os.stat(path)[6]
         except OSError:
-            data = b""
-        if len(data) != size:
-            data = (data + b"\xff" * size)[:size]
-            with open(path, "wb") as f:
-                f.write(data)
+            have = -1
+        if have != size:
+            # a new (or resized) region starts erased; written in pages so
+            # a large region needs no large buffer
+            if have > size or have < 0:
+                have = 0
+                open(path, "wb").close()
+            with open(path, "ab") as f:
+                page = b"\xff" * 4096
+                left = size - have
+                while left > 0:
+                    f.write(page if left >= 4096 else page[:left])
+                    left -= 4096
 
     def read(self, off, n):
         with open(self.path, "rb") as f:
@@ -55,6 +62,43 @@ class SimFlash(Flash):
             raise FlashDied("power lost during flash write")
         if self.die_after >= 0:
             self.die_after -= len(data)
+
+
+class NorFlash(SimFlash):
+    """SimFlash with NOR rules: a write can only clear bits (the new bytes
+    are ANDed into what is there), erase() sets whole blocks back to 0xFF
+    and counts the wear. `die_after` tears a write; `die_in_erase` stops an
+    erase after that many bytes."""
+
+    def __init__(self, path, size, block=4096):
+        SimFlash.__init__(self, path, size)
+        self.block = block
+        self.erases = 0
+        self.die_in_erase = -1
+
+    def write(self, off, data):
+        if off < 0 or off + len(data) > self.size:
+            raise ValueError("flash write out of range")
+        old = self.read(off, len(data))
+        merged = bytearray(len(data))
+        for i in range(len(data)):
+            merged[i] = old[i] & data[i]
+        SimFlash.write(self, off, merged)
+
+    def erase(self, off, n):
+        if off % self.block or n % self.block:
+            raise ValueError("erase must cover whole blocks")
+        self.erases += n // self.block
+        cut = self.die_in_erase
+        self.die_in_erase = -1
+        page = b"\xff" * self.block
+        with open(self.path, "r+b") as f:
+            f.seek(off)
+            if 0 <= cut < n:
+                f.write(page[:cut] if cut <= self.block else page)
+                raise FlashDied("power lost during erase")
+            for _ in range(n // self.block):
+                f.write(page)
 
 
 class SimUart:

@@ -85,6 +85,8 @@ class BoardMQTT(MQTTClient):
         self.rx = 0                 # packets received (for keepalive accounting)
         self.subscribed = False     # SUBACK seen
         self._hdr = bytearray(5)
+        self._pkt = bytearray(640)  # one PUBLISH: header, topic, id, frame
+        self._topics = {}           # topic text -> its bytes, encoded once
 
     def connect(self, clean_session=True):
         s = socket.socket()
@@ -135,16 +137,45 @@ class BoardMQTT(MQTTClient):
         self.sock.write(h, i + 1)
 
     def publish(self, topic, msg, retain=False, qos=0):
-        """Send one PUBLISH; for QoS 1 return its packet id (watch `acked`)."""
-        size = 2 + len(topic) + len(msg) + (2 if qos else 0)
-        self._fixed(0x30 | qos << 1 | (1 if retain else 0), size)
-        self._send_str(topic)
+        """Send one PUBLISH; for QoS 1 return its packet id (watch `acked`).
+        The packet is assembled in one buffer and written at once: several
+        small writes would meet Nagle's algorithm and the peer's delayed ACK
+        and wait ~40 ms each."""
+        tl = len(topic)
+        size = 2 + tl + len(msg) + (2 if qos else 0)
+        p = self._pkt
+        if size + 5 > len(p):
+            p = bytearray(size + 5)
+        p[0] = 0x30 | qos << 1 | (1 if retain else 0)
+        i = 1
+        n = size
+        while n > 0x7F:
+            p[i] = (n & 0x7F) | 0x80
+            n >>= 7
+            i += 1
+        p[i] = n
+        i += 1
+        p[i] = tl >> 8
+        p[i + 1] = tl & 0xFF
+        i += 2
+        if isinstance(topic, str):
+            tb = self._topics.get(topic)
+            if tb is None:
+                tb = topic.encode()
+                self._topics[topic] = tb
+            topic = tb
+        p[i:i + tl] = topic
+        i += tl
         pid = 0
         if qos:
             self.pid = self.pid % 65535 + 1
             pid = self.pid
-            self.sock.write(struct.pack("!H", pid))
-        self.sock.write(msg)
+            p[i] = pid >> 8
+            p[i + 1] = pid & 0xFF
+            i += 2
+        p[i:i + len(msg)] = msg
+        i += len(msg)
+        self.sock.write(p, i)
         return pid
 
     def subscribe(self, topic, qos=0):

@@ -78,6 +78,14 @@ class Uplink:
         except Exception as e:  # noqa: BLE001
             self._fail("connect: %r" % (e,))
 
+    def poll(self):
+        """Read what arrived (acks, commands) without the connect logic."""
+        if self.state == _UP:
+            try:
+                self.client.poll()
+            except Exception as e:  # noqa: BLE001
+                self._drop("session: %r" % (e,))
+
     def _connect(self):
         if self.addr is None:
             try:

@@ -17,6 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--secret-hex", required=True)
     cb = sub.add_parser("check-board", help="check board definitions (boards/<name>)")
     cb.add_argument("paths", nargs="+")
+    sub.add_parser("vboard", help="run the firmware as a virtual board (peergrid vboard --help)",
+                   add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "vboard":
+        from peergrid.vboard import main as vboard_main
+
+        return vboard_main(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "check-board":
         from pathlib import Path

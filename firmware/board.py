@@ -1,0 +1,415 @@
+# The meter board's application: measure, seal, publish or buffer, obey
+# commands. One cooperative loop (`step`), no threads:
+#
+#   every loop   uplink.step() (connect / keepalive / read commands),
+#                handle queued commands, expire leases, send what is due
+#   every period measure all channels, read the inverter and battery, add
+#                the energy to the registers (saved to flash by policy),
+#                seal a reading: publish it live when connected, otherwise
+#                append it to the flash spool with F_BUFFERED
+#   while a spool backlog exists and the broker is up: replay the oldest,
+#                at most replay_per_s a second, live readings first
+#
+# At most one reading is in flight (published, PUBACK not yet seen). A
+# buffered reading leaves the spool only after its PUBACK; a live reading
+# whose PUBACK does not come within ack_timeout_s drops the session and goes
+# into the spool with its exact bytes (the gateway drops an exact duplicate
+# quietly, PROTOCOL.md 7.4). The watchdog is fed when a reading was built and
+# stored or sent, and when a command was handled: progress, not a timer.
+import gc
+
+from protocol import link as plink
+from protocol import messages
+from protocol.errors import ProtocolError, OK
+from firmware import config as fconfig
+from firmware.energy import RegisterStore
+from firmware.frontend import AdcFrontEnd
+from firmware.outputs import Outputs, Relay, BatteryOut
+from firmware.spool import Spool
+from firmware.state import Counter
+from firmware.uplink import Uplink
+
+FW_VERSION = "0.4.0"
+
+_LIVE = 1
+_SPOOLED = 2
+
+
+class Board:
+    def __init__(self, hal, board, cfg, digest, net, fsroot, rs485=None, on_event=None):
+        self.hal = hal
+        self.board = board
+        self.cfg = cfg
+        self.digest = digest
+        self.on_event = on_event
+        self.t_start = hal.ticks_ms()
+        self.boot = Counter(fsroot, "boot").bump()      # before anything is sent
+        self.seq = 0
+        self.link = plink.DeviceLink(cfg["community"], cfg["device"], fconfig.secret(cfg))
+        nch = len(board["channels"])
+        self.nch = nch
+        cal = cfg.get("channels") or {}
+        self.uncalibrated = False
+        for c in board["channels"]:
+            k = cal.get(c["name"]) or {}
+            if "gain" not in k:
+                self.uncalibrated = True
+        self.fe = AdcFrontEnd(hal, board, cal=cal, frames=cfg["frames"])
+        self.store = RegisterStore(hal.flash("energy", 16 * 4096), nch, max_w=23000,
+                                   period_ms=cfg["period_s"] * 1000, diff=hal.ticks_diff)
+        self.store.load()
+        self.regs = self.store.regs
+        self.energy_loss = self.store.lost_wh_bound > 0
+        self.spool = Spool(hal.flash("spool", cfg["spool_kb"] * 1024))
+        self.spool.mount()
+        self.ch = [0] * (4 * nch)
+        self.live = bytearray(512)      # a live reading not yet published
+        self.live_len = 0
+        self.fly = bytearray(512)       # the live reading in flight
+        self.fly_len = 0
+        self.rbuf = bytearray(512)
+        self.inflight = None            # [pid, source, io ms sent]
+        self.period_ms = cfg["period_s"] * 1000
+        self.next_due = hal.ticks_ms() + self.period_ms
+        self.last_meas = hal.ticks_ms()
+        self.status_ms = cfg["status_s"] * 1000
+        self.next_status = None
+        self.replay_gap = 1000 // max(1, cfg["replay_per_s"])
+        self.next_replay = hal.io_ms()
+        self.synced = False
+        self.next_sync = hal.io_ms()
+        self.cmdq = []
+        self.net = net
+        # RS485: inverter and battery (firmware/modbus.py, firmware/sunspec.py)
+        self.master = rs485
+        self.inv = None
+        self.inv_ok = False
+        self.bat = None
+        self.bat_ok = False
+        self.bat_vals = None
+        self.next_discover = hal.ticks_ms()
+        if rs485 is not None:
+            from firmware import sunspec
+            if cfg.get("inverter"):
+                self.inv = sunspec.Inverter(rs485, cfg["inverter"].get("unit", 1))
+            if cfg.get("battery"):
+                self.bat = sunspec.Battery(rs485, cfg["battery"].get("unit", 1))
+        relays = []
+        rdefs = board.get("relays") or []
+        rcfg = cfg["relays"]
+        for i in range(len(rdefs)):
+            r = rdefs[i]
+            fs = rcfg[i].get("failsafe", 0) if i < len(rcfg) else 0
+            relays.append(Relay(hal.pin_out(r["pin"], 0 if r.get("active_high", True) else 1),
+                                r.get("active_high", True), fs, r.get("name", "")))
+        bats = []
+        if self.bat is not None:
+            bats.append(BatteryOut(self.bat, cfg["battery"].get("max_w", 5000)))
+        self.outputs = Outputs(hal, relays, bats, Counter(fsroot, "cmd_ctr"),
+                               cfg["cmd_timeout_s"], on_change=self._out_changed)
+        self.uplink = Uplink(hal, net, cfg, self.link, self._on_cmd, self._will, self._birth)
+        self.stats = {"readings": 0, "live": 0, "buffered": 0, "replayed": 0, "acked": 0,
+                      "spool_errors": 0, "cmd_ok": 0, "cmd_rejected": 0, "cmd_ignored": 0,
+                      "ack_timeouts": 0, "missed_periods": 0, "inv_errors": 0, "bat_errors": 0}
+        self.rejects = {}               # error code -> count, commands refused
+        self.min_free = hal.mem_free()
+        self.frame_len = 0
+
+    # -- messages ---------------------------------------------------------
+
+    def _next_seq(self):
+        s = self.seq
+        self.seq = s + 1
+        return s
+
+    def _flags(self):
+        f = 0
+        if not self.hal.time()[1]:
+            f |= messages.F_CLOCK_UNSYNCED
+        if not self.fe.has_vref:
+            f |= messages.F_NO_VREF
+        if self.energy_loss:
+            f |= messages.F_ENERGY_LOSS
+        if self.uncalibrated:
+            f |= messages.F_UNCALIBRATED
+        return f
+
+    def _status(self, online):
+        unix, synced = self.hal.time()
+        fields = {"boot": self.boot, "seq": self._next_seq(), "t": unix,
+                  "flags": 0 if synced else messages.F_CLOCK_UNSYNCED,
+                  "fw": FW_VERSION, "cfg": self.digest, "reset": self.hal.reset_cause(),
+                  "heap": self.hal.mem_free(), "uptime": self.uptime_s(),
+                  "buffered": self.spool.count, "online": online,
+                  "board": self.board["name"]}
+        if self.spool.dropped:
+            fields["dropped"] = self.spool.dropped
+        if self.store.lost_wh_bound:
+            fields["lost_wh"] = self.store.lost_wh_bound
+        return self.link.status(fields)
+
+    def _will(self):
+        return self._status(0)
+
+    def _birth(self):
+        self.next_status = self.hal.ticks_ms() + self.status_ms
+        return self._status(1)
+
+    def uptime_s(self):
+        return self.hal.ticks_diff(self.hal.ticks_ms(), self.t_start) // 1000
+
+    def _out_changed(self, kind, i, v, why):
+        if self.on_event is not None:
+            self.on_event({"ev": kind, "i": i, "v": v, "why": why})
+
+    # -- commands ----------------------------------------------------------
+
+    def _on_cmd(self, topic, msg):
+        if len(self.cmdq) < 8:
+            self.cmdq.append((bytes(topic), bytes(msg)))
+        else:
+            self.stats["cmd_ignored"] += 1
+
+    def _handle_cmds(self, now):
+        while self.cmdq:
+            topic, frame = self.cmdq.pop(0)
+            try:
+                cmd = self.link.open_command(topic, frame)
+            except ProtocolError as e:
+                # envelope, topic and payload errors: never acknowledged
+                # (no trustworthy counter to answer to), only counted
+                self.rejects[e.code] = self.rejects.get(e.code, 0) + 1
+                self.stats["cmd_ignored"] += 1
+                continue
+            result, value, left = self.outputs.handle(cmd, now)
+            if result == OK:
+                self.stats["cmd_ok"] += 1
+            else:
+                self.stats["cmd_rejected"] += 1
+                self.rejects[result] = self.rejects.get(result, 0) + 1
+            unix, synced = self.hal.time()
+            fields = {"boot": self.boot, "seq": self._next_seq(), "t": unix,
+                      "flags": 0 if synced else messages.F_CLOCK_UNSYNCED,
+                      "ctr": cmd["ctr"], "result": result, "lease": left}
+            if value is not None:
+                fields["value"] = value
+            self.uplink.publish(self.link.t_ack, self.link.ack(fields))
+            self.hal.wdt_feed()
+            if self.on_event is not None:
+                self.on_event({"ev": "cmd", "ctr": cmd["ctr"], "result": result})
+
+    # -- readings ----------------------------------------------------------
+
+    def _rs485(self, now):
+        """Read inverter and battery; rediscover a missing one now and then."""
+        inv = None
+        bat = None
+        flags = 0
+        if self.inv is not None:
+            if not self.inv_ok and self.hal.ticks_diff(now, self.next_discover) >= 0:
+                self.inv_ok = self._try(self.inv.discover)
+            if self.inv_ok:
+                try:
+                    inv = self.inv.read()
+                except Exception:  # noqa: BLE001 - unplugged, timeout, garbage
+                    self.stats["inv_errors"] += 1
+                    inv = None
+                    if self.master.is_down(self.inv.unit):
+                        self.inv_ok = False
+            if inv is None:
+                flags |= messages.F_INV_MISSING
+        if self.bat is not None:
+            if not self.bat_ok and self.hal.ticks_diff(now, self.next_discover) >= 0:
+                self.bat_ok = self._try(self.bat.discover)
+            if self.bat_ok:
+                try:
+                    bat = self.bat.read()
+                except Exception:  # noqa: BLE001
+                    self.stats["bat_errors"] += 1
+                    bat = None
+                    if self.master.is_down(self.bat.unit):
+                        self.bat_ok = False
+            if bat is None:
+                flags |= messages.F_BAT_MISSING
+        if (self.inv is not None and not self.inv_ok) or (self.bat is not None and not self.bat_ok):
+            if self.hal.ticks_diff(now, self.next_discover) >= 0:
+                self.next_discover = now + 6 * self.period_ms
+        return inv, bat, flags
+
+    def _try(self, fn):
+        try:
+            return bool(fn())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _clean3(self, v):
+        # None (not implemented on the device) becomes 0 on the wire
+        if v is None:
+            return None
+        return [0 if x is None else int(x) for x in v]
+
+    def measure(self, now, dt_ms):
+        rs = self.fe.update(self.regs, dt_ms)
+        ch = self.ch
+        for i in range(self.nch):
+            r = rs[i]
+            imp, exp, _, _ = self.regs.get(i)
+            ch[4 * i] = r.p_w
+            ch[4 * i + 1] = imp
+            ch[4 * i + 2] = exp
+            ch[4 * i + 3] = r.irms_ma
+        inv, bat, flags = self._rs485(now)
+        self.store_save(now)
+        r0 = rs[0]
+        vrms = r0.vrms_dv if self.fe.has_vref else None
+        freq = r0.freq_chz if self.fe.has_vref and r0.freq_chz else None
+        return vrms, freq, self._clean3(inv), self._clean3(bat), flags
+
+    def store_save(self, now):
+        try:
+            self.store.maybe_save(now)
+        except OSError:
+            pass    # the flash failed this time; the policy retries next period
+
+    def reading(self, now, dt_ms):
+        vrms, freq, inv, bat, flags = self.measure(now, dt_ms)
+        flags |= self._flags()
+        online = self.uplink.connected
+        if not online:
+            flags |= messages.F_BUFFERED
+        unix = self.hal.time()[0]
+        frame = self.link.reading(self.boot, self._next_seq(), unix, flags, vrms, freq,
+                                  self.ch, self.nch, inv, bat)
+        self.stats["readings"] += 1
+        self.frame_len = len(frame)
+        if online:
+            if self.live_len:
+                # the previous live reading is still waiting: it goes to flash
+                self._spool(memoryview(self.live)[:self.live_len])
+                self.stats["buffered"] += 1
+            n = len(frame)
+            self.live[:n] = frame
+            self.live_len = n
+        else:
+            self._spool(frame)
+            self.stats["buffered"] += 1
+        self.hal.wdt_feed()
+
+    def _spool(self, frame):
+        try:
+            self.spool.append(frame)
+        except Exception:  # noqa: BLE001 - flash failed: counted, loop goes on
+            self.stats["spool_errors"] += 1
+
+    # -- sending -----------------------------------------------------------
+
+    def _send(self):
+        up = self.uplink
+        for pid in up.take_acks():
+            f = self.inflight
+            if f is not None and f[0] == pid:
+                if f[1] == _SPOOLED:
+                    self.spool.pop()
+                    self.stats["replayed"] += 1
+                else:
+                    self.fly_len = 0
+                    self.stats["live"] += 1
+                self.stats["acked"] += 1
+                self.inflight = None
+        if not up.connected:
+            self._lost()
+            return
+        f = self.inflight
+        if f is not None:
+            if self.hal.io_diff(self.hal.io_ms(), f[2]) > self.cfg["ack_timeout_s"] * 1000:
+                self.stats["ack_timeouts"] += 1
+                up._drop("no PUBACK within %d s" % self.cfg["ack_timeout_s"])
+                self._lost()
+            return
+        if self.live_len:
+            # the live buffer becomes the in-flight one (no copy)
+            self.live, self.fly = self.fly, self.live
+            self.fly_len = self.live_len
+            self.live_len = 0
+            pid = up.publish(self.link.t_reading, memoryview(self.fly)[:self.fly_len])
+            if pid:
+                self.inflight = [pid, _LIVE, self.hal.io_ms()]
+            else:
+                self.inflight = [0, _LIVE, 0]
+                self._lost()
+            return
+        if self.spool.count and self.hal.io_diff(self.hal.io_ms(), self.next_replay) >= 0:
+            n = self.spool.peek(self.rbuf)
+            if n:
+                pid = up.publish(self.link.t_reading, memoryview(self.rbuf)[:n])
+                if pid:
+                    self.inflight = [pid, _SPOOLED, self.hal.io_ms()]
+                    self.next_replay = self.hal.io_ms() + self.replay_gap
+
+    def _lost(self):
+        """The session is gone: what was live goes to flash, exact bytes."""
+        f = self.inflight
+        self.inflight = None
+        if f is not None and f[1] == _LIVE and self.fly_len:
+            self._spool(memoryview(self.fly)[:self.fly_len])
+            self.stats["buffered"] += 1
+        self.fly_len = 0
+        if self.live_len:
+            self._spool(memoryview(self.live)[:self.live_len])
+            self.stats["buffered"] += 1
+            self.live_len = 0
+
+    # -- loop --------------------------------------------------------------
+
+    def step(self):
+        hal = self.hal
+        if not self.synced and hal.io_diff(hal.io_ms(), self.next_sync) >= 0:
+            self.synced = self.net.up() and self.net.sync_time(hal)
+            self.next_sync = hal.io_ms() + 60000
+        self.uplink.step()
+        now = hal.ticks_ms()
+        if self.cmdq:
+            self._handle_cmds(now)
+        self.outputs.tick(now)
+        if hal.ticks_diff(now, self.next_due) >= 0:
+            dt = hal.ticks_diff(now, self.last_meas)
+            self.last_meas = now
+            late = hal.ticks_diff(now, self.next_due)
+            if late >= self.period_ms:
+                # the loop fell behind (or the clock jumped): one reading
+                # covers the whole time, none is made up
+                self.stats["missed_periods"] += late // self.period_ms
+                self.next_due = now + self.period_ms
+            else:
+                self.next_due += self.period_ms
+            self.reading(now, dt)
+            m = hal.mem_free()
+            if m and m < self.min_free or not self.min_free:
+                self.min_free = m
+        self.uplink.poll()
+        self._send()
+        if self.uplink.connected and self.next_status is not None \
+                and hal.ticks_diff(now, self.next_status) >= 0:
+            self.next_status = now + self.status_ms
+            self.uplink.publish(self.link.t_status, self._status(1), retain=True)
+
+    def idle(self):
+        """Wait a little: until the next reading, at most 50 ms of board time
+        (less when something is queued)."""
+        if self.live_len or self.cmdq or (self.spool.count and self.uplink.connected):
+            return
+        wait = self.hal.ticks_diff(self.next_due, self.hal.ticks_ms())
+        self.hal.idle(wait if wait < 50 else 50)
+
+    def run(self):
+        while True:
+            self.step()
+            self.idle()
+
+    def shutdown(self):
+        """Clean stop: registers saved as clean, offline status published."""
+        try:
+            self.store.save(self.hal.ticks_ms(), clean=True)
+        except OSError:
+            pass
+        self.uplink.close(bytes(self._status(0)))

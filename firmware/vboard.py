@@ -1,0 +1,191 @@
+# The virtual board: the real firmware (firmware/board.py) on the MicroPython
+# unix port with simulated hardware (firmware/hal_virtual.py). Started by
+# `peergrid vboard` (gateway/src/peergrid/vboard.py), which prepares the
+# folder and the RS485 peer:
+#
+#   micropython -m firmware.vboard <folder> [speed] [rs485 pty]
+#
+# <folder> holds board.json and config.json (the commissioning config) and
+# becomes the board's flash: energy.bin, spool.bin, boot and cmd_ctr files.
+# The board clock runs `speed` times faster than the wall clock.
+#
+# Control, one JSON object per line on stdin; events, one per line on stdout:
+#   {"op": "state"}                 -> {"ev": "state", ...} everything a test checks
+#   {"op": "power", "w": [..], "pf": [..]}   fixed channel powers (W, import +)
+#   {"op": "profile"}               back to the day profile of config "sim"
+#   {"op": "advance", "s": N}       board clock jumps N seconds
+#   {"op": "speed", "x": N}         clock speed factor
+#   {"op": "sync"}                  NTP answers now (the simulated date)
+#   {"op": "quit"}                  clean shutdown
+# Events: {"ev": "ready"}, {"ev": "relay"|"battery", "i", "v", "why"},
+# {"ev": "cmd", "ctr", "result"}, {"ev": "error", "msg"}.
+import gc
+import json
+import math
+import sys
+
+import select
+
+from firmware import config as fconfig
+from firmware.board import Board
+from firmware.hal_virtual import VirtualHal
+from firmware.net import HostNet
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj))
+    sys.stdout.write("\n")
+    try:
+        sys.stdout.flush()
+    except AttributeError:
+        pass
+
+
+class RealClock:
+    """Wall-clock time for RS485 timeouts, whatever the board clock does."""
+
+    def __init__(self, hal):
+        self.hal = hal
+
+    def ticks_ms(self):
+        return self.hal.io_ms()
+
+    def ticks_diff(self, a, b):
+        return self.hal.io_diff(a, b)
+
+    def sleep_ms(self, ms):
+        import time
+        time.sleep_ms(ms)
+
+
+class Scenario:
+    """Channel powers over the simulated day: a household base load, PV on
+    a sine from 06:00 to 18:00, the loads behind the relays when they are on.
+    The grid channel sees load minus PV (import positive)."""
+
+    def __init__(self, sim, nch):
+        self.sim = sim
+        self.nch = nch
+        self.fixed = None
+        self.pf = None
+
+    def powers(self, unix, relays):
+        if self.fixed is not None:
+            return self.fixed
+        s = self.sim
+        hod = (unix % 86400) / 3600.0
+        pv = 0.0
+        if 6 <= hod <= 18:
+            pv = s.get("pv_peak_w", 4000) * math.sin(math.pi * (hod - 6) / 12)
+        load = s.get("base_w", 400) + (s.get("evening_w", 800) if 17 <= hod <= 22 else 0)
+        w = [0.0] * self.nch
+        rw = s.get("relay_w", [])
+        rch = s.get("relay_ch", [])
+        for i in range(len(relays)):
+            if relays[i].value and i < len(rw):
+                load += rw[i]
+                if i < len(rch) and rch[i] is not None and rch[i] < self.nch:
+                    w[rch[i]] += rw[i]
+        g = s.get("grid", 0)
+        p = s.get("pv", 1)
+        if g < self.nch:
+            w[g] = load - pv
+        if p < self.nch and p != g:
+            w[p] = -pv
+        return w
+
+
+def state(b, hal):
+    regs = [list(b.regs.get(i)[:2]) for i in range(b.nch)]
+    return {"ev": "state", "boot": b.boot, "seq": b.seq, "connected": b.uplink.connected,
+            "listening": b.uplink.listening,
+            "relays": [r.value for r in b.outputs.relays],
+            "batteries": [x.value for x in b.outputs.batteries],
+            "buffered": b.spool.count, "dropped": b.spool.dropped, "stats": b.stats,
+            "uplink": b.uplink.stats, "outputs": b.outputs.stats,
+            "rejects": dict((str(k), v) for k, v in b.rejects.items()),
+            "regs": regs, "synced": hal.time()[1], "unix": hal.time()[0],
+            "board_ms": hal.ticks_ms(), "heap_free": hal.mem_free(), "min_free": b.min_free,
+            "fed": hal.fed, "frame_len": b.frame_len, "inflight": b.inflight, "live_len": b.live_len,
+            "next_replay_in": hal.io_diff(b.next_replay, hal.io_ms()),
+            "spool_capacity_records": b.spool.capacity_records(b.frame_len or 120), "inv_ok": b.inv_ok, "bat_ok": b.bat_ok,
+            "modbus": getattr(b.master, "stats", None) if b.master is not None else None}
+
+
+def main(argv):
+    root = argv[0]
+    speed = float(argv[1]) if len(argv) > 1 else 1.0
+    pty = argv[2] if len(argv) > 2 and argv[2] else None
+    with open(root + "/board.json") as f:
+        board = json.load(f)
+    try:
+        cfg, digest = fconfig.load(root + "/config.json")
+    except fconfig.ConfigError as e:
+        emit({"ev": "error", "msg": str(e)})
+        return 2
+    sim = cfg.get("sim") or {}
+    hal = VirtualHal(board, root, speed=speed)
+    start = sim.get("start", 1795000000)
+    net = HostNet(unix_now=lambda: start + hal.ticks_ms() // 1000)
+    if not sim.get("ntp", True):
+        net = HostNet(None)
+    master = None
+    if pty:
+        from firmware.modbus import Master
+        from firmware.uart_posix import PosixUart
+        rs = board.get("rs485") or {}
+        uart = PosixUart(pty, rs.get("baud", 9600))
+        de = hal.pin_out(rs["de"], 0) if "de" in rs else None
+        master = Master(uart, RealClock(hal), de=de, timeout_ms=sim.get("modbus_timeout_ms", 300),
+                        retries=1)
+    b = Board(hal, board, cfg, digest, net, root, rs485=master, on_event=emit)
+    scen = Scenario(sim, b.nch)
+    src = hal.source
+    poll = select.poll()
+    poll.register(sys.stdin, select.POLLIN)
+    emit({"ev": "ready", "boot": b.boot, "buffered": b.spool.count, "lost_wh": b.store.lost_wh_bound})
+    while True:
+        if hal.ticks_diff(hal.ticks_ms(), b.next_due) >= 0:
+            w = scen.powers(hal.time()[0], b.outputs.relays)
+            for i in range(b.nch):
+                src.set(i, w[i], scen.pf[i] if scen.pf else 1.0)
+        b.step()
+        if poll.poll(0):
+            line = sys.stdin.readline()
+            if not line:
+                b.shutdown()
+                return 0
+            try:
+                req = json.loads(line)
+            except ValueError:
+                emit({"ev": "error", "msg": "control: not JSON"})
+                continue
+            op = req.get("op")
+            if op == "state":
+                emit(state(b, hal))
+            elif op == "power":
+                scen.fixed = [float(x) for x in req["w"]]
+                scen.pf = req.get("pf")
+                b.next_due = hal.ticks_ms()
+            elif op == "profile":
+                scen.fixed = None
+            elif op == "advance":
+                hal.advance(int(req["s"] * 1000))
+            elif op == "speed":
+                hal.set_speed(float(req["x"]))
+            elif op == "sync":
+                hal.set_time(start + hal.ticks_ms() // 1000)
+            elif op == "gc":
+                gc.collect()
+                emit({"ev": "gc", "free": hal.mem_free()})
+            elif op == "quit":
+                b.shutdown()
+                emit({"ev": "bye"})
+                return 0
+            else:
+                emit({"ev": "error", "msg": "control: unknown op"})
+        b.idle()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

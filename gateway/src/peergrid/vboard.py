@@ -1,0 +1,240 @@
+"""The virtual board: the real firmware on the MicroPython unix port with
+simulated hardware, started with one command (`peergrid vboard`).
+
+`VirtualBoard` prepares the board's folder (board definition, commissioning
+config; the folder is the board's flash), starts the SunSpec inverter and
+battery on a pseudo-terminal when the config names them, runs
+`micropython -m firmware.vboard <folder> <speed> <pty>` and turns its event
+lines into Python objects. Tests drive it through `send` / `state` /
+`wait_for`; relay states, counters and registers come back in `state()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def micropython() -> str:
+    p = Path(sys.executable).parent / "micropython"
+    if p.exists():
+        return str(p)
+    found = shutil.which("micropython")
+    if not found:
+        raise RuntimeError("micropython not found: run `make setup`")
+    return found
+
+
+def firmware_path(mpy_dir: Path | None = None) -> str:
+    """MICROPYPATH for the firmware: compiled .mpy files if given, else the
+    sources; umqtt from build/lib (make umqtt)."""
+    lib = ROOT / "build" / "lib"
+    if not (lib / "umqtt" / "simple.py").exists():
+        raise RuntimeError("umqtt missing in build/lib: run `make umqtt`")
+    first = str(mpy_dir) if mpy_dir else str(ROOT)
+    return ":".join([first, str(lib)])
+
+
+def default_config(community: str, device: str, secret: bytes, host: str, port: int,
+                   user: str | None, password: str | None, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "community": community, "device": device, "secret": secret.hex(),
+        "broker": {"host": host, "port": port, "user": user, "password": password},
+        "period_s": 10, "status_s": 600, "replay_per_s": 20,
+        "backoff_s": [1, 4], "ack_timeout_s": 3, "sock_timeout_s": 2, "keepalive_s": 10,
+        "frames": 400, "spool_kb": 1536,
+        "relays": [{"failsafe": 0, "load": "water heater"}, {"failsafe": 1, "load": "heat pump"}],
+        "channels": {"ct1": {"role": "grid", "gain": 1.0}, "ct2": {"role": "pv", "gain": 1.0},
+                     "ct3": {"role": "load", "gain": 1.0}, "ct4": {"role": "ev", "gain": 1.0}},
+        "sim": {"start": 1795000000, "pv_peak_w": 4000, "base_w": 400,
+                "relay_w": [2000, 1500], "relay_ch": [2, 3], "grid": 0, "pv": 1},
+    }
+    cfg.update(over)
+    return cfg
+
+
+class VirtualBoard:
+    def __init__(self, folder: Path, config: dict[str, Any], speed: float = 1.0,
+                 board: str = "sim", heap: str | None = None, mpy_dir: Path | None = None,
+                 rs485: bool | None = None) -> None:
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.speed = speed
+        self.heap = heap
+        self.mpy_dir = mpy_dir
+        shutil.copy(ROOT / "boards" / board / "board.json", self.dir / "board.json")
+        self.write_config(config)
+        self.want_rs485 = rs485 if rs485 is not None else bool(config.get("inverter") or config.get("battery"))
+        self.sim: Any = None
+        self.proc: subprocess.Popen[str] | None = None
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.log: list[dict[str, Any]] = []
+        self.stderr: list[str] = []
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+        tmp = self.dir / "config.json.new"
+        tmp.write_text(json.dumps(config, indent=1))
+        tmp.replace(self.dir / "config.json")
+
+    # -- process -----------------------------------------------------------
+
+    def start(self, timeout: float = 30) -> dict[str, Any]:
+        pty = ""
+        if self.want_rs485:
+            if self.sim is None:
+                from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim
+
+                self.sim = SunSpecSim(SunSpecDevice(unit=1))
+                self.sim_pty = self.sim.start()
+            pty = self.sim_pty
+        cmd = [micropython()]
+        if self.heap:
+            cmd += ["-X", f"heapsize={self.heap}"]
+        cmd += ["-m", "firmware.vboard", str(self.dir), repr(float(self.speed)), pty]
+        env = dict(os.environ)
+        env["MICROPYPATH"] = firmware_path(self.mpy_dir)
+        self.events = queue.Queue()
+        self.proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        threading.Thread(target=self._reader, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._err_reader, args=(self.proc,), daemon=True).start()
+        return self.wait_for(lambda e: e.get("ev") == "ready", timeout)
+
+    def _reader(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout
+        for line in proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"ev": "text", "text": line}
+            self.log.append(ev)
+            self.events.put(ev)
+        self.events.put({"ev": "exit", "rc": proc.wait()})
+
+    def _err_reader(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr
+        for line in proc.stderr:
+            self.stderr.append(line.rstrip())
+
+    def send(self, **req: Any) -> None:
+        if not self.proc or not self.proc.stdin or self.proc.poll() is not None:
+            raise RuntimeError(f"virtual board not running: {self.tail()}")
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"virtual board: no matching event in {timeout} s; {self.tail()}")
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if ev.get("ev") == "exit" and not pred(ev):
+                raise RuntimeError(f"virtual board exited rc={ev.get('rc')}; {self.tail()}")
+            if ev.get("ev") == "error" and not pred(ev):
+                raise RuntimeError(f"virtual board error: {ev}")
+            if pred(ev):
+                return ev
+
+    def state(self, timeout: float = 10) -> dict[str, Any]:
+        self.send(op="state")
+        return self.wait_for(lambda e: e.get("ev") == "state", timeout)
+
+    def poll_state(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30,
+                   every: float = 0.1) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state()
+            if pred(st):
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"virtual board: condition not reached in {timeout} s; last state {st}")
+            time.sleep(every)
+
+    def tail(self) -> str:
+        return "stderr: " + " | ".join(self.stderr[-15:])
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """Clean shutdown (quit), then make sure the process is gone."""
+        rc = None
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.send(op="quit")
+                rc = self.proc.wait(timeout)
+            except (RuntimeError, subprocess.TimeoutExpired, BrokenPipeError):
+                self.proc.kill()
+                rc = self.proc.wait()
+        return rc
+
+    def kill(self) -> None:
+        """Power cut: SIGKILL, nothing saved."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if self.sim is not None:
+            self.sim.stop()
+            self.sim = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="peergrid vboard", description="run the firmware as a virtual board")
+    p.add_argument("--dir", required=True, help="the board's folder (its flash)")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="host:port")
+    p.add_argument("--user")
+    p.add_argument("--password")
+    p.add_argument("--community", default="oak")
+    p.add_argument("--device", default="vboard1")
+    p.add_argument("--secret-hex", help="device secret; a new random one if omitted (kept in the folder)")
+    p.add_argument("--speed", type=float, default=1.0, help="board clock speed factor")
+    p.add_argument("--heap", help="MicroPython heap size, e.g. 110K")
+    p.add_argument("--inverter", action="store_true", help="a SunSpec inverter and battery on RS485")
+    a = p.parse_args(argv)
+    host, _, port = a.broker.partition(":")
+    folder = Path(a.dir)
+    cfg_path = folder / "config.json"
+    if cfg_path.exists() and not a.secret_hex:
+        cfg = json.loads(cfg_path.read_text())
+    else:
+        secret = bytes.fromhex(a.secret_hex) if a.secret_hex else os.urandom(32)
+        extra: dict[str, Any] = {}
+        if a.inverter:
+            extra = {"inverter": {"unit": 1}, "battery": {"unit": 1, "max_w": 5000}}
+        cfg = default_config(a.community, a.device, secret, host, int(port or 1883), a.user, a.password, **extra)
+    vb = VirtualBoard(folder, cfg, speed=a.speed, heap=a.heap)
+    vb.start()
+    print(f"virtual board {cfg['community']}/{cfg['device']} running in {folder} (Ctrl-C stops it)")
+    try:
+        while vb.proc and vb.proc.poll() is None:
+            try:
+                ev = vb.events.get(timeout=1)
+            except queue.Empty:
+                continue
+            print(json.dumps(ev))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        vb.close()
+    return 0
