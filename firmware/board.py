@@ -112,7 +112,11 @@ class Board:
                       "spool_errors": 0, "cmd_ok": 0, "cmd_rejected": 0, "cmd_ignored": 0,
                       "ack_timeouts": 0, "missed_periods": 0, "inv_errors": 0, "bat_errors": 0}
         self.rejects = {}               # error code -> count, commands refused
-        self.min_free = hal.mem_free()
+        self.min_free = hal.mem_free()  # lowest free heap right after a collection
+        self.heap_peak = 0              # most heap in use at once (see _heap)
+        self._alloc0 = -1
+        self.heap_live = 0              # most heap still in use after a collection
+        self.heap_cycle = 0             # most allocated between two collections
         self.frame_len = 0
 
     # -- messages ---------------------------------------------------------
@@ -383,15 +387,36 @@ class Board:
             else:
                 self.next_due += self.period_ms
             self.reading(now, dt)
-            m = hal.mem_free()
-            if m and m < self.min_free or not self.min_free:
-                self.min_free = m
+            self._heap()
         self.uplink.poll()
         self._send()
         if self.uplink.connected and self.next_status is not None \
                 and hal.ticks_diff(now, self.next_status) >= 0:
             self.next_status = now + self.status_ms
             self.uplink.publish(self.link.t_status, self._status(1), retain=True)
+
+    def _heap(self):
+        """Collect after every reading (short pauses, no fragmentation
+        build-up) and keep the figures: the heap in use just before the
+        collection is everything one reading cycle needed at once, unless
+        the collector already ran by itself in between."""
+        mem_alloc = getattr(gc, "mem_alloc", None)
+        if mem_alloc is None:       # CPython
+            return
+        a1 = mem_alloc()
+        gc.collect()
+        a0 = mem_alloc()
+        if 0 <= self._alloc0 <= a1:
+            if a1 > self.heap_peak:
+                self.heap_peak = a1
+            if a1 - self._alloc0 > self.heap_cycle:
+                self.heap_cycle = a1 - self._alloc0
+        if a0 > self.heap_live:
+            self.heap_live = a0
+        self._alloc0 = a0
+        f = gc.mem_free()
+        if f < self.min_free:
+            self.min_free = f
 
     def idle(self):
         """Wait a little: until the next reading, at most 50 ms of board time

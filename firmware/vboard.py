@@ -106,6 +106,7 @@ def state(b, hal):
             "rejects": dict((str(k), v) for k, v in b.rejects.items()),
             "regs": regs, "synced": hal.time()[1], "unix": hal.time()[0],
             "board_ms": hal.ticks_ms(), "heap_free": hal.mem_free(), "min_free": b.min_free,
+            "heap_peak": b.heap_peak, "heap_live": b.heap_live, "heap_cycle": b.heap_cycle,
             "fed": hal.fed, "frame_len": b.frame_len, "inflight": b.inflight, "live_len": b.live_len,
             "next_replay_in": hal.io_diff(b.next_replay, hal.io_ms()),
             "spool_capacity_records": b.spool.capacity_records(b.frame_len or 120), "inv_ok": b.inv_ok, "bat_ok": b.bat_ok,

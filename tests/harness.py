@@ -45,17 +45,18 @@ def run_micropython(args: list[str], paths: list[Path | str], heap: str = "", ti
 
 
 def mpy_build(out: Path) -> Path:
-    """Compile protocol/ and firmware/ with mpy-cross; raise on any error."""
+    """Compile protocol/, firmware/ and umqtt (build/lib, from `make umqtt`)
+    with mpy-cross, as they go onto a board; raise on any error."""
     cross = _tool("mpy-cross")
-    for pkg in ("protocol", "firmware"):
-        src = ROOT / pkg
+    for base, pkg in ((ROOT, "protocol"), (ROOT, "firmware"), (ROOT / "build" / "lib", "umqtt")):
+        src = base / pkg
         if not src.exists():
             continue
         for f in sorted(src.rglob("*.py")):
-            rel = f.relative_to(ROOT)
+            rel = f.relative_to(base)
             dst = out / rel.with_suffix(".mpy")
             dst.parent.mkdir(parents=True, exist_ok=True)
-            r = subprocess.run([cross, "-o", str(dst), str(rel)], cwd=ROOT, capture_output=True, text=True)
+            r = subprocess.run([cross, "-o", str(dst), str(rel)], cwd=base, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"mpy-cross {rel}: {r.stderr.strip()}")
     return out

@@ -50,7 +50,7 @@ def main() -> None:
         broker.apply()
         cfg = default_config("oak", "bench1", secret, broker.host, broker.port, "bench1", "bench-pw",
                              replay_per_s=1000, backoff_s=[1, 2], status_s=600)
-        vb = VirtualBoard(tmp / "board", cfg, speed=speed, heap=f"{HEAP // 1024}K", mpy_dir=mpy)
+        vb = VirtualBoard(tmp / "board", cfg, speed=speed, data_heap=HEAP, mpy_dir=mpy)
         try:
             t_real0 = time.monotonic()
             vb.start(timeout=60)
@@ -82,7 +82,9 @@ def main() -> None:
             result = {
                 "bench": "board", "quick": a.quick, "simulated_hours": round(sim_h, 2),
                 "speed": speed, "real_s": round(real_s, 1), "heap_cap_bytes": HEAP,
-                "peak_heap_bytes": HEAP - st["min_free"], "min_free_heap_bytes": st["min_free"],
+                "code_bytes": vb.code_bytes, "process_heap_bytes": int(vb.heap or 0),
+                "peak_heap_bytes": st["heap_peak"] - vb.code_bytes, "min_free_heap_bytes": st["min_free"],
+                "live_heap_bytes": st["heap_live"] - vb.code_bytes, "cycle_alloc_bytes": st["heap_cycle"],
                 "steady_free_heap_bytes": steady,
                 "readings": st["stats"]["readings"], "readings_per_hour": round(per_h, 1),
                 "missed_periods": st["stats"]["missed_periods"],

@@ -66,12 +66,19 @@ def default_config(community: str, device: str, secret: bytes, host: str, port: 
 class VirtualBoard:
     def __init__(self, folder: Path, config: dict[str, Any], speed: float = 1.0,
                  board: str = "sim", heap: str | None = None, mpy_dir: Path | None = None,
-                 rs485: bool | None = None) -> None:
+                 rs485: bool | None = None, data_heap: int | None = None) -> None:
+        """heap: MicroPython's -X heapsize for the whole process. data_heap:
+        bytes left for the firmware's data once its code is loaded; the
+        heap is then the code's measured footprint plus data_heap (on an
+        ESP32 the modules are frozen into flash, so its ~110 KB heap holds
+        data only, while the unix port keeps the bytecode in the heap)."""
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.speed = speed
         self.heap = heap
+        self.data_heap = data_heap
+        self.code_bytes = 0
         self.mpy_dir = mpy_dir
         shutil.copy(ROOT / "boards" / board / "board.json", self.dir / "board.json")
         self.write_config(config)
@@ -100,6 +107,9 @@ class VirtualBoard:
                 self.sim_pty = self.sim.start()
             pty = self.sim_pty
         cmd = [micropython()]
+        if self.data_heap:
+            self.code_bytes = self.code_footprint()
+            self.heap = str(self.code_bytes + self.data_heap)
         if self.heap:
             cmd += ["-X", f"heapsize={self.heap}"]
         cmd += ["-m", "firmware.vboard", str(self.dir), repr(float(self.speed)), pty]
@@ -111,6 +121,20 @@ class VirtualBoard:
         threading.Thread(target=self._reader, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._err_reader, args=(self.proc,), daemon=True).start()
         return self.wait_for(lambda e: e.get("ev") == "ready", timeout)
+
+    def code_footprint(self) -> int:
+        """Heap bytes the firmware's modules take once imported."""
+        env = dict(os.environ)
+        env["MICROPYPATH"] = firmware_path(self.mpy_dir)
+        r = subprocess.run([micropython(), "-X", "heapsize=4M", "-c",
+                            "import gc\ngc.collect()\na=gc.mem_alloc()\nimport firmware.vboard\n"
+                            + ("import firmware.modbus, firmware.sunspec, firmware.uart_posix\n"
+                               if self.want_rs485 else "")
+                            + "gc.collect()\nprint(gc.mem_alloc()-a)"],
+                           cwd=self.dir, env=env, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"footprint probe failed: {r.stderr[-500:]}")
+        return int(r.stdout.strip().splitlines()[-1])
 
     def _reader(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout
