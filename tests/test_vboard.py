@@ -383,3 +383,58 @@ def test_killed_during_buffer_writes_keeps_the_buffer(broker, board_factory):
         assert st["boot"] == 7
     finally:
         gw.close()
+
+
+def test_inverter_unplugged_is_flagged_and_found_again(broker, board_factory):
+    vb, secret = board_factory("vb-inv", speed=20, inverter={"unit": 1}, battery={"unit": 1, "max_w": 5000})
+    gw = Gateway(broker, {"vb-inv": secret})
+    try:
+        vb.start()
+        vb.sim.device.set_inverter(2890, 6012345, 4)
+        vb.sim.device.set_battery(734)
+        gw.wait(lambda: any(r.get("inv") == [4, 2890, 6012345] for r in gw.readings("vb-inv")), 20,
+                "a reading with the inverter")
+        r = [r for r in gw.readings("vb-inv") if r.get("inv")][-1]
+        assert r["bat"] == [6, 0, 734]
+        assert not r["flags"] & (messages.F_INV_MISSING | messages.F_BAT_MISSING)
+        vb.sim.unplug()
+        n0 = len(gw.readings("vb-inv"))
+        gw.wait(lambda: any(r["flags"] & messages.F_INV_MISSING and "inv" not in r
+                            for r in gw.readings("vb-inv")[n0:]), 30, "a reading flagged inverter missing")
+        missing = [r for r in gw.readings("vb-inv")[n0:] if r["flags"] & messages.F_INV_MISSING]
+        assert all(r["flags"] & messages.F_BAT_MISSING and "bat" not in r for r in missing)
+        st = vb.state()
+        assert st["modbus"]["timeouts"] >= 1 and st["stats"]["readings"] > 0
+        vb.sim.device.set_inverter(3000, 6012400, 4)
+        vb.sim.plug()
+        n1 = len(gw.readings("vb-inv"))
+        gw.wait(lambda: any(r.get("inv") == [4, 3000, 6012400] for r in gw.readings("vb-inv")[n1:]), 60,
+                "the inverter found again")
+    finally:
+        gw.close()
+
+
+def test_battery_command_sets_the_device_with_its_revert_timer(broker, board_factory):
+    vb, secret = board_factory("vb-bat", speed=10, inverter={"unit": 1}, battery={"unit": 1, "max_w": 5000})
+    gw = Gateway(broker, {"vb-bat": secret})
+    try:
+        vb.start()
+        st = vb.poll_state(lambda s: s["listening"] and s["synced"] and s["bat_ok"], 30)
+        gw.command("vb-bat", messages.OP_BATTERY, 0, -2000, lease=120, t=st["unix"])
+        ev = vb.wait_for(lambda e: e.get("ev") == "battery", 10)
+        assert ev["v"] == -2000
+        cmd = vb.sim.device.battery_command()
+        assert cmd["w"] == -2000 and cmd["revert_s"] == 120
+        gw.wait(lambda: any(r.get("bat", [0, 0])[1] == -2000 for r in gw.readings("vb-bat")), 20,
+                "a reading showing the discharge")
+        # beyond the battery's rating: refused, nothing changes
+        gw.command("vb-bat", messages.OP_BATTERY, 0, 9000, lease=60, t=st["unix"])
+        gw.wait(lambda: len([m for d, m, _ in gw.messages(topics.ACK) if d == "vb-bat"]) == 2, 10, "acks")
+        acks = [m for d, m, _ in gw.messages(topics.ACK) if d == "vb-bat"]
+        assert acks[0]["result"] == 0 and acks[1]["result"] == 45 and acks[1]["value"] == -2000
+        # the lease ends after 120 s of board time (12 s here): back to idle
+        ev = vb.wait_for(lambda e: e.get("ev") == "battery" and e["v"] == 0, 20)
+        assert ev["why"] == "lease ended"
+        assert vb.sim.device.battery_command()["w"] == 0
+    finally:
+        gw.close()
