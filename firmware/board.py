@@ -20,6 +20,7 @@ import gc
 
 from protocol import link as plink
 from protocol import messages
+from protocol.topics import CMD
 from protocol.errors import ProtocolError, OK
 from firmware import config as fconfig
 from firmware.energy import RegisterStore
@@ -178,12 +179,23 @@ class Board:
         while self.cmdq:
             topic, frame = self.cmdq.pop(0)
             try:
-                cmd = self.link.open_command(topic, frame)
+                payload = self.link.verify_command(topic, frame)
             except ProtocolError as e:
-                # envelope, topic and payload errors: never acknowledged
-                # (no trustworthy counter to answer to), only counted
+                # wrong topic or not authentic: counted, never answered
                 self.rejects[e.code] = self.rejects.get(e.code, 0) + 1
                 self.stats["cmd_ignored"] += 1
+                continue
+            try:
+                cmd = messages.decode(CMD, payload)
+            except ProtocolError as e:
+                # authentic but malformed: answered if it has a counter
+                self.rejects[e.code] = self.rejects.get(e.code, 0) + 1
+                ctr = plink.command_counter(payload)
+                if ctr is None:
+                    self.stats["cmd_ignored"] += 1
+                else:
+                    self.stats["cmd_rejected"] += 1
+                    self._ack(ctr, e.code, None, 0)
                 continue
             result, value, left = self.outputs.handle(cmd, now)
             if result == OK:
@@ -191,16 +203,19 @@ class Board:
             else:
                 self.stats["cmd_rejected"] += 1
                 self.rejects[result] = self.rejects.get(result, 0) + 1
-            unix, synced = self.hal.time()
-            fields = {"boot": self.boot, "seq": self._next_seq(), "t": unix,
-                      "flags": 0 if synced else messages.F_CLOCK_UNSYNCED,
-                      "ctr": cmd["ctr"], "result": result, "lease": left}
-            if value is not None:
-                fields["value"] = value
-            self.uplink.publish(self.link.t_ack, self.link.ack(fields))
+            self._ack(cmd["ctr"], result, value, left)
             self.hal.wdt_feed()
             if self.on_event is not None:
                 self.on_event({"ev": "cmd", "ctr": cmd["ctr"], "result": result})
+
+    def _ack(self, ctr, result, value, left):
+        unix, synced = self.hal.time()
+        fields = {"boot": self.boot, "seq": self._next_seq(), "t": unix,
+                  "flags": 0 if synced else messages.F_CLOCK_UNSYNCED,
+                  "ctr": ctr, "result": result, "lease": left}
+        if value is not None:
+            fields["value"] = value
+        self.uplink.publish(self.link.t_ack, self.link.ack(fields))
 
     # -- readings ----------------------------------------------------------
 

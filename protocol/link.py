@@ -48,9 +48,10 @@ class DeviceLink:
     def ack(self, fields):
         return self._seal_fields(topics.ACK, fields, self._aad_ack)
 
-    def open_command(self, topic, frame):
-        """Verify and decode a command received on `topic`. Counter and lease
-        are the caller's to enforce (replay.CounterGuard, its clock)."""
+    def verify_command(self, topic, frame):
+        """Steps 1-2 of PROTOCOL.md 7.5: the topic is this board's command
+        topic and the envelope verifies under the downlink key. Returns the
+        authentic payload (bytes); anything failing here gets no ack."""
         if isinstance(topic, (bytes, bytearray)):
             ok = topic == self._aad_cmd
         else:
@@ -58,9 +59,30 @@ class DeviceLink:
         if not ok:
             raise ProtocolError(E_TOPIC, "not this board's command topic")
         down = self._down
-        payload = cose.open_frame(frame, self._aad_cmd, self.kid,
-                                  lambda kid, alg: down, messages.ALGS[topics.CMD])
-        return messages.decode(topics.CMD, payload)
+        return cose.open_frame(frame, self._aad_cmd, self.kid,
+                               lambda kid, alg: down, messages.ALGS[topics.CMD])
+
+    def open_command(self, topic, frame):
+        """Verify and decode a command received on `topic`. Counter and lease
+        are the caller's to enforce (replay.CounterGuard, its clock)."""
+        return messages.decode(topics.CMD, self.verify_command(topic, frame))
+
+
+def command_counter(payload):
+    """The counter (key 1) of an authentic command payload that failed its
+    schema check, so the refusal can still be acknowledged; None when there
+    is no usable counter (then no ack can be sent)."""
+    try:
+        m = cbor.loads(payload, max_depth=2, max_items=messages.MAX_ITEMS,
+                       max_container=4 * messages.MAX_CHANNELS, max_size=messages.MAX_PAYLOAD)
+    except ProtocolError:
+        return None
+    if not isinstance(m, dict):
+        return None
+    c = m.get(1)
+    if isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 0xFFFFFFFF:
+        return c
+    return None
 
 
 class CommandSealer:

@@ -18,7 +18,7 @@ import pytest
 
 from netfault import MqttFaultProxy
 from peergrid.vboard import VirtualBoard, default_config
-from protocol import messages, topics
+from protocol import cbor, cose, messages, topics
 from protocol.errors import E_EXPIRED, E_REPLAY, ProtocolError
 from protocol.link import CommandSealer, open_uplink
 
@@ -156,6 +156,9 @@ def test_signed_readings_arrive_and_verify(broker, board_factory):
         for a, b in zip(rs, rs[1:]):
             for ca, cb in zip(a["ch"], b["ch"]):
                 assert cb[1] >= ca[1] and cb[2] >= ca[2]
+        # the watchdog is fed on progress: once per reading built (no commands here)
+        st = vb.state()
+        assert st["fed"] == st["stats"]["readings"] >= 4
         # birth message: retained, online, with the config digest and board name
         st = [m for d, m, _ in gw.messages(topics.STATUS) if d == "vb-live"]
         assert st and st[0]["online"] == 1 and st[0]["board"] == "sim" and len(st[0]["cfg"]) == 8
@@ -305,9 +308,16 @@ def test_commands_forged_replayed_expired_change_nothing(broker, board_factory):
         gw.command("vb-cmd", messages.OP_RELAY, 0, 0, lease=60, t=unix - 3600)
         # a relay the board does not have
         gw.command("vb-cmd", messages.OP_RELAY, 7, 1, lease=60, t=unix)
-        gw.wait(lambda: len(acks()) == 4, 10, "acks for replay, expiry and target")
+        # authentic but malformed: an operation that does not exist
+        down = cose.derive_keys(secret)[1]
+        sealer = cose.Sealer(down, b"vb-cmd", cose.ALG_HMAC256)
+        odd = bytes(sealer.seal(cbor.dumps({1: 90, 2: unix, 3: 60, 4: 3, 5: 0, 6: 0}, 448),
+                                topics.topic(COMMUNITY, "vb-cmd", topics.CMD).encode()))
+        gw.publish_raw("vb-cmd", odd)
+        gw.wait(lambda: len(acks()) == 5, 10, "acks for replay, expiry, target and schema")
         results = sorted(a["result"] for a in acks()[1:])
-        assert results == sorted([E_REPLAY, E_EXPIRED, 46]), results
+        assert results == sorted([E_REPLAY, E_EXPIRED, 46, 45]), results
+        assert [a for a in acks() if a["result"] == 45][0]["ctr"] == 90
         st = vb.state()
         assert st["relays"] == [1, 1]
         assert st["stats"]["cmd_ignored"] == 2      # forged and malformed: counted, not answered
@@ -438,3 +448,26 @@ def test_battery_command_sets_the_device_with_its_revert_timer(broker, board_fac
         assert vb.sim.device.battery_command()["w"] == 0
     finally:
         gw.close()
+
+
+def test_a_day_within_an_esp32_heap(broker, board_factory, mpy_dir):
+    # the firmware as it goes onto a board (.mpy), 110 KB of heap for its
+    # data on top of its code, a simulated day at 2400x with a 2-hour outage
+    vb, secret = board_factory("vb-day", speed=2400, replay_per_s=500, backoff_s=[1, 1])
+    vb.mpy_dir = mpy_dir
+    vb.data_heap = 110 * 1024
+    vb.start(timeout=60)
+    vb.poll_state(lambda s: s["board_ms"] >= 11 * 3600_000, 60, every=0.5)
+    broker.stop()
+    try:
+        vb.poll_state(lambda s: s["board_ms"] >= 13 * 3600_000, 60, every=0.5)
+    finally:
+        broker.start()
+    st = vb.poll_state(lambda s: s["board_ms"] >= 24 * 3600_000, 90, every=0.5)
+    st = vb.poll_state(lambda s: s["connected"] and s["buffered"] == 0, 60, every=0.5)
+    assert not any("MemoryError" in line for line in vb.stderr), vb.tail()
+    assert vb.proc.poll() is None
+    assert st["stats"]["readings"] >= 8000, st["stats"]
+    assert st["stats"]["replayed"] >= 600
+    assert st["min_free"] > 20_000
+    assert st["dropped"] == 0 and st["stats"]["spool_errors"] == 0

@@ -49,11 +49,14 @@ def main() -> None:
         broker.add_user("bench1", "bench-pw", topics.device_acl("oak", "bench1"))
         broker.apply()
         cfg = default_config("oak", "bench1", secret, broker.host, broker.port, "bench1", "bench-pw",
-                             replay_per_s=1000, backoff_s=[1, 2], status_s=600)
+                             replay_per_s=1000, backoff_s=[1, 2], status_s=600,
+                             inverter={"unit": 1}, battery={"unit": 1, "max_w": 5000})
         vb = VirtualBoard(tmp / "board", cfg, speed=speed, data_heap=HEAP, mpy_dir=mpy)
         try:
             t_real0 = time.monotonic()
             vb.start(timeout=60)
+            vb.sim.device.set_inverter(2500, 4_000_000, 4)
+            vb.sim.device.set_battery(650)
             day_ms = int(hours * 3600 * 1000)
             out_start = int((hours - outage_h) / 2 * 3600 * 1000)
             vb.poll_state(lambda s: s["board_ms"] >= out_start, hours * 3600 / speed * 3 + 30, every=0.5)

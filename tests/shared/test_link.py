@@ -86,3 +86,29 @@ def test_unknown_keys_are_counted_not_fatal():
     m = messages.decode(topics.READING, p)
     assert m["_ext"] == 1 and m["seq"] == 2
     raises_code(E_SCHEMA, messages.decode, topics.READING, cbor.dumps({1: 1, 2: 2, 3: 3, 7: [0, 0, 0]}))
+
+
+def _sealed_cmd(payload_map):
+    down = cose.derive_keys(SECRET)[1]
+    s = cose.Sealer(down, b"d3f9a2", cose.ALG_HMAC256)
+    return bytes(s.seal(cbor.dumps(payload_map, 448), b"pg/oak/d3f9a2/cmd"))
+
+
+def test_authentic_malformed_command_keeps_its_counter():
+    dl = link.DeviceLink("oak", "d3f9a2", SECRET)
+    # op 3 does not exist: verification passes, the schema refuses it, and
+    # the counter is still there to acknowledge the refusal with
+    frame = _sealed_cmd({1: 17, 2: 1795000000, 3: 60, 4: 3, 5: 0, 6: 1})
+    payload = dl.verify_command("pg/oak/d3f9a2/cmd", frame)
+    raises_code(45, messages.decode, topics.CMD, payload)
+    assert link.command_counter(payload) == 17
+    # no usable counter: nothing to acknowledge
+    for bad in ({2: 1}, {1: 0, 2: 1}, {1: True}, {1: "x"}):
+        p = dl.verify_command("pg/oak/d3f9a2/cmd", _sealed_cmd(bad))
+        assert link.command_counter(p) is None
+    assert link.command_counter(b"\xff\x00") is None
+    # a forged one never gets as far as the payload
+    bad = bytearray(frame)
+    bad[-1] ^= 1
+    raises_code(E_TAG, dl.verify_command, "pg/oak/d3f9a2/cmd", bytes(bad))
+    raises_code(E_TOPIC, dl.verify_command, "pg/oak/other/cmd", frame)
