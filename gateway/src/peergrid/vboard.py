@@ -250,13 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     vb = VirtualBoard(folder, cfg, speed=a.speed, heap=a.heap)
     vb.start()
     print(f"virtual board {cfg['community']}/{cfg['device']} running in {folder} (Ctrl-C stops it)")
+    next_summary = time.monotonic()
     try:
         while vb.proc and vb.proc.poll() is None:
+            if time.monotonic() >= next_summary:
+                next_summary = time.monotonic() + 5
+                vb.send(op="state")
             try:
                 ev = vb.events.get(timeout=1)
             except queue.Empty:
                 continue
-            print(json.dumps(ev))
+            if ev.get("ev") == "state":
+                h, rem = divmod(ev["board_ms"] // 1000, 3600)
+                print(f"board time {h:02d}:{rem // 60:02d}  readings {ev['stats']['readings']}  "
+                      f"sent {ev['stats']['live'] + ev['stats']['replayed']}  buffered {ev['buffered']}  "
+                      f"{'online' if ev['connected'] else 'OFFLINE (' + ev['uplink']['last_error'] + ')'}  "
+                      f"relays {ev['relays']}  inverter {'ok' if ev['inv_ok'] else 'missing'}", flush=True)
+            else:
+                print(json.dumps(ev), flush=True)
     except KeyboardInterrupt:
         pass
     finally:
