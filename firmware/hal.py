@@ -79,6 +79,10 @@ class Hal:
     def sleep_ms(self, ms):
         pass
 
+    def io_sleep_ms(self, ms):
+        """Wait ms of wall time (I/O pacing)."""
+        self.sleep_ms(ms)
+
     def idle(self, ms):
         """Nothing to do for up to ms of board time."""
         if ms > 0:
@@ -99,6 +103,24 @@ class Hal:
 
     def reset_cause(self):
         return 0
+
+
+class IoClock:
+    """A HAL's real-time clock in the shape the Modbus master wants
+    (ticks_ms, ticks_diff, sleep_ms): I/O timeouts are wall time even when
+    the board clock runs fast (the virtual board)."""
+
+    def __init__(self, hal):
+        self.hal = hal
+
+    def ticks_ms(self):
+        return self.hal.io_ms()
+
+    def ticks_diff(self, a, b):
+        return self.hal.io_diff(a, b)
+
+    def sleep_ms(self, ms):
+        self.hal.io_sleep_ms(ms)
 
 
 def open_hal(board, **kw):

@@ -153,6 +153,9 @@ class VirtualHal(SimHal):
     def io_diff(self, a, b):
         return _diff(a, b)
 
+    def io_sleep_ms(self, ms):
+        _sleep_ms(ms)
+
     def sleep_ms(self, ms):
         self.sleeps += 1
         real = int(ms / self.speed) if self.speed > 0 else ms

@@ -5,7 +5,7 @@ import json
 
 from firmware import config as fconfig
 from firmware.board import Board
-from firmware.hal import open_hal
+from firmware.hal import IoClock, open_hal
 from firmware.net import open_net
 
 
@@ -15,19 +15,9 @@ def _rs485(hal, board):
         return None
     from firmware.modbus import Master
 
-    class _Clock:
-        def ticks_ms(self):
-            return hal.io_ms()
-
-        def ticks_diff(self, a, b):
-            return hal.io_diff(a, b)
-
-        def sleep_ms(self, ms):
-            hal.sleep_ms(ms)
-
     uart = hal.uart(rs)
     de = hal.pin_out(rs["de"], 0) if "de" in rs else None
-    return Master(uart, _Clock(), de=de)
+    return Master(uart, IoClock(hal), de=de, baud=rs.get("baud", 9600))
 
 
 def main(root=""):

@@ -28,6 +28,7 @@ import select
 
 from firmware import config as fconfig
 from firmware.board import Board
+from firmware.hal import IoClock
 from firmware.hal_virtual import VirtualHal
 from firmware.net import HostNet
 
@@ -39,23 +40,6 @@ def emit(obj):
         sys.stdout.flush()
     except AttributeError:
         pass
-
-
-class RealClock:
-    """Wall-clock time for RS485 timeouts, whatever the board clock does."""
-
-    def __init__(self, hal):
-        self.hal = hal
-
-    def ticks_ms(self):
-        return self.hal.io_ms()
-
-    def ticks_diff(self, a, b):
-        return self.hal.io_diff(a, b)
-
-    def sleep_ms(self, ms):
-        import time
-        time.sleep_ms(ms)
 
 
 class Scenario:
@@ -137,7 +121,7 @@ def main(argv):
         rs = board.get("rs485") or {}
         uart = PosixUart(pty, rs.get("baud", 9600))
         de = hal.pin_out(rs["de"], 0) if "de" in rs else None
-        master = Master(uart, RealClock(hal), de=de, timeout_ms=sim.get("modbus_timeout_ms", 300),
+        master = Master(uart, IoClock(hal), de=de, baud=rs.get("baud", 9600), timeout_ms=sim.get("modbus_timeout_ms", 300),
                         retries=1)
     b = Board(hal, board, cfg, digest, net, root, rs485=master, on_event=emit)
     scen = Scenario(sim, b.nch)

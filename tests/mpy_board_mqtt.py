@@ -71,11 +71,9 @@ def hexs(b):
     return binascii.hexlify(bytes(b)).decode()
 
 
-def connect_bytes():
-    # build the connection by hand: connect() makes its own socket, so feed
-    # a patched socket module for this one call
-    s = ScriptSock(b"\x20\x02\x00\x00")
-
+def with_socket(s, fn):
+    """Run fn() while firmware.mqtt's socket module hands out s: connect()
+    makes its own socket."""
     class SockMod:
         @staticmethod
         def socket():
@@ -84,11 +82,16 @@ def connect_bytes():
     orig = fm.socket
     fm.socket = SockMod
     try:
-        c = fm.BoardMQTT("d3f9a2", ("127.0.0.1", 1883), user="u1", password="pw", keepalive=30, timeout_s=2)
-        c.set_last_will("pg/oak/d3f9a2/status", b"W", retain=True, qos=1)
-        assert c.connect() == 0
+        return fn()
     finally:
         fm.socket = orig
+
+
+def connect_bytes():
+    s = ScriptSock(b"\x20\x02\x00\x00")
+    c = fm.BoardMQTT("d3f9a2", ("127.0.0.1", 1883), user="u1", password="pw", keepalive=30, timeout_s=2)
+    c.set_last_will("pg/oak/d3f9a2/status", b"W", retain=True, qos=1)
+    assert with_socket(s, c.connect) == 0
     # fixed header 10 len; "MQTT" 4; flags: user, password, will retain,
     # will QoS 1, will, clean = 0xEE; keepalive 30; then the strings
     want = ("10" + "33" + "00044d51545404" + "ee" + "001e" + "0006643366396132"
@@ -99,23 +102,12 @@ def connect_bytes():
 
 def connack_refused():
     s = ScriptSock(b"\x20\x02\x00\x05")
-
-    class SockMod:
-        @staticmethod
-        def socket():
-            return s
-
-    orig = fm.socket
-    fm.socket = SockMod
+    c = fm.BoardMQTT("x", ("127.0.0.1", 1883), user="u", password="bad", timeout_s=2)
     try:
-        c = fm.BoardMQTT("x", ("127.0.0.1", 1883), user="u", password="bad", timeout_s=2)
-        try:
-            c.connect()
-        except fm.MQTTException:
-            return
-        raise AssertionError("refused CONNACK accepted")
-    finally:
-        fm.socket = orig
+        with_socket(s, c.connect)
+    except fm.MQTTException:
+        return
+    raise AssertionError("refused CONNACK accepted")
 
 
 def publish_bytes():
