@@ -19,6 +19,27 @@ def main(argv: list[str] | None = None) -> int:
     cb.add_argument("paths", nargs="+")
     sub.add_parser("vboard", help="run the firmware as a virtual board (peergrid vboard --help)",
                    add_help=False)
+    p.add_argument("--config", "-c", default="peergrid.toml", help="gateway config (TOML)")
+    sub.add_parser("run", help="run the gateway: ingest, validate, store")
+    sub.add_parser("status", help="devices online and stale, rejections by reason, ingest rate")
+    m = sub.add_parser("member", help="members (houses)")
+    msub = m.add_subparsers(dest="mcmd", required=True)
+    ma = msub.add_parser("add")
+    ma.add_argument("name")
+    msub.add_parser("list")
+    d = sub.add_parser("device", help="devices (boards): add, list, rotate, revoke")
+    dsub = d.add_subparsers(dest="dcmd", required=True)
+    da = dsub.add_parser("add")
+    da.add_argument("device")
+    da.add_argument("--member", type=int)
+    da.add_argument("--board", default="sim")
+    da.add_argument("--channel", action="append", default=[], metavar="ROLE:RATING_A",
+                    help="one per CT in board order, e.g. grid:100")
+    dsub.add_parser("list")
+    for name in ("rotate", "revoke"):
+        x = dsub.add_parser(name)
+        x.add_argument("device")
+    sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "vboard":
@@ -26,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return vboard_main(argv[1:])
     args = p.parse_args(argv)
+    if args.cmd in ("run", "status", "member", "device", "broker-files"):
+        from peergrid.admin import admin
+
+        return admin(args)
     if args.cmd == "check-board":
         from pathlib import Path
 

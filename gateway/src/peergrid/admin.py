@@ -1,0 +1,123 @@
+"""The operator's commands: run, status, members, devices, broker files."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from peergrid import registry as reg
+from peergrid.service import Config, Gateway, JsonLog, reload_broker
+
+
+def _registry(cfg: Config) -> reg.Registry:
+    r = reg.Registry(reg.connect(cfg.db))
+    r.add_community(cfg.community)
+    return r
+
+
+def admin(args: argparse.Namespace) -> int:
+    cfg = Config.load(Path(args.config))
+    if args.cmd == "run":
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(JsonLog())
+        logging.basicConfig(level=logging.INFO, handlers=[h])
+        return Gateway(cfg).run()
+    r = _registry(cfg)
+    try:
+        if args.cmd == "member":
+            if args.mcmd == "add":
+                print(f"member {r.add_member(cfg.community, args.name)} added")
+            else:
+                for mid, name, left in r.members(cfg.community):
+                    print(f"{mid:5d}  {name}{'  (left)' if left else ''}")
+            return 0
+        if args.cmd == "device":
+            return _device(args, cfg, r)
+        if args.cmd == "broker-files":
+            return _broker_files(cfg, r)
+        if args.cmd == "status":
+            return status(cfg, r)
+    except reg.RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
+    if args.dcmd == "add":
+        chans = []
+        for c in args.channel:
+            role, _, rating = c.partition(":")
+            try:
+                chans.append({"role": role, "rating_a": float(rating or 100)})
+            except ValueError:
+                raise reg.RegistryError(f"channel {c!r}: write ROLE:RATING_A, e.g. grid:100") from None
+        if not chans:
+            raise reg.RegistryError("give the board's channels: --channel grid:100 --channel pv:50 ...")
+        secret, password = r.add_device(cfg.community, args.device, args.board, chans, args.member)
+        _show_credentials(cfg, args.device, secret, password)
+        return 0
+    if args.dcmd == "list":
+        for d in r.devices(cfg.community):
+            roles = ",".join(c["role"] for c in d.channels)
+            state = "revoked" if d.revoked else "active"
+            print(f"{d.id:16s} {state:8s} board {d.board:12s} member {d.member or '-':>4} fw {d.fw or '-':8s} "
+                  f"key #{d.generation} channels {roles}")
+        return 0
+    if args.dcmd == "rotate":
+        secret, password = r.rotate(cfg.community, args.device)
+        _show_credentials(cfg, args.device, secret, password)
+        return 0
+    r.revoke(cfg.community, args.device)
+    print(f"{args.device} revoked; run `peergrid broker-files` to close its broker account")
+    return 0
+
+
+def _show_credentials(cfg: Config, device: str, secret: bytes, password: str) -> None:
+    # shown once, for the commissioning tool; never logged
+    print(f"device {device}: write these into the board's commissioning config (shown only now)")
+    print(f"  secret          {secret.hex()}")
+    print(f"  broker user     {reg.broker_user(cfg.community, device)}")
+    print(f"  broker password {password}")
+    print("then run `peergrid broker-files` so the broker knows the account")
+
+
+def _broker_files(cfg: Config, r: reg.Registry) -> int:
+    if cfg.passwd_file is None or cfg.acl_file is None:
+        raise reg.RegistryError("[broker] passwd_file and acl_file are not set in the config")
+    n = r.broker_files(cfg.passwd_file, cfg.acl_file, cfg.broker_user, reg.mosquitto_hash(cfg.broker_password))
+    reloaded = reload_broker(cfg.broker_pid_file)
+    print(f"{n} device accounts written to {cfg.passwd_file} and {cfg.acl_file}; "
+          f"broker {'reloaded' if reloaded else 'NOT reloaded (no pid_file or not running): send it SIGHUP'}")
+    return 0
+
+
+def status(cfg: Config, r: reg.Registry) -> int:
+    db = r.db
+    from peergrid.store import init
+
+    init(db)
+    now = time.time()
+    devs = r.devices(cfg.community)
+    pres = {d: (o, s) for d, o, s in db.execute("SELECT device, online, last_seen FROM presence WHERE community=?",
+                                                (cfg.community,))}
+    online = sum(1 for d in devs if pres.get(d.id, (0, None))[0])
+    stale = [d.id for d in devs if not d.revoked and (pres.get(d.id, (0, None))[1] is None
+                                                      or now - pres[d.id][1] > cfg.stale_after_s)]
+    n60 = db.execute("SELECT COUNT(*) FROM frames WHERE community=? AND t_recv > ?", (cfg.community, now - 60)
+                     ).fetchone()[0]
+    print(f"community {cfg.community}: {len(devs)} devices, {online} online, {len(stale)} stale")
+    if stale:
+        print("  stale: " + ", ".join(stale[:20]) + (" ..." if len(stale) > 20 else ""))
+    print(f"ingest: {n60 / 60:.1f} messages/s over the last minute")
+    rows = list(db.execute("SELECT what, SUM(n) FROM counters WHERE community=? GROUP BY what ORDER BY 2 DESC",
+                           (cfg.community,)))
+    if rows:
+        print("rejections and warnings:")
+        for what, n in rows:
+            print(f"  {what:24s} {n}")
+    else:
+        print("no rejections")
+    return 0

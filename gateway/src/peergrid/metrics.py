@@ -1,0 +1,82 @@
+"""Counters and a latency histogram, as Prometheus text and as a dict."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+# receive-to-stored latency buckets, seconds
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.rejects: dict[tuple[str, str], int] = {}
+        self.warnings: dict[tuple[str, str], int] = {}
+        self.hist = [0] * (len(BUCKETS) + 1)
+        self.lat_sum = 0.0
+        self.lat_n = 0
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def accept(self, kind: str) -> None:
+        self.inc("accepted_" + kind)
+
+    def reject(self, reason: str, device: str | None) -> None:
+        with self.lock:
+            k = (reason, device or "-")
+            self.rejects[k] = self.rejects.get(k, 0) + 1
+
+    def warn(self, what: str, device: str) -> None:
+        with self.lock:
+            k = (what, device)
+            self.warnings[k] = self.warnings.get(k, 0) + 1
+
+    def latency(self, s: float) -> None:
+        with self.lock:
+            for i, b in enumerate(BUCKETS):
+                if s <= b:
+                    self.hist[i] += 1
+                    break
+            else:
+                self.hist[-1] += 1
+            self.lat_sum += s
+            self.lat_n += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            by_reason: dict[str, int] = {}
+            for (r, _), n in self.rejects.items():
+                by_reason[r] = by_reason.get(r, 0) + n
+            return {"counts": dict(self.counts), "rejected": by_reason,
+                    "latency_mean_ms": round(1000 * self.lat_sum / self.lat_n, 2) if self.lat_n else None}
+
+    def prometheus(self, presence: dict[str, dict[str, Any]] | None = None) -> str:
+        out: list[str] = []
+        with self.lock:
+            out.append("# TYPE peergrid_messages_total counter")
+            for k, v in sorted(self.counts.items()):
+                out.append(f'peergrid_messages_total{{what="{k}"}} {v}')
+            out.append("# TYPE peergrid_rejected_total counter")
+            for (r, d), v in sorted(self.rejects.items()):
+                out.append(f'peergrid_rejected_total{{reason="{r}",device="{d}"}} {v}')
+            out.append("# TYPE peergrid_warnings_total counter")
+            for (w, d), v in sorted(self.warnings.items()):
+                out.append(f'peergrid_warnings_total{{what="{w}",device="{d}"}} {v}')
+            out.append("# TYPE peergrid_store_latency_seconds histogram")
+            cum = 0
+            for b, n in zip(BUCKETS, self.hist):
+                cum += n
+                out.append(f'peergrid_store_latency_seconds_bucket{{le="{b}"}} {cum}')
+            cum += self.hist[-1]
+            out.append(f'peergrid_store_latency_seconds_bucket{{le="+Inf"}} {cum}')
+            out.append(f"peergrid_store_latency_seconds_sum {self.lat_sum:.6f}")
+            out.append(f"peergrid_store_latency_seconds_count {self.lat_n}")
+        if presence is not None:
+            out.append("# TYPE peergrid_devices gauge")
+            out.append(f'peergrid_devices{{state="online"}} {sum(v["online"] for v in presence.values())}')
+            out.append(f'peergrid_devices{{state="stale"}} {sum(v["stale"] for v in presence.values())}')
+        return "\n".join(out) + "\n"

@@ -1,0 +1,205 @@
+"""The registry: communities, members (houses) and devices (boards) in SQLite,
+and the broker's password and ACL files made from it.
+
+Each device has its own 32-byte secret (the root of its MAC keys, PROTOCOL.md
+section 5) and its own broker account. The broker password is shown once,
+when the device is added or rotated; the registry keeps only mosquitto's
+PBKDF2-SHA512 hash of it (the `$7$` format of mosquitto_passwd), so the
+password file can be rewritten at any time without knowing the passwords.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol import topics
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS communities (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    id INTEGER PRIMARY KEY, community TEXT NOT NULL REFERENCES communities(id),
+    name TEXT NOT NULL, created REAL NOT NULL, left_at REAL);
+CREATE TABLE IF NOT EXISTS devices (
+    community TEXT NOT NULL REFERENCES communities(id), id TEXT NOT NULL,
+    member INTEGER REFERENCES members(id), secret BLOB NOT NULL, board TEXT NOT NULL,
+    channels TEXT NOT NULL, broker_hash TEXT NOT NULL, fw TEXT, generation INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL, revoked REAL, PRIMARY KEY (community, id));
+"""
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
+    """A password hash in mosquitto's own format ($7$: PBKDF2-SHA512)."""
+    salt = salt or os.urandom(12)
+    dk = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(dk).decode()}"
+
+
+@dataclass
+class Device:
+    community: str
+    id: str
+    member: int | None
+    secret: bytes
+    board: str
+    channels: list[dict[str, Any]]
+    fw: str | None
+    generation: int
+    revoked: float | None
+
+    def grid_index(self) -> int | None:
+        for i, c in enumerate(self.channels):
+            if c.get("role") == "grid":
+                return i
+        return None
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+class Registry:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        db.executescript(SCHEMA)
+
+    # -- communities and members ----------------------------------------------
+
+    def add_community(self, cid: str, name: str = "") -> None:
+        if not topics.valid_id(cid):
+            raise RegistryError("a community id is 1-16 of a-z, 0-9 and '-'")
+        self.db.execute("INSERT OR IGNORE INTO communities VALUES (?, ?, ?)", (cid, name or cid, time.time()))
+
+    def add_member(self, community: str, name: str) -> int:
+        self._community(community)
+        cur = self.db.execute("INSERT INTO members (community, name, created) VALUES (?, ?, ?)",
+                              (community, name, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def members(self, community: str) -> list[tuple[int, str, float | None]]:
+        return list(self.db.execute("SELECT id, name, left_at FROM members WHERE community=? ORDER BY id",
+                                    (community,)))
+
+    def _community(self, cid: str) -> None:
+        if not self.db.execute("SELECT 1 FROM communities WHERE id=?", (cid,)).fetchone():
+            raise RegistryError(f"no community {cid!r}: add it first")
+
+    # -- devices ----------------------------------------------------------------
+
+    def add_device(self, community: str, device: str, board: str, channels: list[dict[str, Any]],
+                   member: int | None = None, secret: bytes | None = None) -> tuple[bytes, str]:
+        """Register a board; returns (device secret, broker password), shown
+        once to the commissioning tool."""
+        self._community(community)
+        if not topics.valid_id(device):
+            raise RegistryError("a device id is 1-16 of a-z, 0-9 and '-', not starting with '-'")
+        if self.db.execute("SELECT 1 FROM devices WHERE community=? AND id=?", (community, device)).fetchone():
+            raise RegistryError(f"device {device!r} exists: rotate its key or revoke it")
+        for c in channels:
+            if c.get("role") not in ("grid", "pv", "battery", "load", "ev"):
+                raise RegistryError(f"channel role {c.get('role')!r} is not grid, pv, battery, load or ev")
+            if not isinstance(c.get("rating_a", 0), (int, float)) or c.get("rating_a", 0) <= 0:
+                raise RegistryError("every channel needs a positive rating_a")
+        secret = secret or secrets.token_bytes(32)
+        if len(secret) != 32:
+            raise RegistryError("a device secret is 32 bytes")
+        password = secrets.token_urlsafe(18)
+        self.db.execute("INSERT INTO devices (community, id, member, secret, board, channels, broker_hash, created)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (community, device, member, secret, board, json.dumps(channels),
+                         mosquitto_hash(password), time.time()))
+        return secret, password
+
+    def rotate(self, community: str, device: str) -> tuple[bytes, str]:
+        """New secret and broker password; the old ones stop working."""
+        d = self.device(community, device)
+        if d is None:
+            raise RegistryError(f"no device {device!r}")
+        secret = secrets.token_bytes(32)
+        password = secrets.token_urlsafe(18)
+        self.db.execute("UPDATE devices SET secret=?, broker_hash=?, generation=generation+1, revoked=NULL"
+                        " WHERE community=? AND id=?", (secret, mosquitto_hash(password), community, device))
+        return secret, password
+
+    def revoke(self, community: str, device: str) -> None:
+        cur = self.db.execute("UPDATE devices SET revoked=? WHERE community=? AND id=? AND revoked IS NULL",
+                              (time.time(), community, device))
+        if cur.rowcount == 0:
+            raise RegistryError(f"no active device {device!r}")
+
+    def set_fw(self, community: str, device: str, fw: str) -> None:
+        self.db.execute("UPDATE devices SET fw=? WHERE community=? AND id=?", (fw, community, device))
+
+    def device(self, community: str, device: str) -> Device | None:
+        r = self.db.execute("SELECT community, id, member, secret, board, channels, fw, generation, revoked"
+                            " FROM devices WHERE community=? AND id=?", (community, device)).fetchone()
+        if r is None:
+            return None
+        return Device(r[0], r[1], r[2], bytes(r[3]), r[4], json.loads(r[5]), r[6], r[7], r[8])
+
+    def devices(self, community: str) -> list[Device]:
+        rows = self.db.execute("SELECT id FROM devices WHERE community=? ORDER BY id", (community,)).fetchall()
+        return [d for d in (self.device(community, r[0]) for r in rows) if d is not None]
+
+    def secret_for(self, community: str, device: str) -> bytes | None:
+        """The active secret of a device, None if unknown or revoked."""
+        r = self.db.execute("SELECT secret FROM devices WHERE community=? AND id=? AND revoked IS NULL",
+                            (community, device)).fetchone()
+        return bytes(r[0]) if r else None
+
+    # -- broker files ---------------------------------------------------------
+
+    def broker_files(self, passwd: Path, acl: Path, gateway_user: str, gateway_hash: str) -> int:
+        """Write mosquitto's password and ACL files (atomically); returns
+        the number of device accounts. Revoked devices get no account."""
+        pw_lines = [f"{gateway_user}:{gateway_hash}"]
+        acl_lines = [f"user {gateway_user}"]
+        comms = [r[0] for r in self.db.execute("SELECT id FROM communities ORDER BY id")]
+        for c in comms:
+            acl_lines += [f"topic read {t}" for t in topics.subscriptions(c)]
+            acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.CMD}")
+            acl_lines.append(f"topic readwrite pgw/{c}/#")
+        acl_lines.append("")
+        n = 0
+        for c, dev, h in self.db.execute("SELECT community, id, broker_hash FROM devices WHERE revoked IS NULL"
+                                         " ORDER BY community, id"):
+            user = broker_user(c, dev)
+            pw_lines.append(f"{user}:{h}")
+            acl_lines.append(f"user {user}")
+            acl_lines += [f"topic {access} {pattern}" for pattern, access in topics.device_acl(c, dev)]
+            acl_lines.append("")
+            n += 1
+        _atomic(passwd, "\n".join(pw_lines) + "\n")
+        _atomic(acl, "\n".join(acl_lines) + "\n")
+        return n
+
+
+def broker_user(community: str, device: str) -> str:
+    """A device's broker account name (ids never contain '.')."""
+    return f"{community}.{device}"
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

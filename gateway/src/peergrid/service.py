@@ -1,0 +1,328 @@
+"""The gateway service: MQTT ingest (paho-mqtt 2.x), validation, batched
+storage, presence, metrics.
+
+One paho session per community with a fixed client id and a persistent
+session (clean_session False) and manual acknowledgement: a message is
+PUBACKed only after the batch holding it was committed (peergrid.store), so
+the broker keeps and redelivers whatever was not stored when the gateway
+stopped, crashed or lost power. The MQTT thread validates; a writer thread
+commits batches (up to `batch` messages or `batch_ms`) and then acks them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import sqlite3
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from peergrid import registry as reg
+from peergrid.metrics import Metrics
+from peergrid.store import Store
+from peergrid.validate import Accepted, Duplicate, Rejected, Validator
+from protocol import topics
+
+log = logging.getLogger("peergrid.gateway")
+
+
+@dataclass
+class Config:
+    community: str
+    db: Path
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    broker_user: str = "gateway"
+    broker_password: str = ""
+    client_id: str = ""
+    passwd_file: Path | None = None
+    acl_file: Path | None = None
+    broker_pid_file: Path | None = None
+    max_skew_s: float = 300
+    max_future_s: float = 3600
+    stale_after_s: float = 35
+    batch: int = 500
+    batch_ms: int = 50
+    quarantine_max: int = 10000
+    http_port: int = 0
+    status_every_s: float = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def load(path: Path) -> "Config":
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"config {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SystemExit(f"config {path}: {e}") from None
+        g = raw.get("gateway", {})
+        b = raw.get("broker", {})
+        i = raw.get("ingest", {})
+        if "community" not in g or "db" not in g:
+            raise SystemExit(f"config {path}: [gateway] needs community and db")
+        base = Path(path).parent
+
+        def p(v: Any) -> Path | None:
+            return None if v is None else (base / v if not Path(v).is_absolute() else Path(v))
+
+        return Config(
+            community=g["community"], db=p(g["db"]) or Path("gateway.db"),
+            broker_host=b.get("host", "127.0.0.1"), broker_port=int(b.get("port", 1883)),
+            broker_user=b.get("user", "gateway"), broker_password=b.get("password", ""),
+            client_id=b.get("client_id", ""), passwd_file=p(b.get("passwd_file")), acl_file=p(b.get("acl_file")),
+            broker_pid_file=p(b.get("pid_file")),
+            max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
+            stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
+            batch_ms=int(i.get("batch_ms", 50)), quarantine_max=int(i.get("quarantine_max", 10000)),
+            http_port=int(g.get("http_port", 0)), status_every_s=float(g.get("status_every_s", 10)), extra=raw)
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.db = reg.connect(cfg.db)
+        self.registry = reg.Registry(self.db)
+        self.registry.add_community(cfg.community)
+        self.lookup_lock = threading.Lock()
+        self.store = Store(reg.connect(cfg.db), self._grid_index, cfg.quarantine_max, read_db=self.db)
+        self.validator = Validator(cfg.community, self.registry.device, cfg.max_skew_s, cfg.max_future_s,
+                                   history=self.store.history)
+        self.metrics = Metrics()
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=20000)
+        self.stop_event = threading.Event()
+        self._last_reject_log: dict[str, float] = {}
+        self.client: mqtt.Client | None = None
+        self.http: ThreadingHTTPServer | None = None
+        self.connected = threading.Event()
+
+    def _grid_index(self, community: str, device: str) -> int | None:
+        d = self.validator._device(device)
+        return d.grid_index() if d is not None else None
+
+    # -- MQTT ------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc != 0:
+            log.error("broker refused the gateway: %s", rc)
+            return
+        client.subscribe([(t, 1) for t in topics.subscriptions(self.cfg.community)])
+        self.connected.set()
+        log.info("connected to %s:%d", self.cfg.broker_host, self.cfg.broker_port)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.connected.clear()
+        if not self.stop_event.is_set():
+            log.warning("broker connection lost (%s); reconnecting", rc)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        t0 = time.monotonic()
+        now = time.time()
+        topic = msg.topic
+        frame = bytes(msg.payload)
+        try:
+            r = self.validator.check(topic, frame, now)
+        except Rejected as e:
+            self.metrics.reject(e.name, e.device)
+            self._log_reject(e, topic)
+            self.q.put(("rej", msg.mid, msg.qos, (now, topic, e.device, e.code, e.reason, frame), e.name, t0))
+            return
+        except Exception as e:  # noqa: BLE001 - nothing a board sends may stop the gateway
+            log.exception("validator failed on a frame from %s", topic)
+            self.metrics.reject("internal", None)
+            self.q.put(("rej", msg.mid, msg.qos, (now, topic, None, 0, f"internal: {e!r}", frame), "internal", t0))
+            return
+        if isinstance(r, Duplicate):
+            self.metrics.inc("duplicates")
+            self.q.put(("dup", msg.mid, msg.qos, None, None, t0))
+            return
+        self.metrics.accept(r.kind)
+        for w in r.warnings:
+            self.metrics.warn("clock", r.device)
+        self.q.put(("ok", msg.mid, msg.qos, r, None, t0))
+
+    def _log_reject(self, e: Rejected, topic: str) -> None:
+        key = f"{e.device}:{e.code}"
+        now = time.monotonic()
+        if now - self._last_reject_log.get(key, -1e9) >= 60:
+            self._last_reject_log[key] = now
+            log.warning("rejected %s on %s: %s (further ones logged at most once a minute)", e.name, topic[:64],
+                        e.reason)
+
+    # -- writer ------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        cfg = self.cfg
+        while not (self.stop_event.is_set() and self.q.empty()):
+            try:
+                first = self.q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + cfg.batch_ms / 1000
+            while len(batch) < cfg.batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self.q.get(timeout=left))
+                except queue.Empty:
+                    break
+            accepted = [b[3] for b in batch if b[0] == "ok"]
+            rejected = [b[3] for b in batch if b[0] == "rej"]
+            counts: dict[tuple[str, str, str], int] = {}
+            for b in batch:
+                if b[0] == "rej":
+                    k = (cfg.community, b[3][2] or "-", "reject:" + b[4])
+                    counts[k] = counts.get(k, 0) + 1
+                elif b[0] == "ok":
+                    for w in b[3].warnings:
+                        k = (cfg.community, b[3].device, "warn:clock")
+                        counts[k] = counts.get(k, 0) + 1
+            while True:
+                try:
+                    self.store.write(accepted, rejected, counts)
+                    break
+                except sqlite3.OperationalError as e:
+                    # a full disk or a locked database: nothing is acked, keep trying
+                    self.metrics.inc("store_errors")
+                    log.error("store failed (%s); retrying, nothing acknowledged meanwhile", e)
+                    if self.stop_event.wait(1):
+                        return
+            done = time.monotonic()
+            for b in batch:
+                self.metrics.latency(done - b[5])
+                if self.client is not None and b[2] > 0:
+                    self.client.ack(b[1], b[2])
+            self.metrics.inc("stored", len(accepted))
+            for a in accepted:
+                if a.kind == topics.STATUS and a.msg.get("fw"):
+                    try:
+                        self.registry.set_fw(a.community, a.device, a.msg["fw"])
+                    except sqlite3.Error:
+                        pass
+
+    # -- presence and status --------------------------------------------------------
+
+    def presence(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per device: online (birth/will), last seen, stale (silent longer
+        than stale_after_s, the control loop treats it as the worst case)."""
+        now = time.time() if now is None else now
+        out = {}
+        for d, online, seen in self.db.execute("SELECT device, online, last_seen FROM presence WHERE community=?",
+                                               (self.cfg.community,)):
+            out[d] = {"online": bool(online), "last_seen": seen,
+                      "stale": seen is None or now - seen > self.cfg.stale_after_s}
+        return out
+
+    def _publish_status(self) -> None:
+        if self.client is None or not self.connected.is_set():
+            return
+        p = self.presence()
+        body = {"t": int(time.time()), "devices": len(p), "online": sum(v["online"] for v in p.values()),
+                "stale": sum(v["stale"] for v in p.values()), "metrics": self.metrics.snapshot()}
+        self.client.publish(f"pgw/{self.cfg.community}/status", json.dumps(body), qos=1, retain=True)
+
+    # -- HTTP metrics ------------------------------------------------------------------
+
+    def _serve_http(self) -> None:
+        gw = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path != "/metrics":
+                    self.send_error(404)
+                    return
+                body = gw.metrics.prometheus(gw.presence()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", self.cfg.http_port), H)
+        self.http_port = self.http.server_address[1]
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    # -- run ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        cid = cfg.client_id or f"peergrid-gw-{cfg.community}"
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
+                        manual_ack=True)
+        c.username_pw_set(cfg.broker_user, cfg.broker_password)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self.client = c
+        threading.Thread(target=self._writer, name="writer", daemon=True).start()
+        if cfg.http_port >= 0 and cfg.extra.get("gateway", {}).get("http", True):
+            self._serve_http()
+        c.connect_async(cfg.broker_host, cfg.broker_port, keepalive=30)
+        c.loop_start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        if self.http is not None:
+            self.http.shutdown()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
+        self.start()
+        log.info("gateway for %s running (db %s)", self.cfg.community, self.cfg.db)
+        next_status = 0.0
+        while not self.stop_event.wait(0.5):
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + self.cfg.status_every_s
+                try:
+                    self._publish_status()
+                except Exception:  # noqa: BLE001
+                    log.exception("status publish failed")
+        # drain: let the writer commit and ack what is queued, then leave
+        deadline = time.monotonic() + 10
+        while not self.q.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        log.info("gateway stopped cleanly")
+        return 0
+
+
+def reload_broker(pid_file: Path | None) -> bool:
+    """Ask mosquitto to reread its password and ACL files (SIGHUP)."""
+    import os
+
+    if pid_file is None or not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+        return True
+    except (ValueError, ProcessLookupError, PermissionError):
+        return False
+
+
+class JsonLog(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"t": round(record.created, 3), "level": record.levelname.lower(),
+                           "logger": record.name, "msg": record.getMessage()})

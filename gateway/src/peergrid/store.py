@@ -1,0 +1,128 @@
+"""Storage of what the gateway accepted, rejected and saw, in SQLite (WAL).
+
+- `frames`: every accepted uplink frame as received (members can re-verify
+  their own), unique per (community, device, kind, boot, seq).
+- `readings`: the decoded readings, with the grid channel's registers in
+  columns for settlement and every channel as JSON.
+- `quarantine`: rejected frames with their reason, bounded (oldest go).
+- `counters`: rejections and warnings by reason and device.
+- `presence`: per device, online state from status messages and last seen.
+
+Acknowledgement point: the gateway's MQTT session acknowledges a message
+(PUBACK) only after the batch holding it was committed with
+synchronous=FULL, so a crash or power cut loses nothing that was
+acknowledged; the broker redelivers the rest.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any, Iterable
+
+from peergrid.validate import Accepted
+from protocol import topics
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    id INTEGER PRIMARY KEY, community TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
+    boot INTEGER NOT NULL, seq INTEGER NOT NULL, t_recv REAL NOT NULL, frame BLOB NOT NULL,
+    digest BLOB NOT NULL, UNIQUE (community, device, kind, boot, seq));
+CREATE TABLE IF NOT EXISTS readings (
+    frame_id INTEGER PRIMARY KEY REFERENCES frames(id), community TEXT NOT NULL, device TEXT NOT NULL,
+    boot INTEGER NOT NULL, seq INTEGER NOT NULL, t REAL NOT NULL, t_board INTEGER NOT NULL,
+    t_recv REAL NOT NULL, flags INTEGER NOT NULL, grid_w INTEGER, grid_imp_wh INTEGER,
+    grid_exp_wh INTEGER, vrms_dv INTEGER, freq_chz INTEGER, ch TEXT NOT NULL, inv TEXT, bat TEXT);
+CREATE INDEX IF NOT EXISTS readings_dev_t ON readings (community, device, t);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY, t_recv REAL NOT NULL, topic TEXT NOT NULL, device TEXT,
+    code INTEGER NOT NULL, reason TEXT NOT NULL, frame BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (
+    community TEXT NOT NULL, device TEXT NOT NULL, what TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (community, device, what));
+CREATE TABLE IF NOT EXISTS presence (
+    community TEXT NOT NULL, device TEXT NOT NULL, online INTEGER, last_seen REAL,
+    last_status TEXT, PRIMARY KEY (community, device));
+"""
+
+
+def init(db: sqlite3.Connection) -> None:
+    db.executescript(SCHEMA)
+
+
+class Store:
+    def __init__(self, db: sqlite3.Connection, grid_index: Any, quarantine_max: int = 10000,
+                 read_db: sqlite3.Connection | None = None) -> None:
+        """db: the writer's connection (one thread); read_db: another
+        connection for lookups from other threads. grid_index(community,
+        device) -> index of the grid channel or None."""
+        self.db = db
+        self.read_db = read_db or db
+        self.grid_index = grid_index
+        self.quarantine_max = quarantine_max
+        init(db)
+
+    def history(self, community: str, device: str, kind: str) -> list[tuple[int, int, bytes]]:
+        """Accepted (boot, seq, digest) of a device's four newest boots."""
+        rdb = self.read_db
+        boots = [r[0] for r in rdb.execute(
+            "SELECT DISTINCT boot FROM frames WHERE community=? AND device=? AND kind=? ORDER BY boot DESC LIMIT 4",
+            (community, device, kind))]
+        out: list[tuple[int, int, bytes]] = []
+        for b in boots:
+            out += [(b, s, bytes(d)) for s, d in rdb.execute(
+                "SELECT seq, digest FROM frames WHERE community=? AND device=? AND kind=? AND boot=?"
+                " ORDER BY seq DESC LIMIT 32768", (community, device, kind, b))]
+        return out
+
+    def write(self, accepted: Iterable[Accepted], rejected: Iterable[tuple[float, str, str | None, int, str, bytes]],
+              counts: dict[tuple[str, str, str], int]) -> None:
+        """One transaction for a batch."""
+        import hashlib
+
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for a in accepted:
+                m = a.msg
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO frames (community, device, kind, boot, seq, t_recv, frame, digest)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (a.community, a.device, a.kind, m["boot"], m["seq"], a.t_recv, a.frame,
+                     hashlib.sha256(a.frame).digest()))
+                if cur.rowcount == 0:
+                    continue
+                fid = cur.lastrowid
+                if a.kind == topics.READING:
+                    gi = self.grid_index(a.community, a.device)
+                    g = m["ch"][gi] if gi is not None and gi < len(m["ch"]) else None
+                    db.execute(
+                        "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (fid, a.community, a.device, m["boot"], m["seq"], a.t_eff, m["t"], a.t_recv, m["flags"],
+                         g[0] if g else None, g[1] if g else None, g[2] if g else None, m.get("vrms_dv"),
+                         m.get("freq_chz"), json.dumps(m["ch"]), json.dumps(m.get("inv")) if "inv" in m else None,
+                         json.dumps(m.get("bat")) if "bat" in m else None))
+                elif a.kind == topics.STATUS:
+                    st = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in m.items()}
+                    db.execute("INSERT INTO presence VALUES (?, ?, ?, ?, ?) ON CONFLICT(community, device) DO UPDATE"
+                               " SET online=excluded.online, last_seen=excluded.last_seen,"
+                               " last_status=excluded.last_status",
+                               (a.community, a.device, m["online"], a.t_recv, json.dumps(st)))
+                if a.kind != topics.STATUS:
+                    db.execute("INSERT INTO presence (community, device, online, last_seen) VALUES (?, ?, 1, ?)"
+                               " ON CONFLICT(community, device) DO UPDATE SET last_seen=excluded.last_seen",
+                               (a.community, a.device, a.t_recv))
+            for t, topic, device, code, reason, frame in rejected:
+                db.execute("INSERT INTO quarantine (t_recv, topic, device, code, reason, frame)"
+                           " VALUES (?, ?, ?, ?, ?, ?)", (t, topic[:200], device, code, reason[:200], frame))
+            for (c, d, what), n in counts.items():
+                db.execute("INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT(community, device, what)"
+                           " DO UPDATE SET n = n + excluded.n", (c, d, what, n))
+            db.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
+                       (self.quarantine_max,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def mark_offline(self, community: str, device: str, t: float) -> None:
+        self.db.execute("UPDATE presence SET online=0 WHERE community=? AND device=?", (community, device))

@@ -1,0 +1,204 @@
+"""The validation pipeline for uplink frames: pure decisions, no I/O.
+
+Order (issue 5, PROTOCOL.md 4.4, 6.7, 7, 8):
+size limit -> topic (this gateway's community) -> known, active device ->
+decode and COSE verify over the exact bytes and the topic, then schema
+(peergrid.wire, cbor2 with the reference's limits) -> replay and ordering
+per device and message kind (an exact copy of an accepted frame is a
+duplicate, dropped quietly) -> clock -> plausibility.
+
+Clock policy: a synced message more than `max_future_s` ahead of the
+gateway's clock is refused (E_CLOCK); a live synced message whose time is off
+by more than `max_skew_s` is kept with the gateway's receive time and counted
+as a clock warning (E_CLOCK in the warnings, not a rejection); unsynced
+messages are kept with the receive time. Buffered readings are judged only by
+the replay window.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from peergrid.registry import Device
+from peergrid.wire import UplinkVerifier
+from protocol import cose, messages, topics
+from protocol.errors import (E_CLOCK, E_PLAUSIBILITY, E_REPLAY, E_TOO_BIG, E_TOPIC, E_UNKNOWN_DEVICE,
+                             NAMES, ProtocolError)
+from protocol.replay import ReplayWindow
+
+DeviceLookup = Callable[[str, str], "Device | None"]
+# most power a channel can plausibly carry per ampere of CT rating: 253 V
+# (230 V + 10 %) with 20 % head-room for a CT driven past its rating
+_W_PER_A = 253 * 1.2
+
+
+@dataclass
+class Accepted:
+    community: str
+    device: str
+    kind: str
+    msg: dict[str, Any]
+    frame: bytes
+    t_recv: float
+    t_eff: float                     # time the message is filed under
+    warnings: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Duplicate:
+    community: str
+    device: str
+    kind: str
+
+
+class Rejected(Exception):
+    def __init__(self, code: int, reason: str, device: str | None = None) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.device = device
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.code, f"e{self.code}")
+
+
+class _DeviceState:
+    __slots__ = ("windows", "digests", "last_regs")
+
+    def __init__(self) -> None:
+        self.windows: dict[str, ReplayWindow] = {}
+        self.digests: dict[tuple[str, int, int], bytes] = {}   # accepted recently: digest of the frame
+        self.last_regs: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # boot -> (seq, registers)
+
+
+class Validator:
+    def __init__(self, community: str, devices: DeviceLookup, max_skew_s: float = 300,
+                 max_future_s: float = 3600, history: Callable[[str, str, str], list[tuple[int, int, bytes]]]
+                 | None = None, digests_kept: int = 4096) -> None:
+        """history(community, device, kind) -> [(boot, seq, sha256 of frame)]
+        of accepted frames, to rebuild a device's replay state after a
+        restart (newest boots first is fine; order does not matter)."""
+        self.community = community
+        self.devices = devices
+        self.max_skew_s = max_skew_s
+        self.max_future_s = max_future_s
+        self.history = history
+        self.digests_kept = digests_kept
+        self._state: dict[str, _DeviceState] = {}
+        self._dev_cache: dict[str, Device | None] = {}
+        self.verifier = UplinkVerifier(self._secret)
+
+    def _device(self, device: str) -> Device | None:
+        if device not in self._dev_cache:
+            self._dev_cache[device] = self.devices(self.community, device)
+        return self._dev_cache[device]
+
+    def forget(self, device: str) -> None:
+        """After a rotation or revocation: reload the device, fresh replay state."""
+        self._dev_cache.pop(device, None)
+        self._state.pop(device, None)
+        self.verifier.forget(self.community, device)
+
+    def _secret(self, community: str, device: str) -> bytes | None:
+        d = self._device(device)
+        return None if d is None or d.revoked else d.secret
+
+    def _st(self, device: str, kind: str) -> tuple[_DeviceState, ReplayWindow]:
+        st = self._state.get(device)
+        if st is None:
+            st = _DeviceState()
+            self._state[device] = st
+        w = st.windows.get(kind)
+        if w is None:
+            w = ReplayWindow()
+            st.windows[kind] = w
+            if self.history is not None:
+                for boot, seq, digest in sorted(self.history(self.community, device, kind)):
+                    try:
+                        w.accept(boot, seq)
+                    except ProtocolError:
+                        continue
+                    st.digests[(kind, boot, seq)] = digest
+        return st, w
+
+    def check(self, topic: str, frame: bytes, now: float) -> Accepted | Duplicate:
+        """Accept (and record in the replay window), drop a duplicate, or
+        raise Rejected."""
+        if len(frame) > cose.MAX_FRAME:
+            raise Rejected(E_TOO_BIG, f"frame of {len(frame)} bytes", _device_of(topic))
+        try:
+            community, device, kind = topics.parse(topic)
+        except ProtocolError as e:
+            raise Rejected(e.code, e.detail or "bad topic") from None
+        if community != self.community or kind not in topics.UPLINK:
+            raise Rejected(E_TOPIC, "not an uplink topic of this community", device)
+        dev = self._device(device)
+        if dev is None or dev.revoked:
+            raise Rejected(E_UNKNOWN_DEVICE, "unknown or revoked device", device)
+        try:
+            up = self.verifier.open(topic, frame)
+        except ProtocolError as e:
+            raise Rejected(e.code, e.detail or e.name(), device) from None
+        msg = up.fields
+        boot, seq = msg["boot"], msg["seq"]
+        st, window = self._st(device, kind)
+        digest = hashlib.sha256(frame).digest()
+        try:
+            window.check(boot, seq)
+        except ProtocolError as e:
+            if st.digests.get((kind, boot, seq)) == digest:
+                return Duplicate(community, device, kind)
+            raise Rejected(E_REPLAY, e.detail, device) from None
+        warnings: list[int] = []
+        t_eff = now
+        flags = msg.get("flags", 0)
+        if not flags & messages.F_CLOCK_UNSYNCED:
+            skew = msg["t"] - now
+            if skew > self.max_future_s:
+                raise Rejected(E_CLOCK, f"time {int(skew)} s ahead of the gateway", device)
+            if flags & messages.F_BUFFERED and skew <= self.max_skew_s:
+                t_eff = float(msg["t"])
+            elif abs(skew) <= self.max_skew_s:
+                t_eff = float(msg["t"])
+            else:
+                warnings.append(E_CLOCK)
+        if kind == topics.READING:
+            self._plausible(dev, st, msg)
+        window.accept(boot, seq)
+        st.digests[(kind, boot, seq)] = digest
+        if len(st.digests) > self.digests_kept:
+            for k in list(st.digests)[: len(st.digests) - self.digests_kept]:
+                del st.digests[k]
+        return Accepted(community, device, kind, msg, frame, now, t_eff, warnings)
+
+    def _plausible(self, dev: Device, st: _DeviceState, msg: dict[str, Any]) -> None:
+        ch = msg["ch"]
+        if len(ch) != len(dev.channels):
+            raise Rejected(E_PLAUSIBILITY, f"{len(ch)} channels, the registry has {len(dev.channels)}", dev.id)
+        for i, (w, imp, exp, ma) in enumerate(ch):
+            limit = dev.channels[i].get("rating_a", 100) * _W_PER_A
+            if abs(w) > limit:
+                raise Rejected(E_PLAUSIBILITY, f"channel {i}: {w} W beyond a {dev.channels[i].get('rating_a')} A CT",
+                               dev.id)
+        boot, seq = msg["boot"], msg["seq"]
+        regs = [(c[1], c[2]) for c in ch]
+        last = st.last_regs.get(boot)
+        if last is not None:
+            lseq, lregs = last
+            later = seq > lseq
+            for (a, b), (la, lb) in zip(regs, lregs):
+                if (later and (a < la or b < lb)) or (not later and (a > la or b > lb)):
+                    raise Rejected(E_PLAUSIBILITY, "energy register went backwards within a boot", dev.id)
+        if last is None or seq > last[0]:
+            st.last_regs[boot] = (seq, regs)
+            if len(st.last_regs) > 4:
+                del st.last_regs[min(st.last_regs)]
+
+
+def _device_of(topic: str | bytes) -> str | None:
+    try:
+        return topics.parse(topic)[1]
+    except ProtocolError:
+        return None
