@@ -113,6 +113,11 @@ class Broker:
             f"password_file {pw}\n"
             f"acl_file {acl}\n"
             "persistence false\n"
+            # the gateway's persistent session must not lose queued QoS 1
+            # messages (mosquitto's default keeps 1000 and drops the rest;
+            # 0, documented as "no limit", made 2.0.11 drop clients here)
+            "max_queued_messages 1000000\n"
+            "max_inflight_messages 1000\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\n"
             # as root, mosquitto would switch to user "mosquitto", which cannot

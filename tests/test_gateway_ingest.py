@@ -54,6 +54,7 @@ class Rig:
         (tmp / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {tmp / 'passwd'}\n"
             f"acl_file {tmp / 'acl'}\npid_file {tmp / 'mosquitto.pid'}\npersistence false\n"
+            "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
             "log_dest stderr\nlog_type error\n" + ("user root\n" if os.geteuid() == 0 else ""))
         self.broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,8 +131,11 @@ class Board:
         self.boot = 1
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.monotonic_ns()}")
         self.c.username_pw_set(user, password)
+        up = threading.Event()
+        self.c.on_connect = lambda *a: up.set()
         self.c.connect("127.0.0.1", rig.port)
         self.c.loop_start()
+        assert up.wait(10), "board could not connect"
 
     def reading(self, w: int = 500, imp: int = 1000, flags: int = 0, t: int | None = None,
                 seq: int | None = None, boot: int | None = None) -> tuple[str, bytes]:

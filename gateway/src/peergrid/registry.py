@@ -154,8 +154,9 @@ class Registry:
         return Device(r[0], r[1], r[2], bytes(r[3]), r[4], json.loads(r[5]), r[6], r[7], r[8])
 
     def devices(self, community: str) -> list[Device]:
-        rows = self.db.execute("SELECT id FROM devices WHERE community=? ORDER BY id", (community,)).fetchall()
-        return [d for d in (self.device(community, r[0]) for r in rows) if d is not None]
+        return [Device(r[0], r[1], r[2], bytes(r[3]), r[4], json.loads(r[5]), r[6], r[7], r[8])
+                for r in self.db.execute("SELECT community, id, member, secret, board, channels, fw, generation,"
+                                         " revoked FROM devices WHERE community=? ORDER BY id", (community,))]
 
     def secret_for(self, community: str, device: str) -> bytes | None:
         """The active secret of a device, None if unknown or revoked."""

@@ -50,7 +50,7 @@ class Config:
     max_future_s: float = 3600
     stale_after_s: float = 35
     batch: int = 500
-    batch_ms: int = 50
+    batch_ms: int = 10
     quarantine_max: int = 10000
     http_port: int = 0
     status_every_s: float = 10
@@ -82,7 +82,7 @@ class Config:
             broker_pid_file=p(b.get("pid_file")),
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
             stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
-            batch_ms=int(i.get("batch_ms", 50)), quarantine_max=int(i.get("quarantine_max", 10000)),
+            batch_ms=int(i.get("batch_ms", 10)), quarantine_max=int(i.get("quarantine_max", 10000)),
             http_port=int(g.get("http_port", 0)), status_every_s=float(g.get("status_every_s", 10)), extra=raw)
 
 
@@ -94,8 +94,10 @@ class Gateway:
         self.registry.add_community(cfg.community)
         self.lookup_lock = threading.Lock()
         self.store = Store(reg.connect(cfg.db), self._grid_index, cfg.quarantine_max, read_db=self.db)
+        self.store.keep_batches = bool(cfg.extra.get("ingest", {}).get("record_batches", False))
         self.validator = Validator(cfg.community, self.registry.device, cfg.max_skew_s, cfg.max_future_s,
                                    history=self.store.history)
+        self.validator.preload(self.registry.devices(cfg.community))
         self.metrics = Metrics()
         self.q: queue.Queue[Any] = queue.Queue(maxsize=20000)
         self.stop_event = threading.Event()

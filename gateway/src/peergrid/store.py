@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE TABLE IF NOT EXISTS counters (
     community TEXT NOT NULL, device TEXT NOT NULL, what TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (community, device, what));
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, first_frame INTEGER, last_frame INTEGER, n INTEGER NOT NULL, t_done REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS presence (
     community TEXT NOT NULL, device TEXT NOT NULL, online INTEGER, last_seen REAL,
     last_status TEXT, PRIMARY KEY (community, device));
@@ -59,11 +61,18 @@ class Store:
         self.read_db = read_db or db
         self.grid_index = grid_index
         self.quarantine_max = quarantine_max
+        self.keep_batches = False
         init(db)
+        # devices that have stored frames, so a first message from any other
+        # device needs no history query
+        self.with_frames: set[tuple[str, str]] | None = {
+            (c, d) for c, d in self.read_db.execute("SELECT DISTINCT community, device FROM frames")}
 
     def history(self, community: str, device: str, kind: str) -> list[tuple[int, int, bytes]]:
         """Accepted (boot, seq, digest) of a device's four newest boots."""
         rdb = self.read_db
+        if self.with_frames is not None and (community, device) not in self.with_frames:
+            return []
         boots = [r[0] for r in rdb.execute(
             "SELECT DISTINCT boot FROM frames WHERE community=? AND device=? AND kind=? ORDER BY boot DESC LIMIT 4",
             (community, device, kind))]
@@ -78,8 +87,12 @@ class Store:
               counts: dict[tuple[str, str, str], int]) -> None:
         """One transaction for a batch."""
         import hashlib
+        import time
 
         db = self.db
+        first = last = None
+        n = 0
+        seen: dict[tuple[str, str], float] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
             for a in accepted:
@@ -92,6 +105,9 @@ class Store:
                 if cur.rowcount == 0:
                     continue
                 fid = cur.lastrowid
+                first = fid if first is None else first
+                last = fid
+                n += 1
                 if a.kind == topics.READING:
                     gi = self.grid_index(a.community, a.device)
                     g = m["ch"][gi] if gi is not None and gi < len(m["ch"]) else None
@@ -108,9 +124,11 @@ class Store:
                                " last_status=excluded.last_status",
                                (a.community, a.device, m["online"], a.t_recv, json.dumps(st)))
                 if a.kind != topics.STATUS:
-                    db.execute("INSERT INTO presence (community, device, online, last_seen) VALUES (?, ?, 1, ?)"
-                               " ON CONFLICT(community, device) DO UPDATE SET last_seen=excluded.last_seen",
-                               (a.community, a.device, a.t_recv))
+                    seen[(a.community, a.device)] = a.t_recv
+            # last seen: one row per device and batch, not one per message
+            db.executemany("INSERT INTO presence (community, device, online, last_seen) VALUES (?, ?, 1, ?)"
+                           " ON CONFLICT(community, device) DO UPDATE SET last_seen=excluded.last_seen",
+                           [(c, d, t) for (c, d), t in seen.items()])
             for t, topic, device, code, reason, frame in rejected:
                 db.execute("INSERT INTO quarantine (t_recv, topic, device, code, reason, frame)"
                            " VALUES (?, ?, ?, ?, ?, ?)", (t, topic[:200], device, code, reason[:200], frame))
@@ -123,6 +141,11 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if n and self.keep_batches:
+            # when each batch became durable (for latency figures); not
+            # needed for correctness, so outside the batch's transaction
+            db.execute("INSERT INTO batches (first_frame, last_frame, n, t_done) VALUES (?, ?, ?, ?)",
+                       (first, last, n, time.time()))
 
     def mark_offline(self, community: str, device: str, t: float) -> None:
         self.db.execute("UPDATE presence SET online=0 WHERE community=? AND device=?", (community, device))

@@ -90,6 +90,12 @@ class Validator:
         self._dev_cache: dict[str, Device | None] = {}
         self.verifier = UplinkVerifier(self._secret)
 
+    def preload(self, devices: list[Device]) -> None:
+        """Know every device at once (one query at start instead of one per
+        device on its first message)."""
+        for d in devices:
+            self._dev_cache[d.id] = d
+
     def _device(self, device: str) -> Device | None:
         if device not in self._dev_cache:
             self._dev_cache[device] = self.devices(self.community, device)
@@ -168,8 +174,9 @@ class Validator:
             self._plausible(dev, st, msg)
         window.accept(boot, seq)
         st.digests[(kind, boot, seq)] = digest
-        if len(st.digests) > self.digests_kept:
-            for k in list(st.digests)[: len(st.digests) - self.digests_kept]:
+        if len(st.digests) > self.digests_kept + 256:
+            # forget the oldest in one go (dicts keep insertion order)
+            for k in list(st.digests)[:256]:
                 del st.digests[k]
         return Accepted(community, device, kind, msg, frame, now, t_eff, warnings)
 

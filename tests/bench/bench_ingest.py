@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Benchmark: the gateway (`peergrid run`, one process) ingesting signed QoS 1
+readings from 10,000 simulated boards through a real mosquitto on loopback.
+
+Load generators are separate processes (paho clients sharing connections);
+every device has its own identity and key in the registry and every frame is
+sealed with protocol/ as a board seals it (sealed before the clock starts).
+Measures:
+  * sustained: all frames published as fast as the broker takes them;
+    readings accepted and committed per second (first to last commit)
+  * latency at 2,000 readings/s: publish to the commit of its batch, p50/p99
+  * replay burst: 100 boards x 360 buffered readings, none rejected or lost
+  * gateway CPU seconds per 1,000 readings, peak RSS (VmHWM)
+
+    python tests/bench/bench_ingest.py            # 10,000 devices, 100,000 readings sustained
+    python tests/bench/bench_ingest.py --quick    # 10,000 devices, 20,000 sustained, shorter runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness import Broker, free_port  # noqa: E402
+from peergrid import registry as reg  # noqa: E402
+from protocol import messages, topics  # noqa: E402
+from protocol.link import DeviceLink  # noqa: E402
+
+C = "bench"
+CHANNELS = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
+
+
+def seal(devs: list[tuple[str, bytes]], per_dev: int, seq0: int, buffered: bool = False) -> list[tuple[str, bytes, str, int]]:
+    now = int(time.time())
+    out = []
+    for seq in range(seq0, seq0 + per_dev):
+        for d, secret in devs:
+            dl = _links.get(d)
+            if dl is None:
+                dl = _links[d] = DeviceLink(C, d, secret)
+            flags = messages.F_BUFFERED if buffered else 0
+            f = dl.reading(1, seq, now - (per_dev - seq) * 10 if buffered else now, flags, 2300, 5000,
+                           [400 + seq % 50, 1000 + seq, 3, 1800, -100, 0, 500 + seq, 600], 2)
+            out.append((dl.t_reading, bytes(f), d, seq))
+    return out
+
+
+_links: dict[str, DeviceLink] = {}
+
+
+def generator(port: int, frames: list[tuple[str, bytes, str, int]], rate: float, out_file: str | None,
+              start_at: float) -> None:
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"loadgen-{os.getpid()}")
+    c.username_pw_set("loadgen", "loadgen-pass")
+    c.max_inflight_messages_set(2000)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    log = []
+    t0 = time.perf_counter()
+    infos = []
+    for i, (topic, frame, d, seq) in enumerate(frames):
+        if rate:
+            due = t0 + i / rate
+            while time.perf_counter() < due:
+                time.sleep(0.0002)
+        log.append((d, seq, time.time()))
+        infos.append(c.publish(topic, frame, qos=1))
+    for inf in infos:
+        inf.wait_for_publish(60)
+    c.loop_stop()
+    c.disconnect()
+    if out_file:
+        Path(out_file).write_text(json.dumps(log))
+
+
+def run_load(port: int, chunks: list[list], rate_total: float, tmp: Path, tag: str) -> list[tuple[str, int, float]]:
+    start_at = time.time() + 0.5
+    procs = []
+    files = []
+    for i, ch in enumerate(chunks):
+        f = str(tmp / f"{tag}-{i}.json")
+        files.append(f)
+        p = mp.Process(target=generator, args=(port, ch, rate_total / len(chunks) if rate_total else 0, f, start_at))
+        p.start()
+        procs.append(p)
+    for p in procs:
+        p.join()
+    log = []
+    for f in files:
+        log += [tuple(x) for x in json.loads(Path(f).read_text())]
+    return log
+
+
+def stored_count(db: Path) -> int:
+    with sqlite3.connect(str(db), timeout=30) as c:
+        return c.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+
+
+def wait_stored(db: Path, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while stored_count(db) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_ingest: only {stored_count(db)} of {n} readings stored")
+        time.sleep(0.1)
+
+
+def proc_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def latencies(db: Path, log: list[tuple[str, int, float]]) -> list[float]:
+    pub = {(d, s): t for d, s, t in log}
+    out = []
+    with sqlite3.connect(str(db), timeout=30) as c:
+        batches = list(c.execute("SELECT first_frame, last_frame, t_done FROM batches"))
+        done = {}
+        for a, b, t in batches:
+            for fid in range(a, b + 1):
+                done[fid] = t
+        for fid, d, s in c.execute("SELECT id, device, seq FROM frames WHERE kind='reading'"):
+            t = pub.get((d, s))
+            if t is not None and fid in done:
+                out.append(done[fid] - t)
+    return sorted(out)
+
+
+def pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000 if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    n_dev = 10_000
+    per_dev = 2 if a.quick else 10
+    lat_s = 5 if a.quick else 15
+    burst_boards = 100
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "mq").mkdir()
+        broker = Broker(tmp / "mq")
+        broker.add_user("gateway", "gw-pass", [(f"pg/{C}/#", "readwrite"), (f"pgw/{C}/#", "readwrite")])
+        broker.add_user("loadgen", "loadgen-pass", [(f"pg/{C}/+/reading", "write")])
+        broker.apply()
+        db = tmp / "gw.db"
+        r = reg.Registry(reg.connect(db))
+        r.add_community(C)
+        devs = []
+        r.db.execute("BEGIN")
+        for i in range(n_dev):
+            secret = os.urandom(32)
+            r.add_device(C, f"b{i:05d}", "sim", CHANNELS, secret=secret)
+            devs.append((f"b{i:05d}", secret))
+        r.db.execute("COMMIT")
+        r.db.close()
+        cfg = tmp / "gw.toml"
+        cfg.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = {free_port()}\n'
+                       f'[broker]\nport = {broker.port}\nuser = "gateway"\npassword = "gw-pass"\n'
+                       f'[ingest]\nbatch = 2000\nbatch_ms = 10\nrecord_batches = true\nmax_skew_s = 600\n')
+        gw = subprocess.Popen([sys.executable, "-m", "peergrid.cli", "-c", str(cfg), "run"],
+                              stdout=subprocess.DEVNULL, stderr=open(tmp / "gw.log", "w"))
+        try:
+            deadline = time.monotonic() + 20
+            while "connected to" not in (tmp / "gw.log").read_text():
+                if time.monotonic() > deadline or gw.poll() is not None:
+                    raise SystemExit("gateway did not start: " + (tmp / "gw.log").read_text()[-800:])
+                time.sleep(0.05)
+            time.sleep(0.5)
+            n_gen = 2
+            if os.environ.get("PG_PYSPY"):
+                subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-d", "6", "-f", "raw",
+                                  "-o", os.environ["PG_PYSPY"], "-p", str(gw.pid), "--threads"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+            # 1. sustained
+            frames = seal(devs, per_dev, 0)
+            chunks = [frames[i::n_gen] for i in range(n_gen)]
+            cpu0 = proc_cpu(gw.pid)
+            t0 = time.time()
+            run_load(broker.port, chunks, 0, tmp, "sustained")
+            wait_stored(db, len(frames), 300)
+            t1 = time.time()
+            cpu1 = proc_cpu(gw.pid)
+            with sqlite3.connect(str(db), timeout=30) as c:
+                tmin, tmax = c.execute("SELECT MIN(t_done), MAX(t_done) FROM batches").fetchone()
+            sustained = len(frames) / max(tmax - t0 - 0.5, 1e-6)
+            cpu_per_1000 = (cpu1 - cpu0) / len(frames) * 1000
+            # 2. latency at 2,000 readings/s (a fresh slice of devices/seqs)
+            n_lat = 2000 * lat_s
+            lat_frames = seal(devs[: n_lat // 2], 2, per_dev)
+            with sqlite3.connect(str(db), timeout=30) as c:
+                c.execute("DELETE FROM batches")
+            base = stored_count(db)
+            log = run_load(broker.port, [lat_frames[i::n_gen] for i in range(n_gen)], 2000, tmp, "lat")
+            wait_stored(db, base + len(lat_frames), 120)
+            lats = latencies(db, log)
+            # 3. replay burst: 100 boards with 360 buffered readings each
+            burst = seal(devs[:burst_boards], 360, per_dev + 2, buffered=True)
+            base = stored_count(db)
+            tb = time.time()
+            run_load(broker.port, [burst[i::n_gen] for i in range(n_gen)], 0, tmp, "burst")
+            wait_stored(db, base + len(burst), 300)
+            burst_s = time.time() - tb
+            with sqlite3.connect(str(db), timeout=30) as c:
+                rejected = c.execute("SELECT COALESCE(SUM(n), 0) FROM counters WHERE what LIKE 'reject:%'").fetchone()[0]
+                total = c.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+            rss = proc_hwm_mb(gw.pid)
+        finally:
+            gw.terminate()
+            try:
+                gw.wait(20)
+            except subprocess.TimeoutExpired:
+                gw.kill()
+            broker.stop()
+        result = {
+            "bench": "ingest", "quick": a.quick, "devices": n_dev, "readings_sustained": len(frames),
+            "readings_per_s": round(sustained), "wall_s_sustained": round(t1 - t0, 1),
+            "rate_for_latency": 2000, "latency_readings": len(lats),
+            "p50_ms": round(pct(lats, 50), 1), "p99_ms": round(pct(lats, 99), 1),
+            "burst_readings": len(burst), "burst_s": round(burst_s, 1), "rejected": rejected,
+            "stored_total": total, "expected_total": len(frames) + len(lat_frames) + len(burst),
+            "cpu_s_per_1000": round(cpu_per_1000, 3), "peak_rss_mb": round(rss, 1), "generators": n_gen,
+        }
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
