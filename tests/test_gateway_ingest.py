@@ -290,6 +290,10 @@ def test_sigkill_loses_nothing_acknowledged_and_accepts_no_replay(rig):
         rig.wait(lambda: rig.rejects().get("reject:replay", 0) == 1, 15, "the replay refused")
         time.sleep(0.5)
         assert len(rig.stored("house-a")) == len(sent)
+        # SIGTERM: a clean stop
+        rig.gw.send_signal(signal.SIGTERM)
+        assert rig.gw.wait(15) == 0
+        assert "stopped cleanly" in (rig.tmp / "gw.log").read_text()
     finally:
         stop.set()
         a.close()
@@ -311,3 +315,28 @@ def test_registry_commands_and_revocation(rig):
     r = subprocess.run([sys.executable, "-m", "peergrid.cli", "-c", str(rig.cfg), "device", "add", "Bad_Id",
                         "--channel", "grid:10"], capture_output=True, text=True)
     assert r.returncode == 1 and "device id" in r.stderr
+
+
+def test_retention_thins_old_readings_and_frames(tmp_path):
+    from peergrid.store import Store
+    from peergrid.validate import Accepted
+
+    db = reg.connect(tmp_path / "r.db")
+    st = Store(db, lambda c, d: 0)
+    day = 86400.0
+    now = 1_800_000_000.0
+    acc = []
+    for i in range(48):                       # one reading every 5 min, 100 days ago
+        t = now - 100 * day + i * 300
+        m = {"boot": 1, "seq": i, "t": int(t), "flags": 0, "ch": [[10, 100 + i, 0, 5]]}
+        acc.append(Accepted(C, "d1", topics.READING, m, b"frame%d" % i, t, t))
+    for i in range(5):                        # recent ones stay whole
+        t = now - 3600 + i * 300
+        m = {"boot": 1, "seq": 100 + i, "t": int(t), "flags": 0, "ch": [[10, 200 + i, 0, 5]]}
+        acc.append(Accepted(C, "d1", topics.READING, m, b"new%d" % i, t, t))
+    st.write(acc, [], {})
+    frames, readings = st.retain(now, raw_days=30, full_days=90)
+    assert frames == 48 and readings == 48 - 16     # 4 h of 5-min readings -> 16 slots of 15 min
+    left = [r[0] for r in db.execute("SELECT seq FROM readings ORDER BY seq")]
+    assert left[:4] == [0, 3, 6, 9] and left[-5:] == [100, 101, 102, 103, 104]
+    assert db.execute("SELECT COUNT(*) FROM frames WHERE length(frame) = 0").fetchone()[0] == 48

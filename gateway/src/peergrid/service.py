@@ -54,6 +54,8 @@ class Config:
     quarantine_max: int = 10000
     http_port: int = 0
     status_every_s: float = 10
+    raw_days: float = 400
+    full_days: float = 90
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
@@ -83,7 +85,9 @@ class Config:
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
             stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
             batch_ms=int(i.get("batch_ms", 10)), quarantine_max=int(i.get("quarantine_max", 10000)),
-            http_port=int(g.get("http_port", 0)), status_every_s=float(g.get("status_every_s", 10)), extra=raw)
+            http_port=int(g.get("http_port", 0)), status_every_s=float(g.get("status_every_s", 10)),
+            raw_days=float(raw.get("store", {}).get("raw_days", 400)),
+            full_days=float(raw.get("store", {}).get("full_days", 90)), extra=raw)
 
 
 class Gateway:
@@ -105,6 +109,7 @@ class Gateway:
         self.client: mqtt.Client | None = None
         self.http: ThreadingHTTPServer | None = None
         self.connected = threading.Event()
+        self._next_retain = time.monotonic() + 60
 
     def _grid_index(self, community: str, device: str) -> int | None:
         d = self.validator._device(device)
@@ -205,6 +210,14 @@ class Gateway:
                 if self.client is not None and b[2] > 0:
                     self.client.ack(b[1], b[2])
             self.metrics.inc("stored", len(accepted))
+            if time.monotonic() >= self._next_retain:
+                self._next_retain = time.monotonic() + 3600
+                try:
+                    f, r = self.store.retain(time.time(), cfg.raw_days, cfg.full_days)
+                    if f or r:
+                        log.info("retention: %d raw frames and %d readings thinned", f, r)
+                except sqlite3.Error as e:
+                    log.error("retention failed: %s", e)
             for a in accepted:
                 if a.kind == topics.STATUS and a.msg.get("fw"):
                     try:

@@ -147,5 +147,28 @@ class Store:
             db.execute("INSERT INTO batches (first_frame, last_frame, n, t_done) VALUES (?, ?, ?, ?)",
                        (first, last, n, time.time()))
 
+    def retain(self, now: float, raw_days: float, full_days: float, keep_every_s: int = 900) -> tuple[int, int]:
+        """Retention and downsampling: raw frames older than raw_days go
+        (the decoded readings stay); readings older than full_days are
+        thinned to the first one of each device in every keep_every_s slot
+        (the cumulative registers make any reading a valid boundary value,
+        so settlement over older intervals loses only resolution). Returns
+        (frames dropped, readings dropped)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cut = now - raw_days * 86400
+            f = db.execute("UPDATE frames SET frame = x'' WHERE t_recv < ? AND length(frame) > 0", (cut,)).rowcount
+            cut = now - full_days * 86400
+            r = db.execute(
+                "DELETE FROM readings WHERE t < ? AND frame_id NOT IN ("
+                " SELECT MIN(frame_id) FROM readings WHERE t < ? GROUP BY community, device, CAST(t / ? AS INTEGER))",
+                (cut, cut, keep_every_s)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return f, r
+
     def mark_offline(self, community: str, device: str, t: float) -> None:
         self.db.execute("UPDATE presence SET online=0 WHERE community=? AND device=?", (community, device))
