@@ -179,7 +179,7 @@ def main() -> None:
         cfg = tmp / "gw.toml"
         cfg.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = {free_port()}\n'
                        f'[broker]\nport = {broker.port}\nuser = "gateway"\npassword = "gw-pass"\n'
-                       f'[ingest]\nbatch = 2000\nbatch_ms = 10\nrecord_batches = true\nmax_skew_s = 600\n')
+                       f'[ingest]\nbatch = 2000\nbatch_ms = 3\nrecord_batches = true\nmax_skew_s = 600\n')
         gw = subprocess.Popen([sys.executable, "-m", "peergrid.cli", "-c", str(cfg), "run"],
                               stdout=subprocess.DEVNULL, stderr=open(tmp / "gw.log", "w"))
         try:

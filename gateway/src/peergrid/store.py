@@ -101,7 +101,7 @@ class Store:
                     "INSERT OR IGNORE INTO frames (community, device, kind, boot, seq, t_recv, frame, digest)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (a.community, a.device, a.kind, m["boot"], m["seq"], a.t_recv, a.frame,
-                     hashlib.sha256(a.frame).digest()))
+                     a.digest or hashlib.sha256(a.frame).digest()))
                 if cur.rowcount == 0:
                     continue
                 fid = cur.lastrowid

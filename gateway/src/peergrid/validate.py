@@ -43,6 +43,7 @@ class Accepted:
     t_recv: float
     t_eff: float                     # time the message is filed under
     warnings: list[int] = field(default_factory=list)
+    digest: bytes = b""              # SHA-256 of the frame
 
 
 @dataclass
@@ -178,7 +179,7 @@ class Validator:
             # forget the oldest in one go (dicts keep insertion order)
             for k in list(st.digests)[:256]:
                 del st.digests[k]
-        return Accepted(community, device, kind, msg, frame, now, t_eff, warnings)
+        return Accepted(community, device, kind, msg, frame, now, t_eff, warnings, digest)
 
     def _plausible(self, dev: Device, st: _DeviceState, msg: dict[str, Any]) -> None:
         ch = msg["ch"]
