@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 
 from peergrid import registry as reg
 from peergrid.metrics import Metrics
+from peergrid.mqttsock import Client as BufferedClient
 from peergrid.store import Store
 from peergrid.validate import Accepted, Duplicate, Rejected, Validator
 from protocol import topics
@@ -277,8 +278,8 @@ class Gateway:
     def start(self) -> None:
         cfg = self.cfg
         cid = cfg.client_id or f"peergrid-gw-{cfg.community}"
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
-                        manual_ack=True)
+        c = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
+                           manual_ack=True)
         c.username_pw_set(cfg.broker_user, cfg.broker_password)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.max_inflight_messages_set(1000)
