@@ -70,7 +70,10 @@ class _DeviceState:
 
     def __init__(self) -> None:
         self.windows: dict[str, ReplayWindow] = {}
-        self.digests: dict[tuple[str, int, int], bytes] = {}   # accepted recently: digest of the frame
+        # accepted recently: (kind, boot << 32 | seq) -> first 8 bytes of the
+        # frame's SHA-256 as an int (enough to tell an exact redelivery from
+        # another frame; small, as there are many devices)
+        self.digests: dict[tuple[str, int], int] = {}
         self.last_regs: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # boot -> (seq, registers)
 
 
@@ -127,7 +130,7 @@ class Validator:
                         w.accept(boot, seq)
                     except ProtocolError:
                         continue
-                    st.digests[(kind, boot, seq)] = digest
+                    st.digests[(kind, boot << 32 | seq)] = int.from_bytes(digest[:8], "big")
         return st, w
 
     def check(self, topic: str, frame: bytes, now: float) -> Accepted | Duplicate:
@@ -155,7 +158,7 @@ class Validator:
         try:
             window.check(boot, seq)
         except ProtocolError as e:
-            if st.digests.get((kind, boot, seq)) == digest:
+            if st.digests.get((kind, boot << 32 | seq)) == int.from_bytes(digest[:8], "big"):
                 return Duplicate(community, device, kind)
             raise Rejected(E_REPLAY, e.detail, device) from None
         warnings: list[int] = []
@@ -174,7 +177,7 @@ class Validator:
         if kind == topics.READING:
             self._plausible(dev, st, msg)
         window.accept(boot, seq)
-        st.digests[(kind, boot, seq)] = digest
+        st.digests[(kind, boot << 32 | seq)] = int.from_bytes(digest[:8], "big")
         if len(st.digests) > self.digests_kept + 256:
             # forget the oldest in one go (dicts keep insertion order)
             for k in list(st.digests)[:256]:
