@@ -1,0 +1,160 @@
+"""Settlement of one interval as a local market: a pure function of the
+interval's energies and the tariff (formulas and worked examples in
+docs/SETTLEMENT.md).
+
+Energies are whole Wh per member: `imp` bought from the connection point,
+`exp` fed into it. Prices are minor currency units per kWh (integers in the
+tariff; the market prices derived from them are exact fractions). Amounts
+are integers in minor units, positive = paid into the community's pool:
+members pay (or are paid, negative), the grid is paid for the residual
+import (negative) or pays for the residual export (positive), the fund
+receives its margin (negative). Every interval sums to exactly zero.
+
+Rounding (deterministic): every party's exact amount is rounded down, and
+the units missing to reach zero go, one each, to the parties with the
+largest fractional parts (ties: members by id, then grid, then fund). No
+member then pays more than the grid-only bill rounded up.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+MECHANISMS = ("sdr", "mmr")
+
+
+@dataclass(frozen=True)
+class Tariff:
+    retail: int                 # grid import price, minor units per kWh
+    feed_in: int                # grid export price, minor units per kWh
+    fund_margin_ppm: int = 0    # the fund's share of the members' savings against grid-only
+    mechanism: str = "sdr"
+
+    def check(self) -> None:
+        if not 0 <= self.feed_in < self.retail:
+            raise ValueError("tariff: need 0 <= feed-in < retail")
+        if not 0 <= self.fund_margin_ppm <= 1_000_000:
+            raise ValueError("tariff: fund margin is 0..1,000,000 ppm")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"tariff: mechanism is one of {MECHANISMS}")
+
+
+@dataclass(frozen=True)
+class Flow:
+    member: int
+    imp: int                    # Wh bought at the connection point this interval
+    exp: int                    # Wh fed in
+
+
+@dataclass
+class Settlement:
+    mechanism: str
+    p_buy: Fraction             # per kWh, what a member pays for what it buys
+    p_sell: Fraction            # per kWh, what a member gets for what it sells
+    demand: int                 # Wh, all members' imports
+    supply: int                 # Wh, all members' exports
+    local: int                  # Wh traded between members
+    members: dict[int, dict[str, Any]] = field(default_factory=dict)
+    grid: int = 0
+    fund: int = 0
+
+    def total(self) -> int:
+        return sum(m["amount"] for m in self.members.values()) + self.grid + self.fund
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mechanism": self.mechanism, "p_buy": _frac(self.p_buy), "p_sell": _frac(self.p_sell),
+                "demand_wh": self.demand, "supply_wh": self.supply, "local_wh": self.local,
+                "members": {str(k): v for k, v in sorted(self.members.items())},
+                "grid": self.grid, "fund": self.fund}
+
+    def canonical(self) -> bytes:
+        """The same inputs give the same bytes (for hashing into a ledger)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _frac(f: Fraction) -> str:
+    return f"{f.numerator}/{f.denominator}" if f.denominator != 1 else str(f.numerator)
+
+
+def prices(mechanism: str, supply: int, demand: int, retail: int, feed_in: int) -> tuple[Fraction, Fraction]:
+    """(p_buy, p_sell) per kWh for the local market."""
+    lb, ls = Fraction(retail), Fraction(feed_in)
+    if demand == 0:
+        return lb, ls                 # nobody buys: exporters get the feed-in price
+    if supply == 0:
+        return lb, ls                 # nobody sells: importers pay the retail price
+    if mechanism == "sdr":
+        # supply-demand ratio pricing (Liu et al. 2017)
+        r = Fraction(supply, demand)
+        if r >= 1:
+            return ls, ls
+        p_sell = lb * ls / ((lb - ls) * r + ls) if ls > 0 else Fraction(0)
+        p_buy = p_sell * r + lb * (1 - r)
+        return p_buy, p_sell
+    # mid-market rate (Long et al. 2017)
+    mid = (lb + ls) / 2
+    if supply == demand:
+        return mid, mid
+    if supply < demand:
+        return (mid * supply + lb * (demand - supply)) / demand, mid
+    return mid, (mid * demand + ls * (supply - demand)) / supply
+
+
+def settle(flows: list[Flow], tariff: Tariff) -> Settlement:
+    tariff.check()
+    ids = [f.member for f in flows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a member appears twice in one interval")
+    for f in flows:
+        if f.imp < 0 or f.exp < 0:
+            raise ValueError(f"member {f.member}: negative energy")
+    flows = sorted(flows, key=lambda f: f.member)
+    demand = sum(f.imp for f in flows)
+    supply = sum(f.exp for f in flows)
+    p_buy, p_sell = prices(tariff.mechanism, supply, demand, tariff.retail, tariff.feed_in)
+    kwh = Fraction(1, 1000)
+    lb, ls = Fraction(tariff.retail), Fraction(tariff.feed_in)
+    margin = Fraction(tariff.fund_margin_ppm, 1_000_000)
+    exact: list[tuple[tuple[int, int], Fraction]] = []
+    members: dict[int, dict[str, Any]] = {}
+    fund = Fraction(0)
+    local = min(supply, demand)
+    for f in flows:
+        pay = (p_buy * f.imp - p_sell * f.exp) * kwh
+        grid_only = (lb * f.imp - ls * f.exp) * kwh
+        saving = grid_only - pay
+        take = margin * saving if saving > 0 else Fraction(0)
+        pay += take
+        fund -= take
+        exact.append(((0, f.member), pay))
+        bought_local = Fraction(f.imp * supply, demand) if demand and supply < demand else Fraction(f.imp)
+        if supply == 0:
+            bought_local = Fraction(0)
+        sold_local = Fraction(f.exp * demand, supply) if supply and demand < supply else Fraction(f.exp)
+        if demand == 0:
+            sold_local = Fraction(0)
+        members[f.member] = {"imp_wh": f.imp, "exp_wh": f.exp, "bought_local_wh": _frac(bought_local),
+                             "sold_local_wh": _frac(sold_local), "grid_only": _frac(grid_only)}
+    grid = (ls * max(supply - demand, 0) - lb * max(demand - supply, 0)) * kwh
+    exact.append(((1, 0), grid))
+    exact.append(((2, 0), fund))
+    rounded = _round_zero_sum(exact)
+    for (kind, mid), v in rounded.items():
+        if kind == 0:
+            members[mid]["amount"] = v
+    return Settlement(tariff.mechanism, p_buy, p_sell, demand, supply, local, members,
+                      rounded[(1, 0)], rounded[(2, 0)])
+
+
+def _round_zero_sum(exact: list[tuple[tuple[int, int], Fraction]]) -> dict[tuple[int, int], int]:
+    total = sum(v for _, v in exact)
+    if total != 0:
+        raise AssertionError(f"settlement does not balance before rounding: {total}")
+    floors = {k: v.numerator // v.denominator for k, v in exact}
+    missing = -sum(floors.values())            # units to hand out, 0 <= missing < len(exact)
+    order = sorted(exact, key=lambda kv: (-(kv[1] - floors[kv[0]]), kv[0]))
+    for k, _ in order[:missing]:
+        floors[k] += 1
+    return floors

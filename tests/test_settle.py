@@ -1,0 +1,99 @@
+"""Interval settlement (peergrid.settle): the worked examples of
+docs/SETTLEMENT.md, and properties over random communities: zero-sum,
+individual rationality, energy conservation, determinism."""
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peergrid.settle import Flow, Tariff, prices, settle
+
+EXAMPLE = [Flow(1, 3000, 0), Flow(2, 1000, 0), Flow(3, 0, 2000)]
+
+
+def _amounts(s):
+    return [s.members[i]["amount"] for i in (1, 2, 3)], s.grid, s.fund
+
+
+def test_worked_example_sdr() -> None:
+    s = settle(EXAMPLE, Tariff(30, 8, mechanism="sdr"))
+    assert (s.p_sell, s.p_buy) == (Fraction(240, 19), Fraction(405, 19))
+    assert _amounts(s) == ([64, 21, -25], -60, 0)
+
+
+def test_worked_example_mid_market() -> None:
+    s = settle(EXAMPLE, Tariff(30, 8, mechanism="mmr"))
+    assert (s.p_sell, s.p_buy) == (Fraction(19), Fraction(49, 2))
+    assert _amounts(s) == ([74, 24, -38], -60, 0)
+
+
+def test_worked_example_fund_margin() -> None:
+    s = settle(EXAMPLE, Tariff(30, 8, fund_margin_ppm=100_000, mechanism="sdr"))
+    assert _amounts(s) == ([66, 22, -24], -60, -4)
+
+
+def test_surplus_community_sells_at_feed_in() -> None:
+    s = settle([Flow(1, 500, 0), Flow(2, 0, 3000)], Tariff(30, 8))
+    assert s.p_buy == s.p_sell == 8
+    assert s.grid == 20 and s.total() == 0          # the grid pays for 2.5 kWh
+
+
+def test_bad_inputs() -> None:
+    for t in (Tariff(8, 30), Tariff(30, 8, mechanism="auction"), Tariff(30, 8, fund_margin_ppm=-1)):
+        with pytest.raises(ValueError):
+            settle(EXAMPLE, t)
+    with pytest.raises(ValueError):
+        settle([Flow(1, 10, 0), Flow(1, 0, 10)], Tariff(30, 8))
+    with pytest.raises(ValueError):
+        settle([Flow(1, -10, 0)], Tariff(30, 8))
+
+
+communities = st.lists(st.tuples(st.integers(0, 20000), st.integers(0, 20000)), min_size=1, max_size=40)
+tariffs = st.tuples(st.integers(1, 100), st.integers(0, 99), st.integers(0, 1_000_000),
+                    st.sampled_from(["sdr", "mmr"])).filter(lambda t: t[1] < t[0])
+
+
+@settings(max_examples=400, deadline=None)
+@given(communities, tariffs, st.randoms(use_true_random=False))
+def test_properties(com, tar, rnd) -> None:
+    flows = [Flow(i + 1, imp, exp) for i, (imp, exp) in enumerate(com)]
+    t = Tariff(tar[0], tar[1], tar[2], tar[3])
+    s = settle(flows, t)
+    # zero-sum, exactly
+    assert s.total() == 0
+    # individual rationality against the grid-only bill (rounded up)
+    for f in flows:
+        grid_only = Fraction(t.retail * f.imp - t.feed_in * f.exp, 1000)
+        assert s.members[f.member]["amount"] <= math.ceil(grid_only)
+    assert t.feed_in <= s.p_sell <= s.p_buy <= t.retail
+    # energy: what members bought locally is what members sold locally
+    bought = sum(Fraction(m["bought_local_wh"]) for m in s.members.values())
+    sold = sum(Fraction(m["sold_local_wh"]) for m in s.members.values())
+    assert bought == sold == s.local == min(s.supply, s.demand)
+    # the fund never pays out
+    assert s.fund <= 0
+    # determinism: same inputs in any order give the same bytes
+    shuffled = list(flows)
+    rnd.shuffle(shuffled)
+    assert settle(shuffled, t).canonical() == s.canonical()
+
+
+def test_prices_are_continuous_at_balance() -> None:
+    # just below balance the prices are within a hundredth of those at balance
+    for mech in ("sdr", "mmr"):
+        below = prices(mech, 9999, 10000, 30, 8)
+        at = prices(mech, 10000, 10000, 30, 8)
+        assert abs(below[0] - at[0]) < Fraction(1, 100), mech
+        assert abs(below[1] - at[1]) < Fraction(1, 100), mech
+
+
+def test_large_random_interval_balances() -> None:
+    rng = random.Random(3)
+    flows = [Flow(i, rng.randrange(0, 5000), rng.randrange(0, 5000)) for i in range(5000)]
+    s = settle(flows, Tariff(3187, 812, fund_margin_ppm=50_000))
+    assert s.total() == 0 and len(s.members) == 5000
