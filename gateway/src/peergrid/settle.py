@@ -18,6 +18,7 @@ member then pays more than the grid-only bill rounded up.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -114,33 +115,48 @@ def settle(flows: list[Flow], tariff: Tariff) -> Settlement:
     demand = sum(f.imp for f in flows)
     supply = sum(f.exp for f in flows)
     p_buy, p_sell = prices(tariff.mechanism, supply, demand, tariff.retail, tariff.feed_in)
-    kwh = Fraction(1, 1000)
-    lb, ls = Fraction(tariff.retail), Fraction(tariff.feed_in)
-    margin = Fraction(tariff.fund_margin_ppm, 1_000_000)
-    exact: list[tuple[tuple[int, int], Fraction]] = []
-    members: dict[int, dict[str, Any]] = {}
-    fund = Fraction(0)
     local = min(supply, demand)
+    # Exact arithmetic in integers over one common denominator Q: every
+    # amount is N / Q minor units (prices per kWh, energies in Wh, the
+    # margin in ppm). Much faster than a Fraction per member.
+    den = math.lcm(p_buy.denominator, p_sell.denominator)
+    unit = den * 1_000_000                  # Q / 1000: per Wh
+    q = unit * 1000
+    kb = p_buy.numerator * (unit // p_buy.denominator)
+    ks = p_sell.numerator * (unit // p_sell.denominator)
+    gb = tariff.retail * unit
+    gs = tariff.feed_in * unit
+    mppm = tariff.fund_margin_ppm
+    exact: list[tuple[tuple[int, int], int]] = []
+    members: dict[int, dict[str, Any]] = {}
+    fund = 0
     for f in flows:
-        pay = (p_buy * f.imp - p_sell * f.exp) * kwh
-        grid_only = (lb * f.imp - ls * f.exp) * kwh
+        pay = kb * f.imp - ks * f.exp
+        grid_only = gb * f.imp - gs * f.exp
         saving = grid_only - pay
-        take = margin * saving if saving > 0 else Fraction(0)
-        pay += take
-        fund -= take
+        if saving > 0 and mppm:
+            take = saving * mppm // 1_000_000           # exact: saving is a multiple of 10^6
+            pay += take
+            fund -= take
         exact.append(((0, f.member), pay))
-        bought_local = Fraction(f.imp * supply, demand) if demand and supply < demand else Fraction(f.imp)
         if supply == 0:
-            bought_local = Fraction(0)
-        sold_local = Fraction(f.exp * demand, supply) if supply and demand < supply else Fraction(f.exp)
+            bought_local: Fraction | int = 0
+        elif supply < demand:
+            bought_local = Fraction(f.imp * supply, demand)
+        else:
+            bought_local = f.imp
         if demand == 0:
-            sold_local = Fraction(0)
-        members[f.member] = {"imp_wh": f.imp, "exp_wh": f.exp, "bought_local_wh": _frac(bought_local),
-                             "sold_local_wh": _frac(sold_local), "grid_only": _frac(grid_only)}
-    grid = (ls * max(supply - demand, 0) - lb * max(demand - supply, 0)) * kwh
+            sold_local: Fraction | int = 0
+        elif demand < supply:
+            sold_local = Fraction(f.exp * demand, supply)
+        else:
+            sold_local = f.exp
+        members[f.member] = {"imp_wh": f.imp, "exp_wh": f.exp, "bought_local_wh": _num(bought_local),
+                             "sold_local_wh": _num(sold_local), "grid_only": _num(Fraction(grid_only, q))}
+    grid = (gs * max(supply - demand, 0) - gb * max(demand - supply, 0))
     exact.append(((1, 0), grid))
     exact.append(((2, 0), fund))
-    rounded = _round_zero_sum(exact)
+    rounded = _round_zero_sum(exact, q)
     for (kind, mid), v in rounded.items():
         if kind == 0:
             members[mid]["amount"] = v
@@ -148,13 +164,20 @@ def settle(flows: list[Flow], tariff: Tariff) -> Settlement:
                       rounded[(1, 0)], rounded[(2, 0)])
 
 
-def _round_zero_sum(exact: list[tuple[tuple[int, int], Fraction]]) -> dict[tuple[int, int], int]:
+def _num(v: Fraction | int) -> str:
+    return _frac(v) if isinstance(v, Fraction) else str(v)
+
+
+def _round_zero_sum(exact: list[tuple[tuple[int, int], int]], q: int) -> dict[tuple[int, int], int]:
+    """Amounts given as numerators over q: round down, then hand the missing
+    units to the largest remainders (ties by key)."""
     total = sum(v for _, v in exact)
     if total != 0:
-        raise AssertionError(f"settlement does not balance before rounding: {total}")
-    floors = {k: v.numerator // v.denominator for k, v in exact}
+        raise AssertionError(f"settlement does not balance before rounding: {total}/{q}")
+    floors = {k: v // q for k, v in exact}
     missing = -sum(floors.values())            # units to hand out, 0 <= missing < len(exact)
-    order = sorted(exact, key=lambda kv: (-(kv[1] - floors[kv[0]]), kv[0]))
-    for k, _ in order[:missing]:
-        floors[k] += 1
+    if missing:
+        order = sorted(exact, key=lambda kv: (-(kv[1] % q), kv[0]))
+        for k, _ in order[:missing]:
+            floors[k] += 1
     return floors
