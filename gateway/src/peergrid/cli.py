@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         x = dsub.add_parser(name)
         x.add_argument("device")
     sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
+    lg = sub.add_parser("ledger", help="the community ledger")
+    lsub = lg.add_subparsers(dest="lcmd", required=True)
+    lv = lsub.add_parser("verify", help="check an exported ledger: signatures, chain, settlements re-run")
+    lv.add_argument("file")
+    lv.add_argument("--key", help="the gateway's public key (hex) to insist on")
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "vboard":
@@ -47,6 +52,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return vboard_main(argv[1:])
     args = p.parse_args(argv)
+    if args.cmd == "ledger":
+        from peergrid import ledger
+
+        try:
+            entries = ledger.verify(open(args.file, "rb").read(),
+                                    bytes.fromhex(args.key) if args.key else None)
+        except ledger.LedgerError as e:
+            print(f"ledger does NOT verify: {e}", file=sys.stderr)
+            return 1
+        kinds: dict[str, int] = {}
+        for e in entries:
+            kinds[e.type] = kinds.get(e.type, 0) + 1
+        print(f"ledger verifies: {len(entries)} entries ("
+              + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); every settlement re-run")
+        return 0
     if args.cmd in ("run", "status", "member", "device", "broker-files"):
         from peergrid.admin import admin
 

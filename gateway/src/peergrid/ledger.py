@@ -1,0 +1,201 @@
+"""The community ledger: append-only entries, each a COSE_Sign1 (RFC 9052,
+EdDSA over Ed25519) signed by the gateway and chained to the one before by
+its SHA-256. Anyone with the export and nothing else can check every
+signature and link, and re-run every settlement from its recorded inputs.
+
+Entry payload (deterministic CBOR map):
+    {"n": index from 0, "prev": SHA-256 of the previous entry's bytes
+     (32 zero bytes for the first), "type": kind, "t": Unix seconds,
+     "body": map}
+Kinds: "genesis" (community id and the gateway's public key), "settlement"
+(interval, tariff, the members' flows and the results), "adjustment",
+"member_joined", "member_left", "tariff".
+
+COSE_Sign1: 18([protected = {1: -8}, {4: kid}, payload, signature]); the
+signature is over ["Signature1", protected, h'', payload].
+
+Export format: the entries' COSE_Sign1 bytes one after another, a CBOR
+sequence (RFC 8742); the first entry is the genesis entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+ALG_EDDSA = -8
+PROTECTED = cbor2.dumps({1: ALG_EDDSA}, canonical=True)
+ZERO = bytes(32)
+
+
+def sig_structure(protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
+    return cbor2.dumps(["Signature1", protected, external_aad, payload], canonical=True)
+
+
+def sign1(key: Ed25519PrivateKey, kid: bytes, payload: bytes, protected: bytes = PROTECTED) -> bytes:
+    sig = key.sign(sig_structure(protected, payload))
+    return cbor2.dumps(cbor2.CBORTag(18, [protected, {4: kid}, payload, sig]), canonical=True)
+
+
+def open_sign1(data: bytes, pub: Ed25519PublicKey, kid: bytes | None = None) -> bytes:
+    """The payload of a valid COSE_Sign1; raises LedgerError otherwise. The
+    unsigned parts are pinned too: the kid must be the ledger's and the
+    bytes must be the structure's deterministic encoding, so no byte of an
+    entry can change without that entry failing."""
+    try:
+        obj = cbor2.loads(data)
+    except Exception as e:  # noqa: BLE001
+        raise LedgerError(f"not CBOR: {e}") from None
+    if not isinstance(obj, cbor2.CBORTag) or obj.tag != 18 or not isinstance(obj.value, (list, tuple)) \
+            or len(obj.value) != 4:
+        raise LedgerError("not a COSE_Sign1")
+    protected, unprotected, payload, sig = obj.value
+    if protected != PROTECTED or not isinstance(payload, bytes) or not isinstance(sig, bytes):
+        raise LedgerError("unexpected COSE header or types")
+    if kid is not None and unprotected != {4: kid}:
+        raise LedgerError("unexpected key id")
+    if cbor2.dumps(cbor2.CBORTag(18, [protected, unprotected, payload, sig]), canonical=True) != data:
+        raise LedgerError("not in deterministic form")
+    try:
+        pub.verify(sig, sig_structure(protected, payload))
+    except InvalidSignature:
+        raise LedgerError("signature does not verify") from None
+    return payload
+
+
+class LedgerError(ValueError):
+    def __init__(self, msg: str, index: int | None = None) -> None:
+        super().__init__(msg if index is None else f"entry {index}: {msg}")
+        self.index = index
+
+
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+@dataclass
+class Entry:
+    n: int
+    prev: bytes
+    type: str
+    t: int
+    body: dict[str, Any]
+    raw: bytes
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.raw).digest()
+
+
+class Ledger:
+    """Appends signed entries to a list of raw entries (the gateway keeps
+    them in its database; see export/append_raw)."""
+
+    def __init__(self, key: Ed25519PrivateKey, community: str, kid: bytes = b"gateway") -> None:
+        self.key = key
+        self.kid = kid
+        self.community = community
+        self.entries: list[bytes] = []
+        self._prev = ZERO
+
+    def load(self, raws: list[bytes]) -> None:
+        self.entries = list(raws)
+        self._prev = hashlib.sha256(raws[-1]).digest() if raws else ZERO
+
+    def append(self, kind: str, t: int, body: dict[str, Any]) -> bytes:
+        if not self.entries and kind != "genesis":
+            self.append("genesis", t, {"community": self.community, "key": public_bytes(self.key),
+                                       "kid": self.kid})
+        payload = cbor2.dumps({"n": len(self.entries), "prev": self._prev, "type": kind, "t": int(t),
+                               "body": body}, canonical=True)
+        raw = sign1(self.key, self.kid, payload)
+        self.entries.append(raw)
+        self._prev = hashlib.sha256(raw).digest()
+        return raw
+
+    def export(self) -> bytes:
+        return b"".join(self.entries)
+
+
+def iter_export(data: bytes):
+    """The raw bytes of each item of a CBOR sequence, one at a time (so a
+    verifier reports a damaged entry before it trips over the next one)."""
+    f = io.BytesIO(data)
+    dec = cbor2.CBORDecoder(f)
+    i = 0
+    while f.tell() < len(data):
+        start = f.tell()
+        try:
+            dec.decode()
+        except Exception as e:  # noqa: BLE001
+            raise LedgerError(f"undecodable bytes at offset {start}: {e}", i) from None
+        yield data[start:f.tell()]
+        i += 1
+
+
+def parse_export(data: bytes) -> list[bytes]:
+    return list(iter_export(data))
+
+
+def verify(data: bytes, public_key: bytes | None = None) -> list[Entry]:
+    """Check a whole export: signatures, the hash chain, numbering, and that
+    every settlement entry's results follow from its inputs. Returns the
+    entries; raises LedgerError naming the first bad entry."""
+    from peergrid.settle import Flow, Tariff, settle
+
+    pub = None
+    kid = None
+    prev = ZERO
+    entries: list[Entry] = []
+    for i, raw in enumerate(iter_export(data)):
+        if pub is None:
+            # the genesis entry names the key; a caller may insist on one
+            try:
+                obj = cbor2.loads(raw)
+                first = cbor2.loads(obj.value[2])
+                key = public_key or first["body"]["key"]
+                kid = first["body"]["kid"]
+                pub = Ed25519PublicKey.from_public_bytes(key)
+            except Exception as e:  # noqa: BLE001
+                raise LedgerError(f"genesis entry unreadable: {e}", 0) from None
+        try:
+            payload = open_sign1(raw, pub, kid)
+        except LedgerError as e:
+            raise LedgerError(str(e), i) from None
+        m = cbor2.loads(payload)
+        if cbor2.dumps(m, canonical=True) != payload:
+            raise LedgerError("payload not in deterministic form", i)
+        if m.get("n") != i:
+            raise LedgerError(f"numbered {m.get('n')}", i)
+        if m.get("prev") != prev:
+            raise LedgerError("does not chain to the entry before", i)
+        if i == 0 and (m.get("type") != "genesis" or (public_key and m["body"].get("key") != public_key)):
+            raise LedgerError("first entry is not the genesis of this key", i)
+        e = Entry(i, m["prev"], m["type"], m["t"], m["body"], raw)
+        if e.type == "settlement":
+            b = e.body
+            t = b["tariff"]
+            s = settle([Flow(int(k), v[0], v[1]) for k, v in b["flows"].items()],
+                       Tariff(t["retail"], t["feed_in"], t["fund_margin_ppm"], t["mechanism"]))
+            if s.canonical() != b["result"]:
+                raise LedgerError("settlement result does not follow from its inputs", i)
+        entries.append(e)
+        prev = hashlib.sha256(raw).digest()
+    if not entries:
+        raise LedgerError("empty ledger")
+    return entries
+
+
+def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result: Any) -> dict[str, Any]:
+    """The body of a settlement entry: everything needed to re-run it."""
+    return {"start": start, "end": end,
+            "tariff": {"retail": tariff.retail, "feed_in": tariff.feed_in,
+                       "fund_margin_ppm": tariff.fund_margin_ppm, "mechanism": tariff.mechanism},
+            "flows": {str(f.member): [f.imp, f.exp] for f in flows},
+            "result": result.canonical()}
