@@ -82,7 +82,7 @@ def test_removed_reordered_and_forged_entries() -> None:
     # a settlement whose result does not follow from its inputs, even if
     # signed with the gateway's key
     body = ledger.cbor2.loads(ledger.cbor2.loads(raws[2]).value[2])["body"]
-    body["flows"]["1"][0] += 1
+    body["flows"][0][1] += 1
     forged = ledger.Ledger(KEY, "oak")
     forged.load(raws[:2])
     forged.append("settlement", 1, body)
@@ -105,3 +105,16 @@ def test_verify_command(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "peergrid.cli", "ledger", "verify", str(f)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "entry 4" in r.stderr
+
+
+def test_parallel_verify_agrees_and_locates() -> None:
+    lg = _ledger(n=2400, seed=5)
+    data = lg.export()
+    assert len(ledger.verify(data, workers=2)) == len(ledger.verify(data))
+    pos = sum(len(r) for r in lg.entries[:1700]) + 40      # a byte inside entry 1700
+    bad = bytearray(data)
+    bad[pos] ^= 0x10
+    for w in (1, 2):
+        with pytest.raises(ledger.LedgerError) as e:
+            ledger.verify(bytes(bad), workers=w)
+        assert e.value.index == 1700, str(e.value)

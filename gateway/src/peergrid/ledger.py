@@ -143,59 +143,130 @@ def parse_export(data: bytes) -> list[bytes]:
     return list(iter_export(data))
 
 
-def verify(data: bytes, public_key: bytes | None = None) -> list[Entry]:
-    """Check a whole export: signatures, the hash chain, numbering, and that
-    every settlement entry's results follow from its inputs. Returns the
-    entries; raises LedgerError naming the first bad entry."""
-    from peergrid.settle import Flow, Tariff, settle
+def _genesis(raw: bytes, public_key: bytes | None) -> tuple[bytes, bytes]:
+    """(public key, kid) named by the genesis entry (or the pinned key)."""
+    try:
+        obj = cbor2.loads(raw)
+        first = cbor2.loads(obj.value[2])
+        return public_key or bytes(first["body"]["key"]), bytes(first["body"]["kid"])
+    except Exception as e:  # noqa: BLE001
+        raise LedgerError(f"genesis entry unreadable: {e}", 0) from None
 
-    pub = None
-    kid = None
-    prev = ZERO
-    entries: list[Entry] = []
-    for i, raw in enumerate(iter_export(data)):
-        if pub is None:
-            # the genesis entry names the key; a caller may insist on one
-            try:
-                obj = cbor2.loads(raw)
-                first = cbor2.loads(obj.value[2])
-                key = public_key or first["body"]["key"]
-                kid = first["body"]["kid"]
-                pub = Ed25519PublicKey.from_public_bytes(key)
-            except Exception as e:  # noqa: BLE001
-                raise LedgerError(f"genesis entry unreadable: {e}", 0) from None
+
+def _verify_range(raws: list[bytes], first: int, prev: bytes, key: bytes, kid: bytes,
+                  pinned: bytes | None) -> list[Entry]:
+    """Verify entries first .. first + len(raws) - 1, given the hash the
+    first one must chain to."""
+    pub = Ed25519PublicKey.from_public_bytes(key)
+    out: list[Entry] = []
+    for j, raw in enumerate(raws):
+        i = first + j
         try:
             payload = open_sign1(raw, pub, kid)
         except LedgerError as e:
             raise LedgerError(str(e), i) from None
+        # (the signature covers the payload's exact bytes; no re-encoding needed)
         m = cbor2.loads(payload)
-        if cbor2.dumps(m, canonical=True) != payload:
-            raise LedgerError("payload not in deterministic form", i)
+        if not isinstance(m, dict):
+            raise LedgerError("payload is not a map", i)
         if m.get("n") != i:
             raise LedgerError(f"numbered {m.get('n')}", i)
         if m.get("prev") != prev:
             raise LedgerError("does not chain to the entry before", i)
-        if i == 0 and (m.get("type") != "genesis" or (public_key and m["body"].get("key") != public_key)):
+        if i == 0 and (m.get("type") != "genesis" or (pinned and m["body"].get("key") != pinned)):
             raise LedgerError("first entry is not the genesis of this key", i)
         e = Entry(i, m["prev"], m["type"], m["t"], m["body"], raw)
         if e.type == "settlement":
-            b = e.body
-            t = b["tariff"]
-            s = settle([Flow(int(k), v[0], v[1]) for k, v in b["flows"].items()],
-                       Tariff(t["retail"], t["feed_in"], t["fund_margin_ppm"], t["mechanism"]))
-            if s.canonical() != b["result"]:
-                raise LedgerError("settlement result does not follow from its inputs", i)
-        entries.append(e)
+            _check_settlement(e, i)
+        out.append(e)
         prev = hashlib.sha256(raw).digest()
-    if not entries:
+    return out
+
+
+def _chunk(args: tuple) -> tuple[int, str] | None:
+    raws, first, prev, key, kid, pinned = args
+    try:
+        _verify_range(raws, first, prev, key, kid, pinned)
+    except LedgerError as e:
+        return (e.index if e.index is not None else first, str(e))
+    return None
+
+
+def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> list[Entry]:
+    """Check a whole export: signatures, the hash chain, numbering, and that
+    every settlement entry's money follows from its inputs. Returns the
+    entries; raises LedgerError naming the first bad entry. With workers > 1
+    the signatures and settlements of a long ledger are checked in that many
+    processes first (the chain itself is cheap and is checked in order)."""
+    raws = []
+    try:
+        for raw in iter_export(data):
+            raws.append(raw)
+    except LedgerError as e:
+        # what came before the undecodable bytes is checked first, so a
+        # damaged earlier entry is the one reported
+        if raws:
+            key, kid = _genesis(raws[0], public_key)
+            _verify_range(raws, 0, ZERO, key, kid, public_key)
+        raise e
+    if not raws:
         raise LedgerError("empty ledger")
-    return entries
+    key, kid = _genesis(raws[0], public_key)
+    if workers > 1 and len(raws) > 2000:
+        import concurrent.futures as cf
+
+        size = (len(raws) + workers - 1) // workers
+        jobs = []
+        for a in range(0, len(raws), size):
+            prev = ZERO if a == 0 else hashlib.sha256(raws[a - 1]).digest()
+            jobs.append((raws[a:a + size], a, prev, key, kid, public_key))
+        with cf.ProcessPoolExecutor(workers) as ex:
+            bad = [r for r in ex.map(_chunk, jobs) if r is not None]
+        if bad:
+            idx, msg = min(bad)
+            raise LedgerError(msg.split(": ", 1)[1] if msg.startswith("entry ") else msg, idx)
+        return _entries_light(raws)
+    return _verify_range(raws, 0, ZERO, key, kid, public_key)
+
+
+def _entries_light(raws: list[bytes]) -> list[Entry]:
+    out = []
+    for i, raw in enumerate(raws):
+        m = cbor2.loads(cbor2.loads(raw).value[2])
+        out.append(Entry(i, m["prev"], m["type"], m["t"], m["body"], raw))
+    return out
 
 
 def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result: Any) -> dict[str, Any]:
-    """The body of a settlement entry: everything needed to re-run it."""
+    """The body of a settlement entry: the inputs needed to re-run it and
+    the money it came to (the per-member details follow from these)."""
+    fl = sorted(flows, key=lambda f: f.member)
     return {"start": start, "end": end,
-            "tariff": {"retail": tariff.retail, "feed_in": tariff.feed_in,
-                       "fund_margin_ppm": tariff.fund_margin_ppm, "mechanism": tariff.mechanism},
-            "flows": {str(f.member): [f.imp, f.exp] for f in flows},
-            "result": result.canonical()}
+            "tariff": [tariff.retail, tariff.feed_in, tariff.fund_margin_ppm, tariff.mechanism],
+            "flows": [[f.member, f.imp, f.exp] for f in fl],
+            "amounts": [result.members[f.member]["amount"] for f in fl],
+            "grid": result.grid, "fund": result.fund,
+            "price": [result.p_buy.numerator, result.p_buy.denominator,
+                      result.p_sell.numerator, result.p_sell.denominator]}
+
+
+def _check_settlement(e: Entry, i: int) -> None:
+    from peergrid.settle import MECHANISMS, amounts
+
+    b = e.body
+    try:
+        retail, feed_in, margin, mech = b["tariff"]
+        flows = b["flows"]
+        if not (0 <= feed_in < retail and mech in MECHANISMS and 0 <= margin <= 1_000_000):
+            raise ValueError("tariff out of range")
+        last = -1
+        for m, x, y in flows:
+            if not (type(m) is int and type(x) is int and type(y) is int) or m <= last or x < 0 or y < 0:
+                raise ValueError("flows must be integers, in member order, not negative")
+            last = m
+        a, grid, fund, pb, ps = amounts(flows, retail, feed_in, margin, mech)
+    except (KeyError, TypeError, ValueError) as err:
+        raise LedgerError(f"settlement entry malformed: {err}", i) from None
+    if a != b["amounts"] or grid != b["grid"] or fund != b["fund"] or \
+            [pb.numerator, pb.denominator, ps.numerator, ps.denominator] != b["price"]:
+        raise LedgerError("settlement result does not follow from its inputs", i)

@@ -103,6 +103,46 @@ def prices(mechanism: str, supply: int, demand: int, retail: int, feed_in: int) 
     return mid, (mid * demand + ls * (supply - demand)) / supply
 
 
+def amounts(flows: list[tuple[int, int, int]], retail: int, feed_in: int, fund_margin_ppm: int,
+            mechanism: str) -> tuple[list[int], int, int, Fraction, Fraction]:
+    """The money only, for (member, imp, exp) sorted by member: (amounts in
+    that order, grid, fund, p_buy, p_sell). What the ledger verifier re-runs."""
+    demand = 0
+    supply = 0
+    for _, i, e in flows:
+        demand += i
+        supply += e
+    p_buy, p_sell = prices(mechanism, supply, demand, retail, feed_in)
+    den = math.lcm(p_buy.denominator, p_sell.denominator)
+    unit = den * 1_000_000
+    q = unit * 1000
+    kb = p_buy.numerator * (unit // p_buy.denominator)
+    ks = p_sell.numerator * (unit // p_sell.denominator)
+    gb = retail * unit
+    gs = feed_in * unit
+    nums = []
+    fund = 0
+    for _, i, e in flows:
+        pay = kb * i - ks * e
+        if fund_margin_ppm:
+            saving = gb * i - gs * e - pay
+            if saving > 0:
+                take = saving * fund_margin_ppm // 1_000_000
+                pay += take
+                fund -= take
+        nums.append(pay)
+    grid = gs * max(supply - demand, 0) - gb * max(demand - supply, 0)
+    nums.append(grid)
+    nums.append(fund)
+    out = [v // q for v in nums]
+    missing = -sum(out)
+    if missing:
+        order = sorted([(-(v % q), k) for k, v in enumerate(nums)])
+        for _, k in order[:missing]:
+            out[k] += 1
+    return out[:-2], out[-2], out[-1], p_buy, p_sell
+
+
 def settle(flows: list[Flow], tariff: Tariff) -> Settlement:
     tariff.check()
     ids = [f.member for f in flows]
