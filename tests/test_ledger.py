@@ -82,7 +82,7 @@ def test_removed_reordered_and_forged_entries() -> None:
     # a settlement whose result does not follow from its inputs, even if
     # signed with the gateway's key
     body = ledger.cbor2.loads(ledger.cbor2.loads(raws[2]).value[2])["body"]
-    body["flows"][0][1] += 1
+    body["flows"][1] += 1                      # member 1's import
     forged = ledger.Ledger(KEY, "oak")
     forged.load(raws[:2])
     forged.append("settlement", 1, body)

@@ -183,13 +183,13 @@ def _verify_range(raws: list[bytes], first: int, prev: bytes, key: bytes, kid: b
     return out
 
 
-def _chunk(args: tuple) -> tuple[int, str] | None:
+def _chunk(args: tuple) -> tuple[int, str] | list[tuple[int, str, int]]:
     raws, first, prev, key, kid, pinned = args
     try:
-        _verify_range(raws, first, prev, key, kid, pinned)
+        done = _verify_range(raws, first, prev, key, kid, pinned)
     except LedgerError as e:
         return (e.index if e.index is not None else first, str(e))
-    return None
+    return [(e.n, e.type, e.t) for e in done]
 
 
 def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> list[Entry]:
@@ -197,7 +197,8 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
     every settlement entry's money follows from its inputs. Returns the
     entries; raises LedgerError naming the first bad entry. With workers > 1
     the signatures and settlements of a long ledger are checked in that many
-    processes first (the chain itself is cheap and is checked in order)."""
+    processes (each chunk knows the hash its first entry must chain to), and
+    the entries come back without their bodies."""
     raws = []
     try:
         for raw in iter_export(data):
@@ -221,20 +222,14 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
             prev = ZERO if a == 0 else hashlib.sha256(raws[a - 1]).digest()
             jobs.append((raws[a:a + size], a, prev, key, kid, public_key))
         with cf.ProcessPoolExecutor(workers) as ex:
-            bad = [r for r in ex.map(_chunk, jobs) if r is not None]
+            results = list(ex.map(_chunk, jobs))
+        bad = [r for r in results if isinstance(r, tuple)]
         if bad:
             idx, msg = min(bad)
             raise LedgerError(msg.split(": ", 1)[1] if msg.startswith("entry ") else msg, idx)
-        return _entries_light(raws)
+        # headers only: the bodies stayed in the worker processes
+        return [Entry(n, b"", kind, t, {}, raws[n]) for r in results for n, kind, t in r]
     return _verify_range(raws, 0, ZERO, key, kid, public_key)
-
-
-def _entries_light(raws: list[bytes]) -> list[Entry]:
-    out = []
-    for i, raw in enumerate(raws):
-        m = cbor2.loads(cbor2.loads(raw).value[2])
-        out.append(Entry(i, m["prev"], m["type"], m["t"], m["body"], raw))
-    return out
 
 
 def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result: Any) -> dict[str, Any]:
@@ -243,7 +238,7 @@ def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result:
     fl = sorted(flows, key=lambda f: f.member)
     return {"start": start, "end": end,
             "tariff": [tariff.retail, tariff.feed_in, tariff.fund_margin_ppm, tariff.mechanism],
-            "flows": [[f.member, f.imp, f.exp] for f in fl],
+            "flows": [x for f in fl for x in (f.member, f.imp, f.exp)],     # flat: member, imp, exp, ...
             "amounts": [result.members[f.member]["amount"] for f in fl],
             "grid": result.grid, "fund": result.fund,
             "price": [result.p_buy.numerator, result.p_buy.denominator,
@@ -256,14 +251,14 @@ def _check_settlement(e: Entry, i: int) -> None:
     b = e.body
     try:
         retail, feed_in, margin, mech = b["tariff"]
-        flows = b["flows"]
+        flat = b["flows"]
         if not (0 <= feed_in < retail and mech in MECHANISMS and 0 <= margin <= 1_000_000):
             raise ValueError("tariff out of range")
-        last = -1
-        for m, x, y in flows:
-            if not (type(m) is int and type(x) is int and type(y) is int) or m <= last or x < 0 or y < 0:
-                raise ValueError("flows must be integers, in member order, not negative")
-            last = m
+        if len(flat) % 3 or any(type(v) is not int or v < 0 for v in flat):
+            raise ValueError("flows must be non-negative integers, three per member")
+        flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
+        if any(flows[k][0] >= flows[k + 1][0] for k in range(len(flows) - 1)):
+            raise ValueError("flows must be in member order")
         a, grid, fund, pb, ps = amounts(flows, retail, feed_in, margin, mech)
     except (KeyError, TypeError, ValueError) as err:
         raise LedgerError(f"settlement entry malformed: {err}", i) from None
