@@ -1,0 +1,125 @@
+"""Settling intervals from the gateway's store into the ledger, each exactly
+once (issue 6, items 1 and 6).
+
+An interval [start, end) is due once `now >= end + grace_s` (late readings
+get that long to arrive). Its flows come from every active device's `grid`
+channel registers (peergrid.intervals), summed per member; the settlement
+(peergrid.settle) and its ledger entry are written in one SQLite transaction
+together with the row that marks the interval settled. A gateway killed at
+any point therefore either settled an interval completely or not at all,
+and settles it (once) after the restart. Readings that arrive after their
+interval was settled are not rewritten into it (adjustment entries are still
+to come).
+
+The ledger's signing key is an Ed25519 key in a file (created with mode 0600
+on first use); its public key is in the ledger's genesis entry.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from peergrid import ledger
+from peergrid.intervals import Reading, intervals
+from peergrid.registry import Registry
+from peergrid.settle import Flow, Tariff, settle
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY, raw BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS settled (community TEXT NOT NULL, start INTEGER NOT NULL, ledger_n INTEGER NOT NULL,
+    estimated INTEGER NOT NULL, PRIMARY KEY (community, start));
+"""
+
+
+def load_key(path: Path) -> Ed25519PrivateKey:
+    if path.exists():
+        return Ed25519PrivateKey.from_private_bytes(path.read_bytes())
+    key = Ed25519PrivateKey.generate()
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+class Settler:
+    def __init__(self, db: sqlite3.Connection, community: str, key: Ed25519PrivateKey, tariff: Tariff,
+                 length_s: int = 900, grace_s: int = 120, first_start: int | None = None) -> None:
+        self.db = db
+        db.executescript(SCHEMA)
+        self.community = community
+        self.tariff = tariff
+        self.length = length_s
+        self.grace = grace_s
+        self.registry = Registry(db)
+        self.ledger = ledger.Ledger(key, community)
+        self.ledger.load([bytes(r[0]) for r in db.execute("SELECT raw FROM ledger ORDER BY n")])
+        self.first_start = first_start
+
+    def _next_start(self) -> int | None:
+        r = self.db.execute("SELECT MAX(start) FROM settled WHERE community=?", (self.community,)).fetchone()
+        if r[0] is not None:
+            return int(r[0]) + self.length
+        if self.first_start is not None:
+            return self.first_start
+        r = self.db.execute("SELECT MIN(t) FROM readings WHERE community=?", (self.community,)).fetchone()
+        if r[0] is None:
+            return None
+        return int(r[0]) // self.length * self.length
+
+    def flows(self, start: int, end: int) -> tuple[list[Flow], bool]:
+        """Per member (imp, exp) Wh in [start, end), and whether any of it
+        is estimated."""
+        per: dict[int, list[int]] = {}
+        estimated = False
+        for d in self.registry.devices(self.community):
+            if d.member is None or d.grid_index() is None:
+                continue
+            rows = self.db.execute(
+                "SELECT t, boot, seq, grid_imp_wh, grid_exp_wh FROM readings WHERE community=? AND device=?"
+                " AND t >= ? AND t <= ? ORDER BY t", (self.community, d.id, start - 6 * self.length,
+                                                     end + 6 * self.length)).fetchall()
+            rs = [Reading(t, b, s, i, e) for t, b, s, i, e in rows if i is not None]
+            for iv in intervals(rs, start, end, self.length):
+                acc = per.setdefault(d.member, [0, 0])
+                acc[0] += iv.imp_wh
+                acc[1] += iv.exp_wh
+                estimated = estimated or iv.estimated
+        return [Flow(m, v[0], v[1]) for m, v in sorted(per.items())], estimated
+
+    def settle_due(self, now: float, limit: int = 1000) -> int:
+        """Settle every interval that is due; returns how many."""
+        n = 0
+        while n < limit:
+            start = self._next_start()
+            if start is None or now < start + self.length + self.grace:
+                return n
+            end = start + self.length
+            flows, estimated = self.flows(start, end)
+            result = settle(flows, self.tariff)
+            body = ledger.settlement_body(start, end, flows, self.tariff, result)
+            body["estimated"] = estimated
+            before = len(self.ledger.entries)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.ledger.append("settlement", int(now), body)
+                for k in range(before, len(self.ledger.entries)):
+                    self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
+                self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?)",
+                                (self.community, start, len(self.ledger.entries) - 1, int(estimated)))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
+                raise
+            n += 1
+        return n
+
+    def export(self) -> bytes:
+        return b"".join(bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n"))

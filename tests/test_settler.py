@@ -1,0 +1,119 @@
+"""Settling from the store into the ledger, each interval exactly once, with
+the settling process killed (SIGKILL) at random points of a simulated day."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from peergrid import ledger
+from peergrid import registry as reg
+from peergrid import store as st
+from peergrid.settle import Tariff
+from peergrid.settler import Settler, load_key
+
+DAY0 = 1_795_046_400 - (1_795_046_400 % 86400)      # a midnight
+CH = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
+
+
+def _day(db_path: Path, members: int = 5) -> None:
+    db = reg.connect(db_path)
+    r = reg.Registry(db)
+    r.add_community("oak")
+    st.init(db)
+    db.execute("PRAGMA foreign_keys=OFF")     # readings without their raw frames, for this test only
+    rng = random.Random(11)
+    fid = 0
+    for m in range(members):
+        mid = r.add_member("oak", f"house {m}")
+        r.add_device("oak", f"d{m}", "sim", CH, mid)
+        imp = exp = 0
+        boot = 1
+        db.execute("BEGIN")
+        for k in range(0, 86400 + 1800, 60):
+            t = DAY0 + k
+            hod = k / 3600
+            pv = max(0.0, 3000 * (1 - abs(hod - 12) / 6)) if m % 2 == 0 else 0
+            load = 300 + rng.randrange(0, 900)
+            net = load - pv
+            if net >= 0:
+                imp += int(net / 60)
+            else:
+                exp += int(-net / 60)
+            if m == 3 and k == 40000:
+                boot += 1                      # a reboot with registers restored a little lower
+                imp -= 20
+            fid += 1
+            db.execute("INSERT INTO readings (frame_id, community, device, boot, seq, t, t_board, t_recv, flags,"
+                       " grid_w, grid_imp_wh, grid_exp_wh, ch) VALUES (?, 'oak', ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, '[]')",
+                       (fid, f"d{m}", boot, k, t, t, t, imp, exp))
+        db.execute("COMMIT")
+    db.close()
+
+
+CHILD = r"""
+import sys, time
+from pathlib import Path
+from peergrid import registry as reg
+from peergrid.settle import Tariff
+from peergrid.settler import Settler, load_key
+db = reg.connect(sys.argv[1])
+s = Settler(db, "oak", load_key(Path(sys.argv[2])), Tariff(3187, 812, 20000), first_start=int(sys.argv[3]))
+now = int(sys.argv[3])
+while now <= int(sys.argv[3]) + 86400 + 900:
+    if s.settle_due(now, limit=1):
+        time.sleep(0.01)
+    else:
+        now += 300
+print("done", flush=True)
+"""
+
+
+def test_every_interval_once_despite_kills(tmp_path) -> None:
+    dbp = tmp_path / "gw.db"
+    _day(dbp)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    keyp = tmp_path / "ledger.key"
+    rng = random.Random(3)
+    kills = 0
+    for _ in range(40):
+        p = subprocess.Popen([sys.executable, str(script), str(dbp), str(keyp), str(DAY0)],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            out, _ = p.communicate(timeout=rng.uniform(0.3, 0.9))
+            if "done" in out:
+                break
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+    else:
+        raise AssertionError("never finished")
+    assert kills >= 2
+    db = reg.connect(dbp)
+    starts = [r[0] for r in db.execute("SELECT start FROM settled ORDER BY start")]
+    assert starts == list(range(DAY0, DAY0 + 86400, 900))      # the 96 intervals of the day
+    s = Settler(db, "oak", load_key(keyp), Tariff(3187, 812, 20000))
+    entries = ledger.verify(s.export())
+    sett = [e for e in entries if e.type == "settlement"]
+    assert [e.body["start"] for e in sett] == starts                  # once each, in order
+    # the day's energy went through: what members imported and exported
+    total_imp = sum(sum(e.body["flows"][1::3]) for e in sett)
+    total_exp = sum(sum(e.body["flows"][2::3]) for e in sett)
+    assert total_imp > 5 * 24 * 300 * 0.5 and total_exp > 0
+    assert all(sum(e.body["amounts"]) + e.body["grid"] + e.body["fund"] == 0 for e in sett)
+
+
+def test_not_due_before_the_grace_period(tmp_path) -> None:
+    dbp = tmp_path / "gw.db"
+    _day(dbp, members=2)
+    db = reg.connect(dbp)
+    s = Settler(db, "oak", load_key(tmp_path / "k"), Tariff(30, 8), grace_s=120, first_start=DAY0)
+    assert s.settle_due(DAY0 + 900 + 119) == 0
+    assert s.settle_due(DAY0 + 900 + 120) == 1
+    assert s.settle_due(DAY0 + 900 + 120) == 0                        # never twice
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
