@@ -118,3 +118,19 @@ def test_parallel_verify_agrees_and_locates() -> None:
         with pytest.raises(ledger.LedgerError) as e:
             ledger.verify(bytes(bad), workers=w)
         assert e.value.index == 1700, str(e.value)
+
+
+def test_statement_command(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "ledger.cbor"
+    f.write_bytes(_ledger(n=4).export())
+    r = subprocess.run([sys.executable, "-m", "peergrid.cli", "ledger", "statement", str(f), "--csv"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("member,") and len(lines) == 6        # five members
+    r = subprocess.run([sys.executable, "-m", "peergrid.cli", "ledger", "statement", str(f)],
+                       capture_output=True, text=True)
+    assert "self-sufficiency" in r.stdout

@@ -117,3 +117,30 @@ def test_not_due_before_the_grace_period(tmp_path) -> None:
     assert s.settle_due(DAY0 + 900 + 120) == 1
     assert s.settle_due(DAY0 + 900 + 120) == 0                        # never twice
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+
+
+def test_statements_from_the_ledger(tmp_path) -> None:
+    from peergrid import statements as stm
+
+    dbp = tmp_path / "gw.db"
+    _day(dbp, members=3)
+    db = reg.connect(dbp)
+    s = Settler(db, "oak", load_key(tmp_path / "k"), Tariff(3187, 812, 20000), first_start=DAY0)
+    assert s.settle_due(DAY0 + 86400 + 120) == 96
+    entries = ledger.verify(s.export())
+    c = stm.statements(entries, DAY0, DAY0 + 86400)
+    assert sorted(c.members) == [1, 2, 3] and all(m.intervals == 96 for m in c.members.values())
+    # energy adds up: locally bought = locally sold = local; every Wh is somewhere
+    assert sum(m.bought_local_wh for m in c.members.values()) == c.local_wh
+    assert sum(m.sold_local_wh for m in c.members.values()) == c.local_wh
+    assert sum(m.bought_local_wh + m.bought_grid_wh for m in c.members.values()) == c.demand_wh
+    # money: members, grid and fund balance over the day; nobody worse off
+    grid = sum(e.body["grid"] for e in entries if e.type == "settlement")
+    assert sum(m.paid for m in c.members.values()) + grid - c.fund == 0
+    assert all(m.saving >= 0 for m in c.members.values())
+    assert c.fund > 0 and 0 < c.self_sufficiency <= 1 and 0 < c.self_consumption <= 1
+    text = stm.to_table(c)
+    assert "self-sufficiency" in text and len(text.splitlines()) == 6
+    csv_text = stm.to_csv(c)
+    assert csv_text.splitlines()[0].startswith("member,intervals,bought_local_kwh")
+    assert len(csv_text.splitlines()) == 4

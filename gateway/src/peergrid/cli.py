@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     lv = lsub.add_parser("verify", help="check an exported ledger: signatures, chain, settlements re-run")
     lv.add_argument("file")
     lv.add_argument("--key", help="the gateway's public key (hex) to insist on")
+    ls_ = lsub.add_parser("statement", help="statements per member from an exported ledger")
+    ls_.add_argument("file")
+    ls_.add_argument("--from", dest="t_from", type=int, default=0, help="Unix time, interval starts from")
+    ls_.add_argument("--to", dest="t_to", type=int, default=2**32, help="Unix time, intervals end by")
+    ls_.add_argument("--csv", action="store_true")
+    ls_.add_argument("--key", help="the gateway's public key (hex) to insist on")
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "vboard":
@@ -61,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         except ledger.LedgerError as e:
             print(f"ledger does NOT verify: {e}", file=sys.stderr)
             return 1
+        if args.lcmd == "statement":
+            from peergrid import statements as stm
+
+            c = stm.statements(entries, args.t_from, args.t_to)
+            print(stm.to_csv(c) if args.csv else stm.to_table(c), end="" if args.csv else "\n")
+            return 0
         kinds: dict[str, int] = {}
         for e in entries:
             kinds[e.type] = kinds.get(e.type, 0) + 1

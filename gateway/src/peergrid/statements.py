@@ -1,0 +1,135 @@
+"""Statements from the ledger (issue 6, item 5): per member and period, the
+energy bought locally and from the grid, sold locally and to the grid, the
+money, and the saving against buying and selling everything at the grid's
+prices; community totals (self-sufficiency, self-consumption, the fund).
+
+Everything is computed from the settlement entries alone, so a member can
+produce the same statement from the ledger export as the gateway does.
+Energy split per interval: with demand D and supply G, a buyer's import is
+local in the share min(1, G/D), a seller's export in the share min(1, D/G).
+Money is in minor units; the grid-only comparison is rounded up per
+interval, as the settlement rounds.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Iterable
+
+from peergrid.ledger import Entry
+
+
+@dataclass
+class Statement:
+    member: int
+    start: int
+    end: int
+    intervals: int = 0
+    bought_local_wh: Fraction = Fraction(0)
+    bought_grid_wh: Fraction = Fraction(0)
+    sold_local_wh: Fraction = Fraction(0)
+    sold_grid_wh: Fraction = Fraction(0)
+    paid: int = 0                   # net, minor units (negative: earned)
+    grid_only: int = 0              # what grid-only trading would have cost
+
+    @property
+    def saving(self) -> int:
+        return self.grid_only - self.paid
+
+
+@dataclass
+class Community:
+    start: int
+    end: int
+    demand_wh: int = 0
+    supply_wh: int = 0
+    local_wh: int = 0
+    fund: int = 0
+    members: dict[int, Statement] = field(default_factory=dict)
+
+    @property
+    def self_sufficiency(self) -> float:
+        return self.local_wh / self.demand_wh if self.demand_wh else 0.0
+
+    @property
+    def self_consumption(self) -> float:
+        return self.local_wh / self.supply_wh if self.supply_wh else 0.0
+
+
+def statements(entries: Iterable[Entry], start: int, end: int) -> Community:
+    c = Community(start, end)
+    for e in entries:
+        if e.type != "settlement" or not (start <= e.body["start"] and e.body["end"] <= end):
+            continue
+        b = e.body
+        retail, feed_in = b["tariff"][0], b["tariff"][1]
+        flat = b["flows"]
+        flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
+        d = sum(f[1] for f in flows)
+        g = sum(f[2] for f in flows)
+        c.demand_wh += d
+        c.supply_wh += g
+        c.local_wh += min(d, g)
+        c.fund -= b["fund"]
+        share_buy = Fraction(min(d, g), d) if d else Fraction(0)
+        share_sell = Fraction(min(d, g), g) if g else Fraction(0)
+        for (m, imp, exp), amount in zip(flows, b["amounts"]):
+            s = c.members.get(m)
+            if s is None:
+                s = c.members[m] = Statement(m, start, end)
+            s.intervals += 1
+            s.bought_local_wh += imp * share_buy
+            s.bought_grid_wh += imp - imp * share_buy
+            s.sold_local_wh += exp * share_sell
+            s.sold_grid_wh += exp - exp * share_sell
+            s.paid += amount
+            s.grid_only += math.ceil(Fraction(retail * imp - feed_in * exp, 1000))
+    return c
+
+
+def _kwh(wh: Fraction | int) -> str:
+    return f"{float(wh) / 1000:.3f}"
+
+
+def _money(v: int) -> str:
+    sign = "-" if v < 0 else ""
+    return f"{sign}{abs(v) // 100}.{abs(v) % 100:02d}"
+
+
+COLUMNS = ["member", "intervals", "bought_local_kwh", "bought_grid_kwh", "sold_local_kwh", "sold_grid_kwh",
+           "paid", "grid_only", "saving"]
+
+
+def rows(c: Community) -> list[list[Any]]:
+    out = []
+    for m in sorted(c.members):
+        s = c.members[m]
+        out.append([m, s.intervals, _kwh(s.bought_local_wh), _kwh(s.bought_grid_wh), _kwh(s.sold_local_wh),
+                    _kwh(s.sold_grid_wh), _money(s.paid), _money(s.grid_only), _money(s.saving)])
+    return out
+
+
+def to_csv(c: Community) -> str:
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(COLUMNS)
+    w.writerows(rows(c))
+    return f.getvalue()
+
+
+def to_table(c: Community) -> str:
+    head = ["member", "intervals", "bought local", "bought grid", "sold local", "sold grid",
+            "paid", "grid only", "saving"]
+    body = [[str(x) for x in r] for r in rows(c)]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in body]
+    lines.append("")
+    lines.append(f"energy in kWh, money in currency units; community: demand {_kwh(c.demand_wh)} kWh, "
+                 f"supply {_kwh(c.supply_wh)} kWh, traded locally {_kwh(c.local_wh)} kWh, self-sufficiency "
+                 f"{100 * c.self_sufficiency:.1f} %, self-consumption {100 * c.self_consumption:.1f} %, "
+                 f"fund {_money(c.fund)}")
+    return "\n".join(lines)
