@@ -340,3 +340,42 @@ def test_retention_thins_old_readings_and_frames(tmp_path):
     left = [r[0] for r in db.execute("SELECT seq FROM readings ORDER BY seq")]
     assert left[:4] == [0, 3, 6, 9] and left[-5:] == [100, 101, 102, 103, 104]
     assert db.execute("SELECT COUNT(*) FROM frames WHERE length(frame) = 0").fetchone()[0] == 48
+
+
+def test_run_loop_settles_into_the_ledger(tmp_path):
+    from peergrid import ledger
+    from peergrid.service import Config, Gateway
+
+    cfgp = tmp_path / "gw.toml"
+    cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = -1\n'
+                    '[settlement]\nretail = 30\nfeed_in = 8\ninterval_min = 15\ngrace_s = 0\n')
+    gw = Gateway(Config.load(cfgp))
+    s = gw._settler()
+    assert s is not None and s.length == 900
+    # no readings yet: nothing to settle; the key file was made private
+    assert s.settle_due(1_795_000_000) == 0
+    assert (tmp_path / "ledger.key").stat().st_mode & 0o777 == 0o600
+    cfgp.write_text(cfgp.read_text().replace("interval_min = 15", "interval_min = 7"))
+    with pytest.raises(SystemExit):
+        Gateway(Config.load(cfgp))._settler()
+
+
+def test_membership_goes_into_the_ledger(tmp_path):
+    from peergrid import ledger
+
+    cfgp = tmp_path / "gw.toml"
+    cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\n'
+                    '[settlement]\nretail = 30\nfeed_in = 8\n')
+
+    def cli(*a):
+        r = subprocess.run([sys.executable, "-m", "peergrid.cli", "-c", str(cfgp), *a], capture_output=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    cli("member", "add", "house one")
+    cli("member", "add", "house two")
+    cli("member", "leave", "1")
+    data = cli("ledger", "export")
+    entries = ledger.verify(data)
+    assert [e.type for e in entries] == ["genesis", "member_joined", "member_joined", "member_left"]
+    assert entries[3].body == {"member": 1}

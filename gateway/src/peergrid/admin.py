@@ -28,7 +28,13 @@ def admin(args: argparse.Namespace) -> int:
     try:
         if args.cmd == "member":
             if args.mcmd == "add":
-                print(f"member {r.add_member(cfg.community, args.name)} added")
+                mid = r.add_member(cfg.community, args.name)
+                _record(cfg, "member_joined", {"member": mid, "name": args.name})
+                print(f"member {mid} added")
+            elif args.mcmd == "leave":
+                r.leave(cfg.community, args.member)
+                _record(cfg, "member_left", {"member": args.member})
+                print(f"member {args.member} has left")
             else:
                 for mid, name, left in r.members(cfg.community):
                     print(f"{mid:5d}  {name}{'  (left)' if left else ''}")
@@ -43,6 +49,29 @@ def admin(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 2
+
+
+def _settler(cfg: Config):  # type: ignore[no-untyped-def]
+    from peergrid.service import Gateway
+
+    return Gateway(cfg)._settler()
+
+
+def _record(cfg: Config, kind: str, body: dict) -> None:
+    """Membership changes go into the ledger when the gateway keeps one."""
+    s = _settler(cfg)
+    if s is not None:
+        s.record(kind, int(time.time()), body)
+
+
+def ledger_export(args: argparse.Namespace) -> int:
+    cfg = Config.load(Path(args.config))
+    s = _settler(cfg)
+    if s is None:
+        print("error: no [settlement] in the config, so no ledger", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(s.export())
+    return 0
 
 
 def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ma = msub.add_parser("add")
     ma.add_argument("name")
     msub.add_parser("list")
+    ml = msub.add_parser("leave")
+    ml.add_argument("member", type=int)
     d = sub.add_parser("device", help="devices (boards): add, list, rotate, revoke")
     dsub = d.add_subparsers(dest="dcmd", required=True)
     da = dsub.add_parser("add")
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
     lg = sub.add_parser("ledger", help="the community ledger")
     lsub = lg.add_subparsers(dest="lcmd", required=True)
+    lsub.add_parser("export", help="write the gateway's ledger (a CBOR sequence) to standard output")
     lv = lsub.add_parser("verify", help="check an exported ledger: signatures, chain, settlements re-run")
     lv.add_argument("file")
     lv.add_argument("--key", help="the gateway's public key (hex) to insist on")
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return vboard_main(argv[1:])
     args = p.parse_args(argv)
+    if args.cmd == "ledger" and args.lcmd == "export":
+        from peergrid.admin import ledger_export
+
+        return ledger_export(args)
     if args.cmd == "ledger":
         from peergrid import ledger
 

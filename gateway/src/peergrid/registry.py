@@ -92,6 +92,12 @@ class Registry:
                               (community, name, time.time()))
         return int(cur.lastrowid or 0)
 
+    def leave(self, community: str, member: int) -> None:
+        cur = self.db.execute("UPDATE members SET left_at=? WHERE community=? AND id=? AND left_at IS NULL",
+                              (time.time(), community, member))
+        if cur.rowcount == 0:
+            raise RegistryError(f"no current member {member}")
+
     def members(self, community: str) -> list[tuple[int, str, float | None]]:
         return list(self.db.execute("SELECT id, name, left_at FROM members WHERE community=? ORDER BY id",
                                     (community,)))

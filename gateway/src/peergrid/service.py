@@ -302,13 +302,43 @@ class Gateway:
         if self.http is not None:
             self.http.shutdown()
 
+    def _settler(self) -> Any:
+        """The settlement loop, when the config has a [settlement] table."""
+        st = self.cfg.extra.get("settlement")
+        if not st:
+            return None
+        from peergrid.settle import Tariff
+        from peergrid.settler import Settler, load_key
+
+        tariff = Tariff(int(st["retail"]), int(st["feed_in"]), int(st.get("fund_margin_ppm", 0)),
+                        st.get("mechanism", "sdr"))
+        tariff.check()
+        length = int(st.get("interval_min", 15)) * 60
+        if length <= 0 or 3600 % length:
+            raise SystemExit("settlement: interval_min must divide the hour (1-60)")
+        key = Path(st.get("key_file", "ledger.key"))
+        if not key.is_absolute():
+            key = self.cfg.db.parent / key
+        return Settler(reg.connect(self.cfg.db), self.cfg.community, load_key(key), tariff, length,
+                       int(st.get("grace_s", 120)))
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
         self.start()
         log.info("gateway for %s running (db %s)", self.cfg.community, self.cfg.db)
+        settler = self._settler()
         next_status = 0.0
+        next_settle = 0.0
         while not self.stop_event.wait(0.5):
+            if settler is not None and time.monotonic() >= next_settle:
+                next_settle = time.monotonic() + 5
+                try:
+                    n = settler.settle_due(time.time())
+                    if n:
+                        log.info("settled %d interval(s)", n)
+                except Exception:  # noqa: BLE001 - retried; nothing half-written (one transaction)
+                    log.exception("settlement failed; retrying")
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self.cfg.status_every_s
                 try:

@@ -121,5 +121,21 @@ class Settler:
             n += 1
         return n
 
+    def record(self, kind: str, t: int, body: dict) -> int:
+        """Append a non-settlement entry (member joined or left, tariff
+        change) in its own transaction; returns its number."""
+        before = len(self.ledger.entries)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.ledger.append(kind, t, body)
+            for k in range(before, len(self.ledger.entries)):
+                self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
+            raise
+        return len(self.ledger.entries) - 1
+
     def export(self) -> bytes:
         return b"".join(bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n"))
