@@ -105,31 +105,28 @@ class Settler:
             result = settle(flows, self.tariff)
             body = ledger.settlement_body(start, end, flows, self.tariff, result)
             body["estimated"] = estimated
-            before = len(self.ledger.entries)
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.ledger.append("settlement", int(now), body)
-                for k in range(before, len(self.ledger.entries)):
-                    self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
-                self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?)",
-                                (self.community, start, len(self.ledger.entries) - 1, int(estimated)))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
-                raise
+            self._append(("settlement", int(now), body), (self.community, start, int(estimated)))
             n += 1
         return n
 
     def record(self, kind: str, t: int, body: dict) -> int:
         """Append a non-settlement entry (member joined or left, tariff
         change) in its own transaction; returns its number."""
+        return self._append((kind, t, body))
+
+    def _append(self, entry: tuple, settled: tuple | None = None) -> int:
+        """One transaction: the ledger entry (and the genesis before the
+        first), and for a settlement the row that marks its interval done."""
         before = len(self.ledger.entries)
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.ledger.append(kind, t, body)
+            self.ledger.append(*entry)
             for k in range(before, len(self.ledger.entries)):
                 self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
+            if settled is not None:
+                c, start, est = settled
+                self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?)",
+                                (c, start, len(self.ledger.entries) - 1, est))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
