@@ -325,9 +325,9 @@ class Gateway:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
+        settler = self._settler()      # a bad [settlement] table stops us before connecting
         self.start()
         log.info("gateway for %s running (db %s)", self.cfg.community, self.cfg.db)
-        settler = self._settler()
         next_status = 0.0
         next_settle = 0.0
         while not self.stop_event.wait(0.5):
