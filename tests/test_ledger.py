@@ -134,3 +134,22 @@ def test_statement_command(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "peergrid.cli", "ledger", "statement", str(f)],
                        capture_output=True, text=True)
     assert "self-sufficiency" in r.stdout
+
+
+def test_auction_settlements_verify_and_forged_limits_are_caught() -> None:
+    from peergrid import statements as stm
+
+    lg = ledger.Ledger(KEY, "oak")
+    t = Tariff(30, 8, 0, "auction")
+    flows = [Flow(1, 3000, 0, bid=25), Flow(2, 1000, 0, bid=20), Flow(3, 0, 2000, ask=10), Flow(4, 0, 1500, ask=22)]
+    lg.append("settlement", 1, ledger.settlement_body(0, 900, flows, t, settle(flows, t)))
+    entries = ledger.verify(lg.export())
+    c = stm.statements(entries, 0, 900)
+    assert c.local_wh == 3000 and c.members[4].sold_grid_wh == 500 and c.members[2].bought_grid_wh == 1000
+    body = ledger.cbor2.loads(ledger.cbor2.loads(lg.entries[1]).value[2])["body"]
+    body["limits"][5] = 30                      # member 3 now asks 30 instead of 10
+    forged = ledger.Ledger(KEY, "oak")
+    forged.load(lg.entries[:1])
+    forged.append("settlement", 1, body)
+    with pytest.raises(ledger.LedgerError, match="does not follow"):
+        ledger.verify(forged.export())

@@ -37,6 +37,42 @@ def test_worked_example_fund_margin() -> None:
     assert _amounts(s) == ([66, 22, -24], -60, -4)
 
 
+AUCTION = [Flow(1, 3000, 0, bid=25), Flow(2, 1000, 0, bid=20), Flow(3, 0, 2000, ask=10), Flow(4, 0, 1500, ask=22)]
+
+
+def test_worked_example_double_auction() -> None:
+    s = settle(AUCTION, Tariff(30, 8, mechanism="auction"))
+    assert s.p_buy == s.p_sell == Fraction(47, 2)           # between the last matched bid 25 and ask 22
+    assert [s.members[i]["bought_local_wh"] for i in (1, 2)] == ["3000", "0"]
+    assert [s.members[i]["sold_local_wh"] for i in (3, 4)] == ["2000", "1000"]
+    assert [s.members[i]["amount"] for i in (1, 2, 3, 4)] == [71, 30, -47, -28]
+    assert (s.grid, s.fund, s.total()) == (-26, 0, 0)
+    with pytest.raises(ValueError):
+        settle([Flow(1, 10, 0, bid=31)], Tariff(30, 8, mechanism="auction"))
+    with pytest.raises(ValueError):
+        settle([Flow(1, 0, 10, ask=7)], Tariff(30, 8, mechanism="auction"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 30), st.integers(8, 40)),
+                min_size=1, max_size=30), st.integers(0, 1_000_000))
+def test_auction_properties(com, margin) -> None:
+    t = Tariff(30, 8, margin, "auction")
+    flows = [Flow(k + 1, i, e, bid=b, ask=min(a, 30)) for k, (i, e, b, a) in enumerate(com)]
+    s = settle(flows, t)
+    assert s.total() == 0
+    bought = sum(int(m["bought_local_wh"]) for m in s.members.values())
+    sold = sum(int(m["sold_local_wh"]) for m in s.members.values())
+    assert bought == sold == s.local <= min(s.demand, s.supply)
+    for f in flows:
+        m = s.members[f.member]
+        assert m["amount"] <= math.ceil(Fraction(t.retail * f.imp - t.feed_in * f.exp, 1000))
+        if int(m["bought_local_wh"]):
+            assert s.p_buy <= f.bid                     # nobody pays above its limit
+        if int(m["sold_local_wh"]):
+            assert s.p_sell >= f.ask
+
+
 def test_surplus_community_sells_at_feed_in() -> None:
     s = settle([Flow(1, 500, 0), Flow(2, 0, 3000)], Tariff(30, 8))
     assert s.p_buy == s.p_sell == 8
@@ -44,7 +80,7 @@ def test_surplus_community_sells_at_feed_in() -> None:
 
 
 def test_bad_inputs() -> None:
-    for t in (Tariff(8, 30), Tariff(30, 8, mechanism="auction"), Tariff(30, 8, fund_margin_ppm=-1)):
+    for t in (Tariff(8, 30), Tariff(30, 8, mechanism="vickrey"), Tariff(30, 8, fund_margin_ppm=-1)):
         with pytest.raises(ValueError):
             settle(EXAMPLE, t)
     with pytest.raises(ValueError):

@@ -239,6 +239,8 @@ def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result:
     return {"start": start, "end": end,
             "tariff": [tariff.retail, tariff.feed_in, tariff.fund_margin_ppm, tariff.mechanism],
             "flows": [x for f in fl for x in (f.member, f.imp, f.exp)],     # flat: member, imp, exp, ...
+            **({"limits": [x for f in fl for x in (result.members[f.member]["bid"], result.members[f.member]["ask"])]}
+               if tariff.mechanism == "auction" else {}),
             "amounts": [result.members[f.member]["amount"] for f in fl],
             "grid": result.grid, "fund": result.fund,
             "price": [result.p_buy.numerator, result.p_buy.denominator,
@@ -246,7 +248,9 @@ def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result:
 
 
 def _check_settlement(e: Entry, i: int) -> None:
-    from peergrid.settle import MECHANISMS, amounts
+    from fractions import Fraction
+
+    from peergrid.settle import MECHANISMS, amounts, auction_amounts
 
     b = e.body
     try:
@@ -259,7 +263,17 @@ def _check_settlement(e: Entry, i: int) -> None:
         flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
         if any(flows[k][0] >= flows[k + 1][0] for k in range(len(flows) - 1)):
             raise ValueError("flows must be in member order")
-        a, grid, fund, pb, ps = amounts(flows, retail, feed_in, margin, mech)
+        if mech == "auction":
+            lim = b["limits"]
+            if len(lim) != 2 * len(flows) or any(type(v) is not int for v in lim):
+                raise ValueError("limits must be two integers per member")
+            full = [(m, x, y, lim[2 * k], lim[2 * k + 1]) for k, (m, x, y) in enumerate(flows)]
+            if any(not (feed_in <= ask and 0 <= bid <= retail) for _, _, _, bid, ask in full):
+                raise ValueError("limits out of range")
+            a, grid, fund, price, _, _ = auction_amounts(full, retail, feed_in, margin)
+            pb = ps = price if price is not None else Fraction(0)
+        else:
+            a, grid, fund, pb, ps = amounts(flows, retail, feed_in, margin, mech)
     except (KeyError, TypeError, ValueError) as err:
         raise LedgerError(f"settlement entry malformed: {err}", i) from None
     if a != b["amounts"] or grid != b["grid"] or fund != b["fund"] or \

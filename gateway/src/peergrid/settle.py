@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-MECHANISMS = ("sdr", "mmr")
+MECHANISMS = ("sdr", "mmr", "auction")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class Flow:
     member: int
     imp: int                    # Wh bought at the connection point this interval
     exp: int                    # Wh fed in
+    bid: int | None = None      # auction: most this member pays per kWh (default: retail)
+    ask: int | None = None      # auction: least it sells for per kWh (default: feed-in)
 
 
 @dataclass
@@ -143,6 +145,101 @@ def amounts(flows: list[tuple[int, int, int]], retail: int, feed_in: int, fund_m
     return out[:-2], out[-2], out[-1], p_buy, p_sell
 
 
+def auction(flows: list[tuple[int, int, int, int, int]]) -> tuple[Fraction | None, dict[int, int], dict[int, int]]:
+    """Uniform-price double auction over (member, imp, exp, bid, ask): bids
+    from the highest, asks from the lowest (ties by member id), matched Wh by
+    Wh while the bid is at least the ask. The price is the midpoint of the
+    last matched bid and ask, so no matched buyer pays more than its bid and
+    no matched seller gets less than its ask. Returns (price or None when
+    nothing matched, Wh bought locally per member, Wh sold locally)."""
+    bids = sorted(((-b, m, i) for m, i, _, b, _ in flows if i > 0))
+    asks = sorted(((a, m, e) for m, _, e, _, a in flows if e > 0))
+    bought: dict[int, int] = {}
+    sold: dict[int, int] = {}
+    bi = ai = 0
+    rb = bids[0][2] if bids else 0
+    ra = asks[0][2] if asks else 0
+    last = None
+    while bi < len(bids) and ai < len(asks) and -bids[bi][0] >= asks[ai][0]:
+        q = min(rb, ra)
+        mb, ma = bids[bi][1], asks[ai][1]
+        bought[mb] = bought.get(mb, 0) + q
+        sold[ma] = sold.get(ma, 0) + q
+        last = (-bids[bi][0], asks[ai][0])
+        rb -= q
+        ra -= q
+        if rb == 0:
+            bi += 1
+            rb = bids[bi][2] if bi < len(bids) else 0
+        if ra == 0:
+            ai += 1
+            ra = asks[ai][2] if ai < len(asks) else 0
+    price = None if last is None else Fraction(last[0] + last[1], 2)
+    return price, bought, sold
+
+
+def _limits(f: Flow, t: "Tariff") -> tuple[int, int, int, int, int]:
+    bid = t.retail if f.bid is None else f.bid
+    ask = t.feed_in if f.ask is None else f.ask
+    if not (t.feed_in <= ask and bid <= t.retail and bid >= 0):
+        raise ValueError(f"member {f.member}: bid must be at most retail, ask at least feed-in")
+    return f.member, f.imp, f.exp, bid, ask
+
+
+def auction_amounts(flows: list[tuple[int, int, int, int, int]], retail: int, feed_in: int,
+                    fund_margin_ppm: int) -> tuple[list[int], int, int, Fraction | None, dict[int, int],
+                                                   dict[int, int]]:
+    """Money of an auction interval for (member, imp, exp, bid, ask) in member
+    order: (amounts, grid, fund, price, bought locally, sold locally)."""
+    price, bought, sold = auction(flows)
+    den = price.denominator if price is not None else 1
+    unit = den * 1_000_000
+    q = unit * 1000
+    kp = price.numerator * (unit // den) if price is not None else 0
+    gb = retail * unit
+    gs = feed_in * unit
+    nums = []
+    fund = 0
+    grid = 0
+    for m, i, e, _, _ in flows:
+        lb = bought.get(m, 0)
+        ls = sold.get(m, 0)
+        pay = kp * (lb - ls) + gb * (i - lb) - gs * (e - ls)
+        grid += gs * (e - ls) - gb * (i - lb)
+        if fund_margin_ppm:
+            saving = gb * i - gs * e - pay
+            if saving > 0:
+                take = saving * fund_margin_ppm // 1_000_000
+                pay += take
+                fund -= take
+        nums.append(pay)
+    nums.append(grid)
+    nums.append(fund)
+    out = [v // q for v in nums]
+    missing = -sum(out)
+    if missing:
+        order = sorted([(-(v % q), k) for k, v in enumerate(nums)])
+        for _, k in order[:missing]:
+            out[k] += 1
+    return out[:-2], out[-2], out[-1], price, bought, sold
+
+
+def _settle_auction(flows: list[Flow], tariff: "Tariff") -> Settlement:
+    lim = [_limits(f, tariff) for f in flows]
+    amts, grid, fund, price, bought, sold = auction_amounts(lim, tariff.retail, tariff.feed_in,
+                                                            tariff.fund_margin_ppm)
+    demand = sum(f.imp for f in flows)
+    supply = sum(f.exp for f in flows)
+    p = price if price is not None else Fraction(0)
+    s = Settlement("auction", p, p, demand, supply, sum(bought.values()), {}, grid, fund)
+    for f, a in zip(flows, amts):
+        s.members[f.member] = {"imp_wh": f.imp, "exp_wh": f.exp, "bought_local_wh": str(bought.get(f.member, 0)),
+                               "sold_local_wh": str(sold.get(f.member, 0)),
+                               "grid_only": _num(Fraction(tariff.retail * f.imp - tariff.feed_in * f.exp, 1000)),
+                               "bid": _limits(f, tariff)[3], "ask": _limits(f, tariff)[4], "amount": a}
+    return s
+
+
 def settle(flows: list[Flow], tariff: Tariff) -> Settlement:
     tariff.check()
     ids = [f.member for f in flows]
@@ -152,6 +249,8 @@ def settle(flows: list[Flow], tariff: Tariff) -> Settlement:
         if f.imp < 0 or f.exp < 0:
             raise ValueError(f"member {f.member}: negative energy")
     flows = sorted(flows, key=lambda f: f.member)
+    if tariff.mechanism == "auction":
+        return _settle_auction(flows, tariff)
     demand = sum(f.imp for f in flows)
     supply = sum(f.exp for f in flows)
     p_buy, p_sell = prices(tariff.mechanism, supply, demand, tariff.retail, tariff.feed_in)

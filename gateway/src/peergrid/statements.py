@@ -76,15 +76,27 @@ def statements(entries: Iterable[Entry], start: int, end: int) -> Community:
         c.fund -= b["fund"]
         share_buy = Fraction(min(d, g), d) if d else Fraction(0)
         share_sell = Fraction(min(d, g), g) if g else Fraction(0)
+        local_b: dict[int, int] | None = None
+        if b["tariff"][3] == "auction":
+            from peergrid.settle import auction
+
+            lim = b["limits"]
+            _, local_b, local_s = auction([(m, x, y, lim[2 * k], lim[2 * k + 1])
+                                           for k, (m, x, y) in enumerate(flows)])
+            c.local_wh += sum(local_b.values()) - min(d, g)
         for (m, imp, exp), amount in zip(flows, b["amounts"]):
             s = c.members.get(m)
             if s is None:
                 s = c.members[m] = Statement(m, start, end)
             s.intervals += 1
-            s.bought_local_wh += imp * share_buy
-            s.bought_grid_wh += imp - imp * share_buy
-            s.sold_local_wh += exp * share_sell
-            s.sold_grid_wh += exp - exp * share_sell
+            if local_b is not None:
+                lb, ls = local_b.get(m, 0), local_s.get(m, 0)
+            else:
+                lb, ls = imp * share_buy, exp * share_sell
+            s.bought_local_wh += lb
+            s.bought_grid_wh += imp - lb
+            s.sold_local_wh += ls
+            s.sold_grid_wh += exp - ls
             s.paid += amount
             s.grid_only += math.ceil(Fraction(retail * imp - feed_in * exp, 1000))
     return c
