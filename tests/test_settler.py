@@ -144,3 +144,54 @@ def test_statements_from_the_ledger(tmp_path) -> None:
     csv_text = stm.to_csv(c)
     assert csv_text.splitlines()[0].startswith("member,intervals,bought_local_kwh")
     assert len(csv_text.splitlines()) == 4
+
+
+def test_late_readings_become_adjustments(tmp_path) -> None:
+    from peergrid import statements as stm
+
+    dbp = tmp_path / "gw.db"
+    _day(dbp, members=3)
+    db = reg.connect(dbp)
+    # device d1 was offline from 10:00 to 14:00: its readings are not there
+    # when the day is settled, and arrive (buffered) afterwards
+    lo, hi = DAY0 + 10 * 3600, DAY0 + 14 * 3600
+    late = db.execute("SELECT * FROM readings WHERE device='d1' AND t > ? AND t < ?", (lo, hi)).fetchall()
+    db.execute("DELETE FROM readings WHERE device='d1' AND t > ? AND t < ?", (lo, hi))
+    s = Settler(db, "oak", load_key(tmp_path / "k"), Tariff(3187, 812, 20000), first_start=DAY0)
+    settled_at = DAY0 + 86400 + 120
+    assert s.settle_due(settled_at) == 96
+    assert s.adjust_due(settled_at + 60) == 0              # nothing new yet
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.execute("BEGIN")
+    for row in late:
+        row = list(row)
+        row[7] = settled_at + 600                          # t_recv: after the settlement
+        db.execute(f"INSERT INTO readings VALUES ({','.join('?' * len(row))})", row)
+    db.execute("COMMIT")
+    n = s.adjust_due(settled_at + 900)
+    assert n > 0
+    assert s.adjust_due(settled_at + 1200) == 0            # each difference recorded once
+    entries = ledger.verify(s.export())
+    adj = [e for e in entries if e.type == "adjustment"]
+    assert len(adj) == n
+    for e in adj:
+        assert sum(d for _, d in e.body["delta"]["members"]) + e.body["delta"]["grid"] + e.body["delta"]["fund"] == 0
+        assert lo - 900 <= e.body["start"] < hi + 900
+    # statements follow the adjusted figures: the same as settling with all data
+    c = stm.statements(entries, DAY0, DAY0 + 86400)
+    db2p = tmp_path / "ref.db"
+    _day(db2p, members=3)
+    ref = Settler(reg.connect(db2p), "oak", load_key(tmp_path / "k2"), Tariff(3187, 812, 20000), first_start=DAY0)
+    ref.settle_due(settled_at)
+    c_ref = stm.statements(ledger.verify(ref.export()), DAY0, DAY0 + 86400)
+    for m in (1, 2, 3):
+        assert c.members[m].paid == c_ref.members[m].paid
+        assert c.members[m].bought_local_wh == c_ref.members[m].bought_local_wh
+    assert c.fund == c_ref.fund
+    # a forged adjustment that does not start from the figures in force is refused
+    body = dict(adj[0].body)
+    body["replaces"] = 1
+    s.record("adjustment", 0, body)
+    import pytest
+    with pytest.raises(ledger.LedgerError, match="figures in force"):
+        ledger.verify(s.export())

@@ -178,18 +178,52 @@ def _verify_range(raws: list[bytes], first: int, prev: bytes, key: bytes, kid: b
         e = Entry(i, m["prev"], m["type"], m["t"], m["body"], raw)
         if e.type == "settlement":
             _check_settlement(e, i)
+        elif e.type == "adjustment":
+            _check_adjustment(e, i)
         out.append(e)
         prev = hashlib.sha256(raw).digest()
     return out
 
 
-def _chunk(args: tuple) -> tuple[int, str] | list[tuple[int, str, int]]:
+def _chunk(args: tuple) -> tuple[int, str] | list[tuple[int, str, int, tuple | None]]:
     raws, first, prev, key, kid, pinned = args
     try:
         done = _verify_range(raws, first, prev, key, kid, pinned)
     except LedgerError as e:
         return (e.index if e.index is not None else first, str(e))
-    return [(e.n, e.type, e.t) for e in done]
+    return [(e.n, e.type, e.t, _ref(e)) for e in done]
+
+
+def result_digest(b: dict[str, Any]) -> bytes:
+    """What identifies a settlement's outcome: inputs and money."""
+    return hashlib.sha256(cbor2.dumps([b["tariff"], b["flows"], b.get("limits"), b["amounts"], b["grid"],
+                                       b["fund"]], canonical=True)).digest()
+
+
+def _ref(e: Entry) -> tuple | None:
+    if e.type == "settlement":
+        return ("S", e.body["start"], e.n, result_digest(e.body))
+    if e.type == "adjustment":
+        return ("A", e.body["start"], e.n, e.body["replaces"], result_digest(e.body["old"]),
+                result_digest(e.body["new"]))
+    return None
+
+
+def _check_refs(refs: list[tuple]) -> None:
+    """Each interval settled once; an adjustment replaces exactly the entry
+    currently in force for its interval, with that entry's figures."""
+    latest: dict[int, tuple[int, bytes]] = {}
+    for r in refs:
+        if r[0] == "S":
+            _, start, n, dig = r
+            if start in latest:
+                raise LedgerError(f"interval {start} settled a second time", n)
+            latest[start] = (n, dig)
+        else:
+            _, start, n, replaces, old, new = r
+            if latest.get(start) != (replaces, old):
+                raise LedgerError("adjustment does not start from the figures in force", n)
+            latest[start] = (n, new)
 
 
 def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> list[Entry]:
@@ -227,9 +261,12 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
         if bad:
             idx, msg = min(bad)
             raise LedgerError(msg.split(": ", 1)[1] if msg.startswith("entry ") else msg, idx)
+        _check_refs([ref for r in results for _, _, _, ref in r if ref is not None])
         # headers only: the bodies stayed in the worker processes
-        return [Entry(n, b"", kind, t, {}, raws[n]) for r in results for n, kind, t in r]
-    return _verify_range(raws, 0, ZERO, key, kid, public_key)
+        return [Entry(n, b"", kind, t, {}, raws[n]) for r in results for n, kind, t, _ in r]
+    entries = _verify_range(raws, 0, ZERO, key, kid, public_key)
+    _check_refs([ref for ref in map(_ref, entries) if ref is not None])
+    return entries
 
 
 def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result: Any) -> dict[str, Any]:
@@ -245,6 +282,31 @@ def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result:
             "grid": result.grid, "fund": result.fund,
             "price": [result.p_buy.numerator, result.p_buy.denominator,
                       result.p_sell.numerator, result.p_sell.denominator]}
+
+
+def adjustment_body(old: dict[str, Any], new: dict[str, Any], replaces: int) -> dict[str, Any]:
+    """An adjustment: the figures in force (entry `replaces`), the new ones
+    from the data that arrived late, and what changes for each member."""
+    om = dict(zip(old["flows"][0::3], old["amounts"]))
+    nm = dict(zip(new["flows"][0::3], new["amounts"]))
+    delta = [[m, nm.get(m, 0) - om.get(m, 0)] for m in sorted(set(om) | set(nm))]
+    return {"start": new["start"], "end": new["end"], "replaces": replaces, "old": old, "new": new,
+            "delta": {"members": delta, "grid": new["grid"] - old["grid"], "fund": new["fund"] - old["fund"]}}
+
+
+def _check_adjustment(e: Entry, i: int) -> None:
+    b = e.body
+    try:
+        old, new, delta = b["old"], b["new"], b["delta"]
+        if (old["start"], old["end"]) != (b["start"], b["end"]) or (new["start"], new["end"]) != (b["start"], b["end"]):
+            raise ValueError("old and new figures are for another interval")
+    except (KeyError, TypeError, ValueError) as err:
+        raise LedgerError(f"adjustment entry malformed: {err}", i) from None
+    _check_settlement(Entry(i, e.prev, "settlement", e.t, old, e.raw), i)
+    _check_settlement(Entry(i, e.prev, "settlement", e.t, new, e.raw), i)
+    want = adjustment_body(old, new, b["replaces"])["delta"]
+    if delta != want:
+        raise LedgerError("adjustment delta does not follow from the old and new figures", i)
 
 
 def _check_settlement(e: Entry, i: int) -> None:

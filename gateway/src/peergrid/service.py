@@ -335,8 +335,9 @@ class Gateway:
                 next_settle = time.monotonic() + 5
                 try:
                     n = settler.settle_due(time.time())
-                    if n:
-                        log.info("settled %d interval(s)", n)
+                    a = settler.adjust_due(time.time())
+                    if n or a:
+                        log.info("settled %d interval(s), %d adjustment(s)", n, a)
                 except Exception:  # noqa: BLE001 - retried; nothing half-written (one transaction)
                     log.exception("settlement failed; retrying")
             if time.monotonic() >= next_status:

@@ -8,8 +8,8 @@ channel registers (peergrid.intervals), summed per member; the settlement
 together with the row that marks the interval settled. A gateway killed at
 any point therefore either settled an interval completely or not at all,
 and settles it (once) after the restart. Readings that arrive after their
-interval was settled are not rewritten into it (adjustment entries are still
-to come).
+interval was settled are not rewritten into it: `adjust_due` records the
+difference as an adjustment entry.
 
 The ledger's signing key is an Ed25519 key in a file (created with mode 0600
 on first use); its public key is in the ledger's genesis entry.
@@ -20,6 +20,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -31,7 +32,7 @@ from peergrid.settle import Flow, Tariff, settle
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY, raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settled (community TEXT NOT NULL, start INTEGER NOT NULL, ledger_n INTEGER NOT NULL,
-    estimated INTEGER NOT NULL, PRIMARY KEY (community, start));
+    estimated INTEGER NOT NULL, settled_at REAL NOT NULL, PRIMARY KEY (community, start));
 """
 
 
@@ -105,7 +106,37 @@ class Settler:
             result = settle(flows, self.tariff)
             body = ledger.settlement_body(start, end, flows, self.tariff, result)
             body["estimated"] = estimated
-            self._append(("settlement", int(now), body), (self.community, start, int(estimated)))
+            self._append(("settlement", int(now), body), (self.community, start, int(estimated), now))
+            n += 1
+        return n
+
+    def adjust_due(self, now: float, window_s: int = 2 * 86400) -> int:
+        """Readings that arrived after their interval was settled (a board
+        back from an outage) become adjustment entries: the interval's
+        figures are computed again and, where they changed, the difference
+        is recorded. The settled entry itself is never rewritten. Returns
+        the number of adjustments written."""
+        n = 0
+        rows = self.db.execute("SELECT start, ledger_n, settled_at FROM settled WHERE community=? AND start >= ?"
+                               " ORDER BY start", (self.community, int(now - window_s))).fetchall()
+        for start, ledger_n, settled_at in rows:
+            end = start + self.length
+            late = self.db.execute(
+                "SELECT 1 FROM readings WHERE community=? AND t_recv > ? AND t >= ? AND t <= ? LIMIT 1",
+                (self.community, settled_at, start - 6 * self.length, end + 6 * self.length)).fetchone()
+            if late is None:
+                continue
+            cur = cbor2.loads(cbor2.loads(self.ledger.entries[ledger_n]).value[2])["body"]
+            old = cur["new"] if "new" in cur else cur
+            flows, estimated = self.flows(start, end)
+            new = ledger.settlement_body(start, end, flows, self.tariff, settle(flows, self.tariff))
+            new["estimated"] = estimated
+            if new["flows"] == old["flows"] and new["tariff"] == old["tariff"]:
+                self.db.execute("UPDATE settled SET settled_at=? WHERE community=? AND start=?",
+                                (now, self.community, start))
+                continue
+            self._append(("adjustment", int(now), ledger.adjustment_body(old, new, ledger_n)),
+                         (self.community, start, int(estimated), now))
             n += 1
         return n
 
@@ -124,9 +155,12 @@ class Settler:
             for k in range(before, len(self.ledger.entries)):
                 self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
             if settled is not None:
-                c, start, est = settled
-                self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?)",
-                                (c, start, len(self.ledger.entries) - 1, est))
+                c, start, est, at = settled
+                # the interval's row points at the entry now in force
+                self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?, ?) ON CONFLICT(community, start)"
+                                " DO UPDATE SET ledger_n=excluded.ledger_n, estimated=excluded.estimated,"
+                                " settled_at=excluded.settled_at",
+                                (c, start, len(self.ledger.entries) - 1, est, at))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")

@@ -62,44 +62,54 @@ class Community:
 def statements(entries: Iterable[Entry], start: int, end: int) -> Community:
     c = Community(start, end)
     for e in entries:
-        if e.type != "settlement" or not (start <= e.body["start"] and e.body["end"] <= end):
+        if e.type not in ("settlement", "adjustment") or not (start <= e.body["start"] and e.body["end"] <= end):
             continue
-        b = e.body
-        retail, feed_in = b["tariff"][0], b["tariff"][1]
-        flat = b["flows"]
-        flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
-        d = sum(f[1] for f in flows)
-        g = sum(f[2] for f in flows)
-        c.demand_wh += d
-        c.supply_wh += g
-        c.local_wh += min(d, g)
-        c.fund -= b["fund"]
-        share_buy = Fraction(min(d, g), d) if d else Fraction(0)
-        share_sell = Fraction(min(d, g), g) if g else Fraction(0)
-        local_b: dict[int, int] | None = None
-        if b["tariff"][3] == "auction":
-            from peergrid.settle import auction
-
-            lim = b["limits"]
-            _, local_b, local_s = auction([(m, x, y, lim[2 * k], lim[2 * k + 1])
-                                           for k, (m, x, y) in enumerate(flows)])
-            c.local_wh += sum(local_b.values()) - min(d, g)
-        for (m, imp, exp), amount in zip(flows, b["amounts"]):
-            s = c.members.get(m)
-            if s is None:
-                s = c.members[m] = Statement(m, start, end)
-            s.intervals += 1
-            if local_b is not None:
-                lb, ls = local_b.get(m, 0), local_s.get(m, 0)
-            else:
-                lb, ls = imp * share_buy, exp * share_sell
-            s.bought_local_wh += lb
-            s.bought_grid_wh += imp - lb
-            s.sold_local_wh += ls
-            s.sold_grid_wh += exp - ls
-            s.paid += amount
-            s.grid_only += math.ceil(Fraction(retail * imp - feed_in * exp, 1000))
+        if e.type == "adjustment":
+            # take the old figures out and the new ones in
+            _add(c, e.body["old"], -1, start, end)
+            _add(c, e.body["new"], 1, start, end, count=False)
+            continue
+        _add(c, e.body, 1, start, end)
     return c
+
+
+def _add(c: Community, b: dict, sign: int, start: int, end: int, count: bool = True) -> None:
+    retail, feed_in = b["tariff"][0], b["tariff"][1]
+    count = count and sign > 0
+    flat = b["flows"]
+    flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
+    d = sum(f[1] for f in flows)
+    g = sum(f[2] for f in flows)
+    c.demand_wh += sign * d
+    c.supply_wh += sign * g
+    c.local_wh += sign * min(d, g)
+    c.fund -= sign * b["fund"]
+    share_buy = Fraction(min(d, g), d) if d else Fraction(0)
+    share_sell = Fraction(min(d, g), g) if g else Fraction(0)
+    local_b: dict[int, int] | None = None
+    if b["tariff"][3] == "auction":
+        from peergrid.settle import auction
+
+        lim = b["limits"]
+        _, local_b, local_s = auction([(m, x, y, lim[2 * k], lim[2 * k + 1])
+                                       for k, (m, x, y) in enumerate(flows)])
+        c.local_wh += sign * (sum(local_b.values()) - min(d, g))
+    for (m, imp, exp), amount in zip(flows, b["amounts"]):
+        s = c.members.get(m)
+        if s is None:
+            s = c.members[m] = Statement(m, start, end)
+        if count:
+            s.intervals += 1
+        if local_b is not None:
+            lb, ls = local_b.get(m, 0), local_s.get(m, 0)
+        else:
+            lb, ls = imp * share_buy, exp * share_sell
+        s.bought_local_wh += sign * lb
+        s.bought_grid_wh += sign * (imp - lb)
+        s.sold_local_wh += sign * ls
+        s.sold_grid_wh += sign * (exp - ls)
+        s.paid += sign * amount
+        s.grid_only += sign * math.ceil(Fraction(retail * imp - feed_in * exp, 1000))
 
 
 def _kwh(wh: Fraction | int) -> str:
