@@ -375,7 +375,11 @@ def test_membership_goes_into_the_ledger(tmp_path):
     cli("member", "add", "house one")
     cli("member", "add", "house two")
     cli("member", "leave", "1")
+    cli("tariff", "--retail", "35", "--feed-in", "7", "--from", str(4_000_000_000 - 4_000_000_000 % 900))
+    r = subprocess.run([sys.executable, "-m", "peergrid.cli", "-c", str(cfgp), "tariff", "--retail", "35",
+                        "--feed-in", "7", "--from", "1001"], capture_output=True, text=True)
+    assert r.returncode == 1 and "boundary" in r.stderr
     data = cli("ledger", "export")
     entries = ledger.verify(data)
-    assert [e.type for e in entries] == ["genesis", "member_joined", "member_joined", "member_left"]
+    assert [e.type for e in entries] == ["genesis", "member_joined", "member_joined", "member_left", "tariff"]
     assert entries[3].body == {"member": 1}

@@ -195,3 +195,24 @@ def test_late_readings_become_adjustments(tmp_path) -> None:
     import pytest
     with pytest.raises(ledger.LedgerError, match="figures in force"):
         ledger.verify(s.export())
+
+
+def test_tariff_change_takes_effect_at_a_later_boundary(tmp_path) -> None:
+    import pytest
+
+    dbp = tmp_path / "gw.db"
+    _day(dbp, members=2)
+    db = reg.connect(dbp)
+    s = Settler(db, "oak", load_key(tmp_path / "k"), Tariff(3000, 800), first_start=DAY0)
+    assert s.settle_due(DAY0 + 4 * 900 + 120) == 4
+    with pytest.raises(ValueError):
+        s.set_tariff(Tariff(3500, 700), DAY0 + 900, DAY0 + 5000)        # already settled
+    with pytest.raises(ValueError):
+        s.set_tariff(Tariff(3500, 700), DAY0 + 8 * 900 + 1, DAY0 + 5000)  # not a boundary
+    s.set_tariff(Tariff(3500, 700, 0, "mmr"), DAY0 + 8 * 900, DAY0 + 5000)
+    s.settle_due(DAY0 + 12 * 900 + 120)
+    entries = ledger.verify(s.export())
+    sett = [e for e in entries if e.type == "settlement"]
+    assert [e.body["tariff"][0] for e in sett] == [3000] * 8 + [3500] * 4
+    assert sett[-1].body["tariff"][3] == "mmr"
+    assert any(e.type == "tariff" for e in entries)

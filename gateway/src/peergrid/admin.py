@@ -41,6 +41,19 @@ def admin(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "device":
             return _device(args, cfg, r)
+        if args.cmd == "tariff":
+            from peergrid.settle import Tariff
+
+            st = _settler(cfg)
+            if st is None:
+                raise reg.RegistryError("no [settlement] in the config, so no ledger")
+            try:
+                n = st.set_tariff(Tariff(args.retail, args.feed_in, args.fund_margin_ppm, args.mechanism),
+                                  args.t_from, int(time.time()))
+            except ValueError as e:
+                raise reg.RegistryError(str(e)) from None
+            print(f"tariff change recorded as ledger entry {n}, in force from {args.t_from}")
+            return 0
         if args.cmd == "broker-files":
             return _broker_files(cfg, r)
         if args.cmd == "status":

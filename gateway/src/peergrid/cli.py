@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         x = dsub.add_parser(name)
         x.add_argument("device")
     sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
+    tf = sub.add_parser("tariff", help="record a tariff change in the ledger")
+    tf.add_argument("--retail", type=int, required=True, help="minor units per kWh")
+    tf.add_argument("--feed-in", type=int, required=True)
+    tf.add_argument("--fund-margin-ppm", type=int, default=0)
+    tf.add_argument("--mechanism", default="sdr", choices=["sdr", "mmr", "auction"])
+    tf.add_argument("--from", dest="t_from", type=int, required=True, help="Unix time of an interval boundary")
     lg = sub.add_parser("ledger", help="the community ledger")
     lsub = lg.add_subparsers(dest="lcmd", required=True)
     lsub.add_parser("export", help="write the gateway's ledger (a CBOR sequence) to standard output")
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ledger verifies: {len(entries)} entries ("
               + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); every settlement re-run")
         return 0
-    if args.cmd in ("run", "status", "member", "device", "broker-files"):
+    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff"):
         from peergrid.admin import admin
 
         return admin(args)

@@ -63,6 +63,32 @@ class Settler:
         self.ledger.load([bytes(r[0]) for r in db.execute("SELECT raw FROM ledger ORDER BY n")])
         self.first_start = first_start
 
+    def tariff_for(self, start: int) -> Tariff:
+        """The tariff in force for an interval: the newest `tariff` entry
+        whose `from` is at or before its start, else the configured one."""
+        best = None
+        for raw in self.ledger.entries:
+            m = cbor2.loads(cbor2.loads(raw).value[2])
+            if m["type"] == "tariff" and m["body"]["from"] <= start:
+                if best is None or m["body"]["from"] >= best["from"]:
+                    best = m["body"]
+        if best is None:
+            return self.tariff
+        r, f, margin, mech = best["tariff"]
+        return Tariff(r, f, margin, mech)
+
+    def set_tariff(self, tariff: Tariff, from_t: int, now: int) -> int:
+        """Record a tariff change that takes effect at a later interval
+        boundary (never for an interval already settled)."""
+        tariff.check()
+        if from_t % self.length:
+            raise ValueError("a tariff change takes effect at an interval boundary")
+        nxt = self._next_start()
+        if nxt is not None and from_t < nxt:
+            raise ValueError("intervals before that are settled already")
+        return self.record("tariff", now, {"from": from_t, "tariff": [tariff.retail, tariff.feed_in,
+                                                                      tariff.fund_margin_ppm, tariff.mechanism]})
+
     def _next_start(self) -> int | None:
         r = self.db.execute("SELECT MAX(start) FROM settled WHERE community=?", (self.community,)).fetchone()
         if r[0] is not None:
@@ -103,8 +129,9 @@ class Settler:
                 return n
             end = start + self.length
             flows, estimated = self.flows(start, end)
-            result = settle(flows, self.tariff)
-            body = ledger.settlement_body(start, end, flows, self.tariff, result)
+            tariff = self.tariff_for(start)
+            result = settle(flows, tariff)
+            body = ledger.settlement_body(start, end, flows, tariff, result)
             body["estimated"] = estimated
             self._append(("settlement", int(now), body), (self.community, start, int(estimated), now))
             n += 1
@@ -129,7 +156,8 @@ class Settler:
             cur = cbor2.loads(cbor2.loads(self.ledger.entries[ledger_n]).value[2])["body"]
             old = cur["new"] if "new" in cur else cur
             flows, estimated = self.flows(start, end)
-            new = ledger.settlement_body(start, end, flows, self.tariff, settle(flows, self.tariff))
+            tariff = self.tariff_for(start)
+            new = ledger.settlement_body(start, end, flows, tariff, settle(flows, tariff))
             new["estimated"] = estimated
             if new["flows"] == old["flows"] and new["tariff"] == old["tariff"]:
                 self.db.execute("UPDATE settled SET settled_at=? WHERE community=? AND start=?",
