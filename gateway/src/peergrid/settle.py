@@ -136,13 +136,21 @@ def amounts(flows: list[tuple[int, int, int]], retail: int, feed_in: int, fund_m
     grid = gs * max(supply - demand, 0) - gb * max(demand - supply, 0)
     nums.append(grid)
     nums.append(fund)
+    out = _round_nums(nums, q)
+    return out[:-2], out[-2], out[-1], p_buy, p_sell
+
+
+def _round_nums(nums: list[int], q: int) -> list[int]:
+    """Numerators over q rounded to integers that still sum to zero: round
+    down, then one more unit each to the largest remainders (ties: earlier
+    position, i.e. members by id, then grid, then fund)."""
     out = [v // q for v in nums]
     missing = -sum(out)
     if missing:
         order = sorted([(-(v % q), k) for k, v in enumerate(nums)])
         for _, k in order[:missing]:
             out[k] += 1
-    return out[:-2], out[-2], out[-1], p_buy, p_sell
+    return out
 
 
 def auction(flows: list[tuple[int, int, int, int, int]]) -> tuple[Fraction | None, dict[int, int], dict[int, int]]:
@@ -215,12 +223,7 @@ def auction_amounts(flows: list[tuple[int, int, int, int, int]], retail: int, fe
         nums.append(pay)
     nums.append(grid)
     nums.append(fund)
-    out = [v // q for v in nums]
-    missing = -sum(out)
-    if missing:
-        order = sorted([(-(v % q), k) for k, v in enumerate(nums)])
-        for _, k in order[:missing]:
-            out[k] += 1
+    out = _round_nums(nums, q)
     return out[:-2], out[-2], out[-1], price, bought, sold
 
 
