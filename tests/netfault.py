@@ -77,6 +77,12 @@ class MqttFaultProxy:
 
     def close(self) -> None:
         self._stop = True
+        try:
+            # wakes the accept() in the other thread; close() alone would
+            # leave the port listening until that call returns
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.srv.close()
         for s in self._socks:
             try:
