@@ -358,6 +358,9 @@ def test_run_loop_settles_into_the_ledger(tmp_path):
     cfgp.write_text(cfgp.read_text().replace("interval_min = 15", "interval_min = 7"))
     with pytest.raises(SystemExit):
         Gateway(Config.load(cfgp))._settler()
+    cfgp.write_text(cfgp.read_text().replace("interval_min = 7", "interval_min = 15\ngrid_fee = 23"))
+    with pytest.raises(SystemExit, match="grid fee"):
+        Gateway(Config.load(cfgp))._settler()
 
 
 def test_membership_goes_into_the_ledger(tmp_path):
@@ -374,12 +377,22 @@ def test_membership_goes_into_the_ledger(tmp_path):
 
     cli("member", "add", "house one")
     cli("member", "add", "house two")
+    cli("member", "add", "house three")
+    cli("member", "limits", "2", "--bid", "0", "--ask", "20")
+    cli("member", "partner", "add", "3", "2", "--discount", "5")
+    assert b"bid 0 ask 20" in cli("member", "list")
+    assert b"3 ->     2  discount 5" in cli("member", "partner", "list")
+    r = subprocess.run([sys.executable, "-m", "peergrid.cli", "-c", str(cfgp), "member", "partner", "add", "3", "3",
+                        "--discount", "5"], capture_output=True, text=True)
+    assert r.returncode == 1 and "own preferred partner" in r.stderr
     cli("member", "leave", "1")
-    cli("tariff", "--retail", "35", "--feed-in", "7", "--from", str(4_000_000_000 - 4_000_000_000 % 900))
+    cli("tariff", "--retail", "35", "--feed-in", "7", "--grid-fee", "3", "--fund-export-ppm", "1000",
+        "--from", str(4_000_000_000 - 4_000_000_000 % 900))
     r = subprocess.run([sys.executable, "-m", "peergrid.cli", "-c", str(cfgp), "tariff", "--retail", "35",
                         "--feed-in", "7", "--from", "1001"], capture_output=True, text=True)
     assert r.returncode == 1 and "boundary" in r.stderr
     data = cli("ledger", "export")
     entries = ledger.verify(data)
-    assert [e.type for e in entries] == ["genesis", "member_joined", "member_joined", "member_left", "tariff"]
-    assert entries[3].body == {"member": 1}
+    assert [e.type for e in entries] == ["genesis"] + ["member_joined"] * 3 + ["member_left", "tariff"]
+    assert entries[4].body == {"member": 1}
+    assert entries[5].body["tariff"] == [35, 7, 0, "sdr", 3, 1000]

@@ -153,3 +153,28 @@ def test_auction_settlements_verify_and_forged_limits_are_caught() -> None:
     forged.append("settlement", 1, body)
     with pytest.raises(ledger.LedgerError, match="does not follow"):
         ledger.verify(forged.export())
+
+
+def test_fees_partners_and_export_share_verify_and_forgeries_are_caught() -> None:
+    from peergrid import statements as stm
+    from peergrid.settle import Partner
+
+    lg = ledger.Ledger(KEY, "oak")
+    t = Tariff(30, 8, 100_000, "sdr", 4, 250_000)
+    flows = [Flow(1, 3000, 0), Flow(2, 1000, 0), Flow(3, 0, 2000), Flow(4, 0, 4000)]
+    partners = [Partner(3, 2, 10)]
+    lg.append("settlement", 1, ledger.settlement_body(0, 900, flows, t, settle(flows, t, partners)))
+    entries = ledger.verify(lg.export())
+    c = stm.statements(entries, 0, 900)
+    assert c.preferred_wh == 1000 and c.local_wh == 4000
+    assert c.members[2].bought_local_wh == 1000 and c.members[3].sold_local_wh + c.members[4].sold_local_wh == 4000
+    assert sum(s.paid for s in c.members.values()) == -(entries[1].body["grid"] + entries[1].body["fund"])
+    body = entries[1].body
+    for path, value in ((("partners", 2), 5), (("tariff", 4), 3), (("tariff", 5), 0), (("partners", 1), 1)):
+        forged_body = ledger.cbor2.loads(ledger.cbor2.dumps(body))
+        forged_body[path[0]][path[1]] = value
+        forged = ledger.Ledger(KEY, "oak")
+        forged.load(lg.entries[:1])
+        forged.append("settlement", 1, forged_body)
+        with pytest.raises(ledger.LedgerError, match="does not follow|malformed"):
+            ledger.verify(forged.export())

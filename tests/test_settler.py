@@ -216,3 +216,36 @@ def test_tariff_change_takes_effect_at_a_later_boundary(tmp_path) -> None:
     assert [e.body["tariff"][0] for e in sett] == [3000] * 8 + [3500] * 4
     assert sett[-1].body["tariff"][3] == "mmr"
     assert any(e.type == "tariff" for e in entries)
+
+
+def test_registry_limits_and_partners_reach_the_ledger(tmp_path) -> None:
+    import pytest
+
+    from peergrid.registry import RegistryError
+
+    dbp = tmp_path / "gw.db"
+    _day(dbp, members=4)            # members 1 and 3 have PV
+    db = reg.connect(dbp)
+    r = reg.Registry(db)
+    r.add_partner("oak", 1, 2, 2500)            # more than the tariff allows: capped at 3000-100-800
+    r.add_partner("oak", 3, 4, 300)
+    r.set_limits("oak", 2, 2900, None)
+    r.set_limits("oak", 3, 5000, 900)            # a bid above retail counts as retail
+    with pytest.raises(RegistryError):
+        r.add_partner("oak", 2, 2, 10)
+    with pytest.raises(RegistryError):
+        r.set_limits("oak", 9, 10, 10)
+    assert r.partners("oak") == [(1, 2, 2500), (3, 4, 300)]
+    s = Settler(db, "oak", load_key(tmp_path / "k"), Tariff(3000, 800, 0, "auction", 100, 100_000),
+                first_start=DAY0)
+    assert s.settle_due(DAY0 + 86400 + 120) == 96
+    entries = ledger.verify(s.export())
+    sett = [e for e in entries if e.type == "settlement"]
+    assert all(e.body["partners"] == [1, 2, 2100, 3, 4, 300] for e in sett)
+    assert all(e.body["limits"] == [3000, 800, 2900, 800, 3000, 900, 3000, 800] for e in sett)
+    from peergrid import statements as stm
+    c = stm.statements(entries, DAY0, DAY0 + 86400)
+    assert c.preferred_wh > 0 and c.fund > 0          # the fund's balance
+    # a partner rule removed later does not change how late data is adjusted
+    r.remove_partner("oak", 1, 2)
+    assert r.partners("oak") == [(3, 4, 300)]

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway" / "src"))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from peergrid import ledger  # noqa: E402
-from peergrid.settle import Flow, Tariff, settle  # noqa: E402
+from peergrid.settle import Flow, Partner, Tariff, settle  # noqa: E402
 
 
 def flows(rng: random.Random, n: int) -> list[Flow]:
@@ -41,6 +41,14 @@ def main() -> None:
         for _ in range(reps):
             settle(fl, tariff)
         settle_ms[str(n)] = round((time.perf_counter() - t) / reps * 1000, 2)
+    # the same with a grid fee, an export share and a partner rule for every 20th member
+    full = Tariff(3187, 812, 20_000, "sdr", 500, 50_000)
+    fl = flows(rng, 100000)
+    partners = [Partner(i, i + 1, 300) for i in range(3, 100000, 20)]
+    t = time.perf_counter()
+    for _ in range(3):
+        settle(fl, full, partners)
+    settle_full_ms = round((time.perf_counter() - t) / 3 * 1000, 2)
     intervals = 35040 // 10 if a.quick else 35040
     lg = ledger.Ledger(Ed25519PrivateKey.from_private_bytes(bytes(range(32))), "oak")
     start = 1_767_225_600          # 2026-01-01T00:00Z
@@ -57,6 +65,7 @@ def main() -> None:
     verify_s = time.perf_counter() - t0
     scale = 35040 / intervals
     print(json.dumps({"bench": "settlement", "quick": a.quick, "settle_ms": settle_ms,
+                      "settle_100000_fee_partners_ms": settle_full_ms,
                       "verify_intervals": intervals, "verify_s": round(verify_s, 2),
                       "verify_year_100_s": round(verify_s * scale, 2), "entries": len(entries),
                       "export_mb": round(len(data) / 1e6, 1), "build_s": round(build_s, 1)}))

@@ -35,9 +35,28 @@ def admin(args: argparse.Namespace) -> int:
                 r.leave(cfg.community, args.member)
                 _record(cfg, "member_left", {"member": args.member})
                 print(f"member {args.member} has left")
+            elif args.mcmd == "limits":
+                r.set_limits(cfg.community, args.member, args.bid, args.ask)
+                print(f"member {args.member}: bid {args.bid if args.bid is not None else 'retail'}, "
+                      f"ask {args.ask if args.ask is not None else 'feed-in'} (used by the auction)")
+            elif args.mcmd == "partner":
+                if args.pcmd == "add":
+                    r.add_partner(cfg.community, args.seller, args.buyer, args.discount)
+                    print(f"member {args.seller} offers its export to member {args.buyer} first, "
+                          f"{args.discount} per kWh below retail")
+                elif args.pcmd == "remove":
+                    r.remove_partner(cfg.community, args.seller, args.buyer)
+                    print(f"member {args.seller} no longer prefers member {args.buyer}")
+                else:
+                    for seller, buyer, disc in r.partners(cfg.community):
+                        print(f"{seller:5d} -> {buyer:5d}  discount {disc} per kWh")
             else:
+                lim = r.limits(cfg.community)
                 for mid, name, left in r.members(cfg.community):
-                    print(f"{mid:5d}  {name}{'  (left)' if left else ''}")
+                    bid, ask = lim.get(mid, (None, None))
+                    extra = "" if bid is None and ask is None else (
+                        f"  bid {'retail' if bid is None else bid} ask {'feed-in' if ask is None else ask}")
+                    print(f"{mid:5d}  {name}{'  (left)' if left else ''}{extra}")
             return 0
         if args.cmd == "device":
             return _device(args, cfg, r)
@@ -48,7 +67,8 @@ def admin(args: argparse.Namespace) -> int:
             if st is None:
                 raise reg.RegistryError("no [settlement] in the config, so no ledger")
             try:
-                n = st.set_tariff(Tariff(args.retail, args.feed_in, args.fund_margin_ppm, args.mechanism),
+                n = st.set_tariff(Tariff(args.retail, args.feed_in, args.fund_margin_ppm, args.mechanism,
+                                         args.grid_fee, args.fund_export_ppm),
                                   args.t_from, int(time.time()))
             except ValueError as e:
                 raise reg.RegistryError(str(e)) from None

@@ -196,7 +196,7 @@ def _chunk(args: tuple) -> tuple[int, str] | list[tuple[int, str, int, tuple | N
 
 def result_digest(b: dict[str, Any]) -> bytes:
     """What identifies a settlement's outcome: inputs and money."""
-    return hashlib.sha256(cbor2.dumps([b["tariff"], b["flows"], b.get("limits"), b["amounts"], b["grid"],
+    return hashlib.sha256(cbor2.dumps([b["tariff"], b["flows"], b.get("limits"), b.get("partners"), b["amounts"], b["grid"],
                                        b["fund"]], canonical=True)).digest()
 
 
@@ -270,18 +270,45 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
 
 
 def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result: Any) -> dict[str, Any]:
-    """The body of a settlement entry: the inputs needed to re-run it and
-    the money it came to (the per-member details follow from these)."""
+    """The body of a settlement entry: the inputs needed to re-run it (the
+    tariff, the flows, for an auction the price limits, the preferred
+    partners in matching order) and the money it came to."""
     fl = sorted(flows, key=lambda f: f.member)
-    return {"start": start, "end": end,
-            "tariff": [tariff.retail, tariff.feed_in, tariff.fund_margin_ppm, tariff.mechanism],
-            "flows": [x for f in fl for x in (f.member, f.imp, f.exp)],     # flat: member, imp, exp, ...
-            **({"limits": [x for f in fl for x in (result.members[f.member]["bid"], result.members[f.member]["ask"])]}
-               if tariff.mechanism == "auction" else {}),
-            "amounts": [result.members[f.member]["amount"] for f in fl],
-            "grid": result.grid, "fund": result.fund,
-            "price": [result.p_buy.numerator, result.p_buy.denominator,
-                      result.p_sell.numerator, result.p_sell.denominator]}
+    body: dict[str, Any] = {"start": start, "end": end, "tariff": tariff.as_list(),
+                            "flows": [x for f in fl for x in (f.member, f.imp, f.exp)]}  # flat: member, imp, exp
+    if tariff.mechanism == "auction":
+        body["limits"] = [x for f in fl for x in (result.members[f.member]["bid"], result.members[f.member]["ask"])]
+    if result.partners:
+        body["partners"] = [x for p in result.partners for x in (p.seller, p.buyer, p.discount)]
+    body.update({"amounts": [result.members[f.member]["amount"] for f in fl],
+                 "grid": result.grid, "fund": result.fund,
+                 "price": [result.p_buy.numerator, result.p_buy.denominator,
+                           result.p_sell.numerator, result.p_sell.denominator]})
+    return body
+
+
+def rerun(b: dict[str, Any], detail: bool = False) -> tuple[list[tuple[int, int, int]], Any, Any]:
+    """Re-run a settlement body from its recorded inputs: (flows, tariff,
+    peergrid.settle.Result). ValueError, KeyError or TypeError if malformed."""
+    from peergrid.settle import Partner, Tariff, check_inputs, market
+
+    t = Tariff.from_list(b["tariff"])
+    flat = b["flows"]
+    if not isinstance(flat, list) or len(flat) % 3:
+        raise ValueError("flows must be three integers per member")
+    flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
+    lim = None
+    if t.mechanism == "auction":
+        ll = b["limits"]
+        if not isinstance(ll, list) or len(ll) != 2 * len(flows):
+            raise ValueError("limits must be two integers per member")
+        lim = list(zip(ll[0::2], ll[1::2]))
+    pp = b.get("partners", [])
+    if not isinstance(pp, list) or len(pp) % 3 or any(type(v) is not int for v in pp):
+        raise ValueError("partners must be three integers each")
+    partners = [Partner(*pp[k:k + 3]) for k in range(0, len(pp), 3)]
+    check_inputs(t, flows, lim, partners)
+    return flows, t, market(t, flows, lim, partners, detail)
 
 
 def adjustment_body(old: dict[str, Any], new: dict[str, Any], replaces: int) -> dict[str, Any]:
@@ -310,34 +337,12 @@ def _check_adjustment(e: Entry, i: int) -> None:
 
 
 def _check_settlement(e: Entry, i: int) -> None:
-    from fractions import Fraction
-
-    from peergrid.settle import MECHANISMS, amounts, auction_amounts
-
     b = e.body
     try:
-        retail, feed_in, margin, mech = b["tariff"]
-        flat = b["flows"]
-        if not (0 <= feed_in < retail and mech in MECHANISMS and 0 <= margin <= 1_000_000):
-            raise ValueError("tariff out of range")
-        if len(flat) % 3 or any(type(v) is not int or v < 0 for v in flat):
-            raise ValueError("flows must be non-negative integers, three per member")
-        flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
-        if any(flows[k][0] >= flows[k + 1][0] for k in range(len(flows) - 1)):
-            raise ValueError("flows must be in member order")
-        if mech == "auction":
-            lim = b["limits"]
-            if len(lim) != 2 * len(flows) or any(type(v) is not int for v in lim):
-                raise ValueError("limits must be two integers per member")
-            full = [(m, x, y, lim[2 * k], lim[2 * k + 1]) for k, (m, x, y) in enumerate(flows)]
-            if any(not (feed_in <= ask and 0 <= bid <= retail) for _, _, _, bid, ask in full):
-                raise ValueError("limits out of range")
-            a, grid, fund, price, _, _ = auction_amounts(full, retail, feed_in, margin)
-            pb = ps = price if price is not None else Fraction(0)
-        else:
-            a, grid, fund, pb, ps = amounts(flows, retail, feed_in, margin, mech)
+        _, _, r = rerun(b)
     except (KeyError, TypeError, ValueError) as err:
         raise LedgerError(f"settlement entry malformed: {err}", i) from None
-    if a != b["amounts"] or grid != b["grid"] or fund != b["fund"] or \
+    pb, ps = r.p_buy, r.p_sell
+    if r.amounts != b["amounts"] or r.grid != b["grid"] or r.fund != b["fund"] or \
             [pb.numerator, pb.denominator, ps.numerator, ps.denominator] != b["price"]:
         raise LedgerError("settlement result does not follow from its inputs", i)

@@ -33,7 +33,13 @@ CREATE TABLE IF NOT EXISTS devices (
     member INTEGER REFERENCES members(id), secret BLOB NOT NULL, board TEXT NOT NULL,
     channels TEXT NOT NULL, broker_hash TEXT NOT NULL, fw TEXT, generation INTEGER NOT NULL DEFAULT 1,
     created REAL NOT NULL, revoked REAL, PRIMARY KEY (community, id));
+CREATE TABLE IF NOT EXISTS partners (
+    community TEXT NOT NULL REFERENCES communities(id), seller INTEGER NOT NULL REFERENCES members(id),
+    buyer INTEGER NOT NULL REFERENCES members(id), discount INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (community, seller, buyer));
 """
+# columns added after the first release, with what older databases get
+MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"))
 
 
 class RegistryError(ValueError):
@@ -78,6 +84,10 @@ class Registry:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         db.executescript(SCHEMA)
+        for table, col, decl in MIGRATIONS:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if col not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
 
     # -- communities and members ----------------------------------------------
 
@@ -101,6 +111,53 @@ class Registry:
     def members(self, community: str) -> list[tuple[int, str, float | None]]:
         return list(self.db.execute("SELECT id, name, left_at FROM members WHERE community=? ORDER BY id",
                                     (community,)))
+
+    def _current(self, community: str, member: int) -> None:
+        if not self.db.execute("SELECT 1 FROM members WHERE community=? AND id=? AND left_at IS NULL",
+                               (community, member)).fetchone():
+            raise RegistryError(f"no current member {member} in {community!r}")
+
+    def set_limits(self, community: str, member: int, bid: int | None, ask: int | None) -> None:
+        """A member's price limits for the double auction, per kWh in minor
+        units (None: the default, bid = retail and ask = feed-in). At
+        settlement a bid above retail counts as retail and an ask below
+        feed-in as feed-in."""
+        self._current(community, member)
+        for v in (bid, ask):
+            if v is not None and (type(v) is not int or v < 0):
+                raise RegistryError("price limits are whole minor units per kWh, not negative")
+        self.db.execute("UPDATE members SET bid=?, ask=? WHERE community=? AND id=?", (bid, ask, community, member))
+
+    def limits(self, community: str) -> dict[int, tuple[int | None, int | None]]:
+        return {r[0]: (r[1], r[2]) for r in self.db.execute(
+            "SELECT id, bid, ask FROM members WHERE community=? ORDER BY id", (community,))}
+
+    def add_partner(self, community: str, seller: int, buyer: int, discount: int) -> None:
+        """The seller offers its export to the buyer first, at retail minus
+        `discount` per kWh (capped at settlement so the seller never gets
+        less than feed-in)."""
+        self._current(community, seller)
+        self._current(community, buyer)
+        if seller == buyer:
+            raise RegistryError("a member cannot be its own preferred partner")
+        if type(discount) is not int or discount < 0:
+            raise RegistryError("the discount is whole minor units per kWh, not negative")
+        self.db.execute("INSERT INTO partners VALUES (?, ?, ?, ?, ?) ON CONFLICT(community, seller, buyer)"
+                        " DO UPDATE SET discount=excluded.discount", (community, seller, buyer, discount, time.time()))
+
+    def remove_partner(self, community: str, seller: int, buyer: int) -> None:
+        cur = self.db.execute("DELETE FROM partners WHERE community=? AND seller=? AND buyer=?",
+                              (community, seller, buyer))
+        if cur.rowcount == 0:
+            raise RegistryError(f"member {seller} has no preferred partner {buyer}")
+
+    def partners(self, community: str) -> list[tuple[int, int, int]]:
+        """(seller, buyer, discount) between current members, in matching
+        order: sellers by id, each seller's partners in the order added."""
+        return [(r[0], r[1], r[2]) for r in self.db.execute(
+            "SELECT p.seller, p.buyer, p.discount FROM partners p JOIN members s ON s.id = p.seller"
+            " JOIN members b ON b.id = p.buyer WHERE p.community=? AND s.left_at IS NULL AND b.left_at IS NULL"
+            " ORDER BY p.seller, p.created, p.buyer", (community,))]
 
     def _community(self, cid: str) -> None:
         if not self.db.execute("SELECT 1 FROM communities WHERE id=?", (cid,)).fetchone():

@@ -310,9 +310,15 @@ class Gateway:
         from peergrid.settle import Tariff
         from peergrid.settler import Settler, load_key
 
-        tariff = Tariff(int(st["retail"]), int(st["feed_in"]), int(st.get("fund_margin_ppm", 0)),
-                        st.get("mechanism", "sdr"))
-        tariff.check()
+        try:
+            tariff = Tariff(int(st["retail"]), int(st["feed_in"]), int(st.get("fund_margin_ppm", 0)),
+                            st.get("mechanism", "sdr"), int(st.get("grid_fee", 0)),
+                            int(st.get("fund_export_ppm", 0)))
+            tariff.check()
+        except KeyError as e:
+            raise SystemExit(f"settlement: {e.args[0]} is missing from [settlement]") from None
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"settlement: {e}") from None
         length = int(st.get("interval_min", 15)) * 60
         if length <= 0 or 3600 % length:
             raise SystemExit("settlement: interval_min must divide the hour (1-60)")

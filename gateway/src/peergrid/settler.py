@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from peergrid import ledger
 from peergrid.intervals import Reading, intervals
 from peergrid.registry import Registry
-from peergrid.settle import Flow, Tariff, settle
+from peergrid.settle import Flow, Partner, Tariff, max_discount, settle
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY, raw BLOB NOT NULL);
@@ -74,8 +74,7 @@ class Settler:
                     best = m["body"]
         if best is None:
             return self.tariff
-        r, f, margin, mech = best["tariff"]
-        return Tariff(r, f, margin, mech)
+        return Tariff.from_list(best["tariff"])
 
     def set_tariff(self, tariff: Tariff, from_t: int, now: int) -> int:
         """Record a tariff change that takes effect at a later interval
@@ -86,8 +85,7 @@ class Settler:
         nxt = self._next_start()
         if nxt is not None and from_t < nxt:
             raise ValueError("intervals before that are settled already")
-        return self.record("tariff", now, {"from": from_t, "tariff": [tariff.retail, tariff.feed_in,
-                                                                      tariff.fund_margin_ppm, tariff.mechanism]})
+        return self.record("tariff", now, {"from": from_t, "tariff": tariff.as_list()})
 
     def _next_start(self) -> int | None:
         r = self.db.execute("SELECT MAX(start) FROM settled WHERE community=?", (self.community,)).fetchone()
@@ -118,7 +116,41 @@ class Settler:
                 acc[0] += iv.imp_wh
                 acc[1] += iv.exp_wh
                 estimated = estimated or iv.estimated
-        return [Flow(m, v[0], v[1]) for m, v in sorted(per.items())], estimated
+        lim = self.registry.limits(self.community)
+        return [Flow(m, v[0], v[1], *lim.get(m, (None, None))) for m, v in sorted(per.items())], estimated
+
+    def market_inputs(self, flows: list[Flow], tariff: Tariff) -> tuple[list[Flow], list[Partner]]:
+        """The registry's limits and partner rules as the tariff in force
+        allows them: a bid above retail counts as retail, an ask below
+        feed-in as feed-in, a discount above retail - fee - feed-in as that
+        maximum (what is applied is what the ledger records)."""
+        out = []
+        for f in flows:
+            bid = None if f.bid is None else min(f.bid, tariff.retail)
+            ask = None if f.ask is None else max(f.ask, tariff.feed_in)
+            out.append(Flow(f.member, f.imp, f.exp, bid, ask))
+        hi = max_discount(tariff)
+        partners = [Partner(s, b, min(d, hi)) for s, b, d in self.registry.partners(self.community)]
+        return out, partners
+
+    def _settle(self, start: int, end: int, like: dict | None = None) -> dict:
+        """A settlement body for [start, end). With `like` (the figures in
+        force, for an adjustment) the price limits and partner rules are the
+        ones that interval was settled with, so only the late data changes
+        the figures, not a later change in the registry."""
+        flows, estimated = self.flows(start, end)
+        tariff = self.tariff_for(start)
+        flows, partners = self.market_inputs(flows, tariff)
+        if like is not None:
+            fl = like["flows"]
+            if "limits" in like:
+                old = dict(zip(fl[0::3], zip(like["limits"][0::2], like["limits"][1::2])))
+                flows = [Flow(f.member, f.imp, f.exp, *old[f.member]) if f.member in old else f for f in flows]
+            pp = like.get("partners", [])
+            partners = [Partner(*pp[k:k + 3]) for k in range(0, len(pp), 3)]
+        body = ledger.settlement_body(start, end, flows, tariff, settle(flows, tariff, partners))
+        body["estimated"] = estimated
+        return body
 
     def settle_due(self, now: float, limit: int = 1000) -> int:
         """Settle every interval that is due; returns how many."""
@@ -127,13 +159,8 @@ class Settler:
             start = self._next_start()
             if start is None or now < start + self.length + self.grace:
                 return n
-            end = start + self.length
-            flows, estimated = self.flows(start, end)
-            tariff = self.tariff_for(start)
-            result = settle(flows, tariff)
-            body = ledger.settlement_body(start, end, flows, tariff, result)
-            body["estimated"] = estimated
-            self._append(("settlement", int(now), body), (self.community, start, int(estimated), now))
+            body = self._settle(start, start + self.length)
+            self._append(("settlement", int(now), body), (self.community, start, int(body["estimated"]), now))
             n += 1
         return n
 
@@ -155,10 +182,8 @@ class Settler:
                 continue
             cur = cbor2.loads(cbor2.loads(self.ledger.entries[ledger_n]).value[2])["body"]
             old = cur["new"] if "new" in cur else cur
-            flows, estimated = self.flows(start, end)
-            tariff = self.tariff_for(start)
-            new = ledger.settlement_body(start, end, flows, tariff, settle(flows, tariff))
-            new["estimated"] = estimated
+            new = self._settle(start, end, like=old)
+            estimated = new["estimated"]
             if new["flows"] == old["flows"] and new["tariff"] == old["tariff"]:
                 self.db.execute("UPDATE settled SET settled_at=? WHERE community=? AND start=?",
                                 (now, self.community, start))

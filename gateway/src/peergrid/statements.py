@@ -5,8 +5,9 @@ prices; community totals (self-sufficiency, self-consumption, the fund).
 
 Everything is computed from the settlement entries alone, so a member can
 produce the same statement from the ledger export as the gateway does.
-Energy split per interval: with demand D and supply G, a buyer's import is
-local in the share min(1, G/D), a seller's export in the share min(1, D/G).
+The energy each member bought and sold locally comes from re-running the
+interval's settlement from the inputs recorded in its entry (preferred
+partners first, then the mechanism; see docs/SETTLEMENT.md).
 Money is in minor units; the grid-only comparison is rounded up per
 interval, as the settlement rounds.
 """
@@ -47,6 +48,7 @@ class Community:
     demand_wh: int = 0
     supply_wh: int = 0
     local_wh: int = 0
+    preferred_wh: int = 0           # of local_wh, traded between preferred partners
     fund: int = 0
     members: dict[int, Statement] = field(default_factory=dict)
 
@@ -74,42 +76,28 @@ def statements(entries: Iterable[Entry], start: int, end: int) -> Community:
 
 
 def _add(c: Community, b: dict, sign: int, start: int, end: int, count: bool = True) -> None:
-    retail, feed_in = b["tariff"][0], b["tariff"][1]
-    count = count and sign > 0
-    flat = b["flows"]
-    flows = list(zip(flat[0::3], flat[1::3], flat[2::3]))
-    d = sum(f[1] for f in flows)
-    g = sum(f[2] for f in flows)
-    c.demand_wh += sign * d
-    c.supply_wh += sign * g
-    c.local_wh += sign * min(d, g)
-    c.fund -= sign * b["fund"]
-    share_buy = Fraction(min(d, g), d) if d else Fraction(0)
-    share_sell = Fraction(min(d, g), g) if g else Fraction(0)
-    local_b: dict[int, int] | None = None
-    if b["tariff"][3] == "auction":
-        from peergrid.settle import auction
+    from peergrid.ledger import rerun
 
-        lim = b["limits"]
-        _, local_b, local_s = auction([(m, x, y, lim[2 * k], lim[2 * k + 1])
-                                       for k, (m, x, y) in enumerate(flows)])
-        c.local_wh += sign * (sum(local_b.values()) - min(d, g))
-    for (m, imp, exp), amount in zip(flows, b["amounts"]):
+    flows, t, r = rerun(b, detail=True)
+    count = count and sign > 0
+    c.demand_wh += sign * sum(f[1] for f in flows)
+    c.supply_wh += sign * sum(f[2] for f in flows)
+    c.local_wh += sign * r.local
+    c.preferred_wh += sign * r.preferred
+    c.fund -= sign * b["fund"]
+    for k, ((m, imp, exp), amount) in enumerate(zip(flows, b["amounts"])):
         s = c.members.get(m)
         if s is None:
             s = c.members[m] = Statement(m, start, end)
         if count:
             s.intervals += 1
-        if local_b is not None:
-            lb, ls = local_b.get(m, 0), local_s.get(m, 0)
-        else:
-            lb, ls = imp * share_buy, exp * share_sell
+        lb, ls = r.bought[k], r.sold[k]
         s.bought_local_wh += sign * lb
         s.bought_grid_wh += sign * (imp - lb)
         s.sold_local_wh += sign * ls
         s.sold_grid_wh += sign * (exp - ls)
         s.paid += sign * amount
-        s.grid_only += sign * math.ceil(Fraction(retail * imp - feed_in * exp, 1000))
+        s.grid_only += sign * math.ceil(Fraction(t.retail * imp - t.feed_in * exp, 1000))
 
 
 def _kwh(wh: Fraction | int) -> str:
