@@ -123,12 +123,60 @@ class Ledger:
         return b"".join(self.entries)
 
 
+def _skip(data: bytes, pos: int, depth: int = 0) -> int:
+    """The end of the CBOR item at pos, from its headers alone (strings are
+    skipped, not copied). Raises ValueError on what it cannot walk."""
+    if depth > 16:
+        raise ValueError("nested too deep")
+    ib = data[pos]
+    major, info = ib >> 5, ib & 31
+    pos += 1
+    if info < 24:
+        arg = info
+    elif info <= 27:
+        n = 1 << (info - 24)
+        if pos + n > len(data):
+            raise ValueError("truncated")
+        arg = int.from_bytes(data[pos:pos + n], "big")
+        pos += n
+    else:
+        raise ValueError("indefinite or reserved length")
+    if major in (2, 3):
+        pos += arg
+    elif major == 4:
+        for _ in range(arg):
+            pos = _skip(data, pos, depth + 1)
+    elif major == 5:
+        for _ in range(2 * arg):
+            pos = _skip(data, pos, depth + 1)
+    elif major == 6:
+        pos = _skip(data, pos, depth + 1)
+    if pos > len(data):
+        raise ValueError("truncated")
+    return pos
+
+
 def iter_export(data: bytes):
     """The raw bytes of each item of a CBOR sequence, one at a time (so a
-    verifier reports a damaged entry before it trips over the next one)."""
-    f = io.BytesIO(data)
-    dec = cbor2.CBORDecoder(f)
+    verifier reports a damaged entry before it trips over the next one).
+    Items are delimited from their headers; the decoder only runs to name
+    what is wrong with bytes that cannot be walked."""
+    pos = 0
     i = 0
+    n = len(data)
+    while pos < n:
+        try:
+            end = _skip(data, pos)
+        except (ValueError, IndexError):
+            break
+        yield data[pos:end]
+        pos = end
+        i += 1
+    if pos >= n:
+        return
+    f = io.BytesIO(data)
+    f.seek(pos)
+    dec = cbor2.CBORDecoder(f)
     while f.tell() < len(data):
         start = f.tell()
         try:
@@ -307,7 +355,7 @@ def rerun(b: dict[str, Any], detail: bool = False) -> tuple[list[tuple[int, int,
     if not isinstance(pp, list) or len(pp) % 3 or any(type(v) is not int for v in pp):
         raise ValueError("partners must be three integers each")
     partners = [Partner(*pp[k:k + 3]) for k in range(0, len(pp), 3)]
-    check_inputs(t, flows, lim, partners)
+    check_inputs(t, flows, lim, partners, flat)
     return flows, t, market(t, flows, lim, partners, detail)
 
 

@@ -152,22 +152,25 @@ def prices(mechanism: str, supply: int, demand: int, retail: int, feed_in: int,
     """(p_buy, p_sell) per kWh for the local market (sdr or mmr). A buyer's
     import is local in the share min(1, supply/demand) and pays the seller's
     price plus the grid fee on that share, retail on the rest."""
-    lb, ls = Fraction(retail), Fraction(feed_in)
     if demand == 0 or supply == 0:
-        return lb, ls                 # nobody buys or nobody sells: grid prices
-    cap = lb - fee                    # the most a seller can get: the buyer pays the fee on top
-    r = Fraction(supply, demand)
+        return Fraction(retail), Fraction(feed_in)     # nobody buys or nobody sells: grid prices
+    cap = retail - fee                # the most a seller can get: the buyer pays the fee on top
+    S, D, ls, lb = supply, demand, feed_in, retail
+    # the published formulas, written over one denominator each (one
+    # Fraction per price: this runs for every entry a verifier re-checks)
     if mechanism == "sdr":
-        # supply-demand ratio pricing (Liu et al. 2017)
-        if r >= 1:
-            return ls + fee, ls
-        p_sell = cap * ls / ((cap - ls) * r + ls) if ls > 0 else Fraction(0)
-        return (p_sell + fee) * r + lb * (1 - r), p_sell
-    # mid-market rate (Long et al. 2017)
-    mid = (cap + ls) / 2
-    if supply <= demand:
-        return ((mid + fee) * supply + lb * (demand - supply)) / demand, mid
-    return mid + fee, (mid * demand + ls * (supply - demand)) / supply
+        # supply-demand ratio pricing (Liu et al. 2017), SDR = S / D
+        if S >= D:
+            return Fraction(ls + fee), Fraction(ls)
+        # p_sell = cap·ls / ((cap − ls)·S/D + ls);  p_buy = (p_sell + fee)·S/D + lb·(1 − S/D)
+        num, den = cap * ls * D, (cap - ls) * S + ls * D
+        if ls == 0:
+            num, den = 0, 1
+        return Fraction(num * S + den * (fee * S + lb * (D - S)), den * D), Fraction(num, den)
+    # mid-market rate (Long et al. 2017), mid = (cap + ls) / 2
+    if S <= D:
+        return Fraction((cap + ls + 2 * fee) * S + 2 * lb * (D - S), 2 * D), Fraction(cap + ls, 2)
+    return Fraction(cap + ls + 2 * fee, 2), Fraction((cap + ls) * D + 2 * ls * (S - D), 2 * S)
 
 
 def auction(flows: Sequence[tuple[int, int, int, int, int]],
@@ -206,13 +209,15 @@ def auction(flows: Sequence[tuple[int, int, int, int, int]],
 
 
 def check_inputs(t: Tariff, flows: Sequence[tuple[int, int, int]], limits: Sequence[tuple[int, int]] | None,
-                 partners: Sequence[Partner]) -> None:
-    """What a settlement's inputs must satisfy (raised as ValueError)."""
+                 partners: Sequence[Partner], flat: list[int] | None = None) -> None:
+    """What a settlement's inputs must satisfy (raised as ValueError);
+    `flat` is the flows as one list when the caller has it."""
     t.check()
-    for f in flows:
-        if len(f) != 3:
-            raise ValueError("flows are (member, imp, exp)")
-    flat = [v for f in flows for v in f]
+    if flat is None:
+        for f in flows:
+            if len(f) != 3:
+                raise ValueError("flows are (member, imp, exp)")
+        flat = [v for f in flows for v in f]
     if not set(map(type, flat)) <= {int}:
         raise ValueError("flows are integers")
     if flat and min(flat[1::3] + flat[2::3] or [0]) < 0:
@@ -320,8 +325,21 @@ def market(t: Tariff, flows: Sequence[tuple[int, int, int]], limits: Sequence[tu
         kl = levy.numerator * (unit // levy.denominator)
         ks -= kl
         fund -= kl * supply
-        for k in range(n):
-            nums.append(kb * imp[k] - ks * exp[k])
+        if pref_pay is None:
+            # the common case in one pass: market amounts and the margin
+            for _, i, e in flows:
+                pay = kb * i - ks * e
+                if mppm:
+                    saving = gb * i - gs * e - pay
+                    if saving > 0:
+                        take = saving * mppm // PPM
+                        pay += take
+                        fund -= take
+                nums.append(pay)
+            mppm = 0
+        else:
+            for k in range(n):
+                nums.append(kb * imp[k] - ks * exp[k])
     if pref_pay is not None:
         for k in range(n):
             nums[k] += pref_pay[k] * unit
