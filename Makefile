@@ -40,10 +40,14 @@ umqtt: $(VENV)/.stamp
 test: $(VENV)/.stamp mpy boards umqtt
 	$(PY) -m pytest
 
-bench: $(VENV)/.stamp
+$(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-stamp
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-bench-quick: $(VENV)/.stamp
+bench-quick: $(VENV)/.bench-stamp
 	@for b in tests/bench/bench_*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
 demo: $(VENV)/.stamp

@@ -74,6 +74,8 @@ def admin(args: argparse.Namespace) -> int:
                 raise reg.RegistryError(str(e)) from None
             print(f"tariff change recorded as ledger entry {n}, in force from {args.t_from}")
             return 0
+        if args.cmd == "resource":
+            return _resource(args, cfg, r)
         if args.cmd == "broker-files":
             return _broker_files(cfg, r)
         if args.cmd == "status":
@@ -134,6 +136,60 @@ def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
         return 0
     r.revoke(cfg.community, args.device)
     print(f"{args.device} revoked; run `peergrid broker-files` to close its broker account")
+    return 0
+
+
+def _hhmm(v: str | None) -> int | None:
+    if v is None:
+        return None
+    try:
+        h, m = v.split(":")
+        out = int(h) * 3600 + int(m) * 60
+    except ValueError:
+        raise reg.RegistryError(f"{v!r}: write a time of day as HH:MM") from None
+    if not 0 <= out < 86400:
+        raise reg.RegistryError(f"{v!r}: write a time of day as HH:MM")
+    return out
+
+
+def _resource(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
+    from peergrid.control import Battery, Load
+
+    c = cfg.community
+    if args.rcmd == "load":
+        r.add_load(c, Load(args.id, args.device, args.relay, args.rated_w, args.priority, args.min_on_s,
+                           args.min_off_s, args.need_wh, _hhmm(args.deadline), _hhmm(args.available),
+                           args.max_switches))
+        print(f"load {args.id} on {args.device} relay {args.relay} registered")
+    elif args.rcmd == "battery":
+        r.add_battery(c, Battery(args.id, args.device, args.target, args.capacity_wh, args.max_charge_w,
+                                 args.max_discharge_w, args.soc_min, args.soc_max, args.efficiency))
+        print(f"battery {args.id} on {args.device} registered")
+    elif args.rcmd == "feeder":
+        r.set_feeder(c, int(args.import_kw * 1000), int(args.export_kw * 1000))
+        print(f"feeder limits: import {args.import_kw} kW, export {args.export_kw} kW")
+    elif args.rcmd == "remove":
+        r.remove_resource(c, args.id)
+        print(f"{args.id} removed")
+    elif args.rcmd == "decisions":
+        from peergrid.controlloop import SCHEMA
+
+        r.db.executescript(SCHEMA)
+        rows = list(r.db.execute("SELECT t, kind, id, device, target, value, reason FROM decisions WHERE community=?"
+                                 " ORDER BY t DESC LIMIT ?", (c, args.last)))
+        for t, kind, rid, dev, tgt, val, why in reversed(rows):
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))}  {kind:7s} {rid:10s} {dev}[{tgt}] -> "
+                  f"{val}: {why}")
+    else:
+        loads, bats, feeder = r.resources(c)
+        fmt = lambda v: "-" if v is None else f"{v // 3600:02d}:{v % 3600 // 60:02d}"  # noqa: E731
+        for x in loads:
+            print(f"load    {x.id:10s} {x.device}[{x.relay}] {x.rated_w} W prio {x.priority} on/off "
+                  f"{x.min_on_s}/{x.min_off_s} s need {x.need_wh} Wh by {fmt(x.deadline_s)} from {fmt(x.available_s)}")
+        for b in bats:
+            print(f"battery {b.id:10s} {b.device}[{b.target}] {b.capacity_wh} Wh +{b.max_charge_w}/-{b.max_discharge_w} W"
+                  f" soc {b.soc_min:.2f}..{b.soc_max:.2f}")
+        print("feeder  " + ("not set" if feeder is None else f"import {feeder.import_w} W, export {feeder.export_w} W"))
     return 0
 
 

@@ -55,6 +55,38 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rotate", "revoke"):
         x = dsub.add_parser(name)
         x.add_argument("device")
+    rs = sub.add_parser("resource", help="controllable loads, batteries and the feeder limits")
+    rsub = rs.add_subparsers(dest="rcmd", required=True)
+    rl = rsub.add_parser("load", help="add a switchable load behind a board's relay")
+    rl.add_argument("id")
+    rl.add_argument("--device", required=True)
+    rl.add_argument("--relay", type=int, required=True, help="relay index on the board")
+    rl.add_argument("--rated-w", type=int, required=True)
+    rl.add_argument("--priority", type=int, default=5, help="lower comes on first (default 5)")
+    rl.add_argument("--min-on-s", type=int, default=600)
+    rl.add_argument("--min-off-s", type=int, default=600)
+    rl.add_argument("--need-wh", type=int, default=0, help="daily energy it must get (water heater, EV)")
+    rl.add_argument("--deadline", help="HH:MM by which the need is met")
+    rl.add_argument("--available", help="HH:MM from which it may run (e.g. the EV is home)")
+    rl.add_argument("--max-switches", type=int, default=20, help="per day")
+    rb = rsub.add_parser("battery", help="add a battery on a board's Modbus link")
+    rb.add_argument("id")
+    rb.add_argument("--device", required=True)
+    rb.add_argument("--target", type=int, default=0, help="battery index on the board")
+    rb.add_argument("--capacity-wh", type=int, required=True)
+    rb.add_argument("--max-charge-w", type=int, required=True)
+    rb.add_argument("--max-discharge-w", type=int, required=True)
+    rb.add_argument("--soc-min", type=float, default=0.1)
+    rb.add_argument("--soc-max", type=float, default=0.95)
+    rb.add_argument("--efficiency", type=float, default=0.92)
+    rf = rsub.add_parser("feeder", help="the community's feeder limits")
+    rf.add_argument("--import-kw", type=float, required=True)
+    rf.add_argument("--export-kw", type=float, required=True)
+    rr = rsub.add_parser("remove")
+    rr.add_argument("id")
+    rsub.add_parser("list")
+    rd = rsub.add_parser("decisions", help="the control loop's latest decisions with their reasons")
+    rd.add_argument("--last", type=int, default=20)
     sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
     tf = sub.add_parser("tariff", help="record a tariff change in the ledger")
     tf.add_argument("--retail", type=int, required=True, help="minor units per kWh")
@@ -108,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ledger verifies: {len(entries)} entries ("
               + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); every settlement re-run")
         return 0
-    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff"):
+    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff", "resource"):
         from peergrid.admin import admin
 
         return admin(args)

@@ -17,6 +17,9 @@ class Metrics:
         self.hist = [0] * (len(BUCKETS) + 1)
         self.lat_sum = 0.0
         self.lat_n = 0
+        self.ctl_hist = [0] * (len(BUCKETS) + 1)
+        self.ctl_n = 0
+        self.ctl_degraded = 0
 
     def inc(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -45,6 +48,20 @@ class Metrics:
                 self.hist[-1] += 1
             self.lat_sum += s
             self.lat_n += 1
+
+    def control(self, cycle_ms: float, decisions: int, degraded: int) -> None:
+        with self.lock:
+            s = cycle_ms / 1000
+            for i, b in enumerate(BUCKETS):
+                if s <= b:
+                    self.ctl_hist[i] += 1
+                    break
+            else:
+                self.ctl_hist[-1] += 1
+            self.ctl_n += 1
+            self.ctl_degraded = degraded
+            if decisions:
+                self.counts["control_decisions"] = self.counts.get("control_decisions", 0) + decisions
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -75,6 +92,16 @@ class Metrics:
             out.append(f'peergrid_store_latency_seconds_bucket{{le="+Inf"}} {cum}')
             out.append(f"peergrid_store_latency_seconds_sum {self.lat_sum:.6f}")
             out.append(f"peergrid_store_latency_seconds_count {self.lat_n}")
+            if self.ctl_n:
+                out.append("# TYPE peergrid_control_cycle_seconds histogram")
+                cum = 0
+                for b, n in zip(BUCKETS, self.ctl_hist):
+                    cum += n
+                    out.append(f'peergrid_control_cycle_seconds_bucket{{le="{b}"}} {cum}')
+                out.append(f'peergrid_control_cycle_seconds_bucket{{le="+Inf"}} {self.ctl_n}')
+                out.append(f"peergrid_control_cycle_seconds_count {self.ctl_n}")
+                out.append("# TYPE peergrid_control_degraded_devices gauge")
+                out.append(f"peergrid_control_degraded_devices {self.ctl_degraded}")
         if presence is not None:
             out.append("# TYPE peergrid_devices gauge")
             out.append(f'peergrid_devices{{state="online"}} {sum(v["online"] for v in presence.values())}')

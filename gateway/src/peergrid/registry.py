@@ -37,6 +37,18 @@ CREATE TABLE IF NOT EXISTS partners (
     community TEXT NOT NULL REFERENCES communities(id), seller INTEGER NOT NULL REFERENCES members(id),
     buyer INTEGER NOT NULL REFERENCES members(id), discount INTEGER NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (community, seller, buyer));
+CREATE TABLE IF NOT EXISTS loads (
+    community TEXT NOT NULL REFERENCES communities(id), id TEXT NOT NULL, device TEXT NOT NULL,
+    relay INTEGER NOT NULL, rated_w INTEGER NOT NULL, priority INTEGER NOT NULL, min_on_s INTEGER NOT NULL,
+    min_off_s INTEGER NOT NULL, need_wh INTEGER NOT NULL, deadline_s INTEGER, available_s INTEGER,
+    max_switches_day INTEGER NOT NULL, PRIMARY KEY (community, id), UNIQUE (community, device, relay));
+CREATE TABLE IF NOT EXISTS batteries (
+    community TEXT NOT NULL REFERENCES communities(id), id TEXT NOT NULL, device TEXT NOT NULL,
+    target INTEGER NOT NULL, capacity_wh INTEGER NOT NULL, max_charge_w INTEGER NOT NULL,
+    max_discharge_w INTEGER NOT NULL, soc_min REAL NOT NULL, soc_max REAL NOT NULL, efficiency REAL NOT NULL,
+    PRIMARY KEY (community, id), UNIQUE (community, device, target));
+CREATE TABLE IF NOT EXISTS feeders (
+    community TEXT PRIMARY KEY REFERENCES communities(id), import_w INTEGER NOT NULL, export_w INTEGER NOT NULL);
 """
 # columns added after the first release, with what older databases get
 MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"))
@@ -226,6 +238,72 @@ class Registry:
         r = self.db.execute("SELECT secret FROM devices WHERE community=? AND id=? AND revoked IS NULL",
                             (community, device)).fetchone()
         return bytes(r[0]) if r else None
+
+    # -- controllable resources (issue 7) ----------------------------------------
+
+    def add_load(self, community: str, load: Any) -> None:
+        """A switchable load behind a board's relay (peergrid.control.Load)."""
+        d = self.device(community, load.device)
+        if d is None or d.revoked:
+            raise RegistryError(f"no active device {load.device!r}")
+        if not 0 <= load.relay <= 15:
+            raise RegistryError("a relay index is 0..15")
+        if load.rated_w <= 0 or load.min_on_s < 0 or load.min_off_s < 0 or load.need_wh < 0:
+            raise RegistryError("rated power must be positive; times and the need not negative")
+        if load.need_wh and load.deadline_s is None:
+            raise RegistryError("a daily energy need needs a deadline (--deadline HH:MM)")
+        for v in (load.deadline_s, load.available_s):
+            if v is not None and not 0 <= v < 86400:
+                raise RegistryError("times of day are 00:00..23:59")
+        try:
+            self.db.execute("INSERT INTO loads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (community, load.id, load.device, load.relay, load.rated_w, load.priority, load.min_on_s,
+                             load.min_off_s, load.need_wh, load.deadline_s, load.available_s,
+                             load.max_switches_day))
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"load {load.id!r} or relay {load.relay} of {load.device} is registered already") \
+                from None
+
+    def add_battery(self, community: str, b: Any) -> None:
+        d = self.device(community, b.device)
+        if d is None or d.revoked:
+            raise RegistryError(f"no active device {b.device!r}")
+        if b.capacity_wh <= 0 or b.max_charge_w < 0 or b.max_discharge_w < 0:
+            raise RegistryError("capacity must be positive, power limits not negative")
+        if not 0 <= b.soc_min < b.soc_max <= 1 or not 0 < b.efficiency <= 1:
+            raise RegistryError("need 0 <= soc_min < soc_max <= 1 and 0 < efficiency <= 1")
+        try:
+            self.db.execute("INSERT INTO batteries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (community, b.id, b.device, b.target, b.capacity_wh, b.max_charge_w, b.max_discharge_w,
+                             b.soc_min, b.soc_max, b.efficiency))
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"battery {b.id!r} or target {b.target} of {b.device} is registered already") \
+                from None
+
+    def remove_resource(self, community: str, rid: str) -> None:
+        n = self.db.execute("DELETE FROM loads WHERE community=? AND id=?", (community, rid)).rowcount
+        n += self.db.execute("DELETE FROM batteries WHERE community=? AND id=?", (community, rid)).rowcount
+        if not n:
+            raise RegistryError(f"no load or battery {rid!r}")
+
+    def set_feeder(self, community: str, import_w: int, export_w: int) -> None:
+        if import_w <= 0 or export_w <= 0:
+            raise RegistryError("feeder limits are positive")
+        self.db.execute("INSERT INTO feeders VALUES (?, ?, ?) ON CONFLICT(community) DO UPDATE SET"
+                        " import_w=excluded.import_w, export_w=excluded.export_w", (community, import_w, export_w))
+
+    def resources(self, community: str) -> tuple[list[Any], list[Any], Any]:
+        """(loads, batteries, feeder or None) as peergrid.control objects."""
+        from peergrid.control import Battery, Feeder, Load
+
+        loads = [Load(*r) for r in self.db.execute(
+            "SELECT id, device, relay, rated_w, priority, min_on_s, min_off_s, need_wh, deadline_s, available_s,"
+            " max_switches_day FROM loads WHERE community=? ORDER BY id", (community,))]
+        bats = [Battery(*r) for r in self.db.execute(
+            "SELECT id, device, target, capacity_wh, max_charge_w, max_discharge_w, soc_min, soc_max, efficiency"
+            " FROM batteries WHERE community=? ORDER BY id", (community,))]
+        f = self.db.execute("SELECT import_w, export_w FROM feeders WHERE community=?", (community,)).fetchone()
+        return loads, bats, (Feeder(f[0], f[1]) if f else None)
 
     # -- broker files ---------------------------------------------------------
 

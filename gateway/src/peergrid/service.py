@@ -113,6 +113,11 @@ class Gateway:
         self.http: ThreadingHTTPServer | None = None
         self.connected = threading.Event()
         self._next_retain = time.monotonic() + 60
+        self.control = None
+        if cfg.extra.get("control"):
+            from peergrid.controlloop import ControlLoop
+
+            self.control = ControlLoop(cfg.db, cfg.community, cfg.extra["control"], self._publish_cmd, self.metrics)
 
     def _grid_index(self, community: str, device: str) -> int | None:
         d = self.validator._device(device)
@@ -157,7 +162,16 @@ class Gateway:
         self.metrics.accept(r.kind)
         for w in r.warnings:
             self.metrics.warn("clock", r.device)
+        if self.control is not None:
+            if r.kind == topics.READING:
+                self.control.on_reading(r.device, r.msg, self._grid_index(r.community, r.device), r.t_recv)
+            elif r.kind == topics.ACK:
+                self.control.on_ack(r.device, r.msg)
         self.q.put(("ok", msg.mid, msg.qos, r, None, t0))
+
+    def _publish_cmd(self, topic: str, frame: bytes) -> None:
+        if self.client is not None:
+            self.client.publish(topic, frame, qos=1)
 
     def _log_reject(self, e: Rejected, topic: str) -> None:
         key = f"{e.device}:{e.code}"
@@ -293,9 +307,13 @@ class Gateway:
             self._serve_http()
         c.connect_async(cfg.broker_host, cfg.broker_port, keepalive=30)
         c.loop_start()
+        if self.control is not None:
+            self.control.start()
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.control is not None:
+            self.control.stop()
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
@@ -352,6 +370,8 @@ class Gateway:
                     self._publish_status()
                 except Exception:  # noqa: BLE001
                     log.exception("status publish failed")
+        if self.control is not None:
+            self.control.stop()
         # drain: let the writer commit and ack what is queued, then leave
         deadline = time.monotonic() + 10
         while not self.q.empty() and time.monotonic() < deadline:
