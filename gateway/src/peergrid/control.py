@@ -21,8 +21,10 @@ Each step, in this order:
    priority order: a load comes on when the surplus covers its rated power
    plus a margin; a load that is on stays on while the surplus covers at
    least `keep_share` of it, and goes off only after a deficit that lasted
-   `off_delay_s`, never before its
-   minimum on time, and comes on again only after its minimum off time.
+   `off_delay_s`, never before its minimum on time, and comes on again only
+   after its minimum off time. A load with plenty of slack before its
+   deadline lets the batteries charge first (they absorb any amount, a
+   relay only its rated power).
 3. **Batteries** take what is left: charge from surplus, discharge into
    deficit, within power limits and the state-of-charge window.
 4. **Feeder guard.** Houses whose reading is older than `stale_s` count as
@@ -95,6 +97,17 @@ class BatteryState:
     soc_wh: float
     w: int = 0
     history: list[tuple[float, int, int]] = field(default_factory=list)   # (t, new, before)
+
+
+def _trim(history: list, cut: float) -> None:
+    """Forget switching older than any reading still in use (a reading
+    older than stale_s is not used), but keep the last change before `cut`:
+    it tells the state at that time."""
+    i = 0
+    while i + 1 < len(history) and history[i + 1][0] < cut:
+        i += 1
+    if i:
+        del history[:i]
 
 
 @dataclass
@@ -175,16 +188,14 @@ class Controller:
                 st.switches = 0
             if st.on and dt:
                 st.done_wh += ld.rated_w * dt / 3600
-            if len(st.history) > 16:
-                del st.history[:-16]
+            _trim(st.history, now - self.stale_s - 60)
         for b in self.batteries:
             st = self.bs[b.id]
             if dt and st.w:
                 e = st.w * dt / 3600
                 st.soc_wh += e * b.efficiency if e > 0 else e
                 st.soc_wh = min(max(st.soc_wh, 0.0), float(b.capacity_wh))
-            if len(st.history) > 16:
-                del st.history[:-16]
+            _trim(st.history, now - self.stale_s - 60)
 
     def _day_of(self, ld: Load, now: float) -> int:
         """Which need-window `now` falls in: windows end at the deadline."""
