@@ -311,3 +311,50 @@ def test_feeder_limit_holds_when_a_board_goes_quiet(rig_factory) -> None:
     ev = vc.wait_for(lambda e: e.get("ev") == "relay" and e["i"] == 0 and e["v"] == 0, 15)
     assert ev
     assert any(d[1] == "wh" and d[2] == 0 and "feeder" in d[3] for d in rig.decisions())
+
+
+def test_loop_retries_marks_degraded_and_recovers(tmp_path) -> None:
+    """The loop's command path with the real protocol code on the board's
+    side (DeviceLink opens what the loop publishes), no broker: commands that
+    go unanswered are resent with new counters, the device is marked
+    degraded, an ack brings it back; a refused counter makes it skip ahead."""
+    from peergrid.controlloop import ControlLoop
+    from protocol import messages
+    from protocol.link import DeviceLink
+
+    db = reg.connect(tmp_path / "gw.db")
+    r = reg.Registry(db)
+    r.add_community(C)
+    secret, _ = r.add_device(C, "vx", "sim", CH, r.add_member(C, "x"))
+    r.add_load(C, Load("wh", "vx", 0, 2000, min_on_s=0, min_off_s=0))
+    r.set_feeder(C, 10**6, 10**6)
+    sent = []
+    loop = ControlLoop(tmp_path / "gw.db", C, {"lease_s": 30, "refresh_s": 10, "ack_timeout_s": 0.05,
+                                               "retries": 2}, lambda topic, frame: sent.append((topic, frame)))
+    board = DeviceLink(C, "vx", secret)
+    loop.on_reading("vx", {"flags": 0, "ch": [(-3000, 0, 0, 0)]}, 0, time.time())
+    loop.step()
+    cmds = [board.open_command(t, f) for t, f in sent]
+    assert cmds[-1]["op"] == messages.OP_RELAY and cmds[-1]["value"] == 1 and cmds[-1]["lease"] == 30
+    for _ in range(3):                                   # nobody answers
+        time.sleep(0.06)
+        loop.step()
+    cmds = [board.open_command(t, f) for t, f in sent]
+    ctrs = [c["ctr"] for c in cmds]
+    assert len(cmds) >= 3 and ctrs == sorted(set(ctrs))  # resent, each with a new counter
+    assert "vx" in loop.degraded
+    loop.on_ack("vx", {"ctr": ctrs[-1], "result": 0, "value": 1, "lease": 30})
+    assert "vx" not in loop.degraded and loop.outputs[("vx", messages.OP_RELAY, 0)].acked == 1
+    # the board says the counter was used already (a restored database): the loop skips ahead
+    out = loop.outputs[("vx", messages.OP_RELAY, 0)]
+    loop._send(out, time.monotonic())
+    c_before = board.open_command(*sent[-1])["ctr"]
+    loop.on_ack("vx", {"ctr": c_before, "result": 43})
+    loop.step()
+    assert board.open_command(*sent[-1])["ctr"] > c_before + 500
+    # a restarted loop never reuses a counter
+    loop2 = ControlLoop(tmp_path / "gw.db", C, {}, lambda topic, frame: sent.append((topic, frame)))
+    loop2._send(loop2.outputs[("vx", messages.OP_RELAY, 0)], time.monotonic())
+    assert board.open_command(*sent[-1])["ctr"] > max(board.open_command(t, f)["ctr"] for t, f in sent[:-1])
+    rows = sqlite3.connect(str(tmp_path / "gw.db")).execute("SELECT id, value, reason FROM decisions").fetchall()
+    assert rows[0][:2] == ("wh", 1) and "surplus" in rows[0][2]

@@ -252,11 +252,11 @@ class ControlLoop:
                 if out.ctr is not None and now_m - out.sent_at > self.ack_timeout:
                     out.tries += 1
                     self.stats["retries"] += 1
-                    if out.tries >= self.retries and out.device not in self.degraded:
+                    if out.tries > self.retries and out.device not in self.degraded:
                         self.degraded.add(out.device)
                         log.warning("control: %s does not acknowledge commands (%d tries): degraded",
                                     out.device, out.tries)
-                    if out.tries < self.retries or now_m - out.sent_at >= self.refresh:
+                    if out.tries <= self.retries or now_m - out.sent_at >= self.refresh:
                         self._send(out, now_m)
                 elif now_m - out.sent_at >= self.refresh:
                     self._send(out, now_m)                # renew the lease
