@@ -119,6 +119,7 @@ class Board:
         self.heap_live = 0              # most heap still in use after a collection
         self.heap_cycle = 0             # most allocated between two collections
         self.frame_len = 0
+        self.last_rs = None             # the last measurement's results (console)
 
     # -- messages ---------------------------------------------------------
 
@@ -269,6 +270,7 @@ class Board:
 
     def measure(self, now, dt_ms):
         rs = self.fe.update(self.regs, dt_ms)
+        self.last_rs = rs
         ch = self.ch
         for i in range(self.nch):
             r = rs[i]

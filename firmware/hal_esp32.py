@@ -63,7 +63,8 @@ class Esp32Hal(Hal):
             self._adc[p] = a
         # fed on progress by the application (a reading built, a command
         # handled), so the timeout must exceed the reading period
-        self._wdt = machine.WDT(timeout=wdt_ms)
+        # (0: no watchdog, while the board waits for its commissioning config)
+        self._wdt = machine.WDT(timeout=wdt_ms) if wdt_ms else None
 
     def adc_block(self, pins, buf, n):
         adcs = [self._adc[p] for p in pins]
@@ -131,7 +132,8 @@ class Esp32Hal(Hal):
         return t + 946684800 if t < 946684800 else t, t > 1700000000 - 946684800
 
     def wdt_feed(self):
-        self._wdt.feed()
+        if self._wdt is not None:
+            self._wdt.feed()
 
     def reset_cause(self):
         return machine.reset_cause()

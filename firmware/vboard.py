@@ -3,15 +3,21 @@
 # `peergrid vboard` (gateway/src/peergrid/vboard.py), which prepares the
 # folder and the RS485 peer:
 #
-#   micropython -m firmware.vboard <folder> [speed] [rs485 pty]
+#   micropython -m firmware.vboard <folder> [speed] [rs485 pty] [console pty]
 #
-# <folder> holds board.json and config.json (the commissioning config) and
-# becomes the board's flash: energy.bin, spool.bin, boot and cmd_ctr files.
-# The board clock runs `speed` times faster than the wall clock.
+# <folder> holds board.json, config.json (the commissioning config, absent
+# on a board that was never commissioned) and sim.json (the simulated
+# house: profile, relay loads; else the config's "sim") and becomes the
+# board's flash: energy.bin, spool.bin, boot and cmd_ctr files. The board
+# clock runs `speed` times faster than the wall clock. With a console pty
+# the commissioning console (firmware/console.py) answers on it; without a
+# valid config the board then waits for one (exit code 3: reboot asked).
 #
 # Control, one JSON object per line on stdin; events, one per line on stdout:
 #   {"op": "state"}                 -> {"ev": "state", ...} everything a test checks
 #   {"op": "power", "w": [..], "pf": [..]}   fixed channel powers (W, import +)
+#   {"op": "base", "w": [..]}       fixed powers without our relays' loads,
+#                                   which are added when their relay is on
 #   {"op": "profile"}               back to the day profile of config "sim"
 #   {"op": "advance", "s": N}       board clock jumps N seconds
 #   {"op": "speed", "x": N}         clock speed factor
@@ -26,8 +32,10 @@ import sys
 
 import select
 
+from firmware import board as fboard
 from firmware import config as fconfig
 from firmware.board import Board
+from firmware.console import Console, Ops
 from firmware.hal import IoClock
 from firmware.hal_virtual import VirtualHal
 from firmware.net import HostNet
@@ -51,12 +59,33 @@ class Scenario:
         self.sim = sim
         self.nch = nch
         self.fixed = None
+        self.base = sim.get("base")         # a fixed house load from the start (sim.json)
         self.pf = None
 
     def powers(self, unix, relays):
+        w = self._powers(unix, relays)
+        sign = self.sim.get("ct_sign")      # a clamp fitted the wrong way round: -1
+        if sign:
+            w = [w[i] * (sign[i] if i < len(sign) else 1) for i in range(len(w))]
+        return w
+
+    def _powers(self, unix, relays):
         if self.fixed is not None:
             return self.fixed
         s = self.sim
+        if self.base is not None:
+            w = list(self.base)
+            rw = s.get("relay_w", [])
+            rch = s.get("relay_ch", [])
+            dead = s.get("dead_relays", [])
+            g = s.get("grid", 0)
+            for i in range(len(relays)):
+                if relays[i].value and i < len(rw) and i not in dead:
+                    if g < self.nch:
+                        w[g] += rw[i]
+                    if i < len(rch) and rch[i] is not None and rch[i] < self.nch and rch[i] != g:
+                        w[rch[i]] += rw[i]
+            return w
         hod = (unix % 86400) / 3600.0
         pv = 0.0
         if 6 <= hod <= 18:
@@ -97,19 +126,76 @@ def state(b, hal):
             "modbus": getattr(b.master, "stats", None) if b.master is not None else None}
 
 
+class Reboot(Exception):
+    pass
+
+
+def _reboot():
+    raise Reboot()
+
+
+def _fw_digest():
+    # a bundle built by `make firmware` carries its manifest's digest
+    for p in sys.path:
+        try:
+            with open(p + "/manifest.json") as f:
+                return json.load(f).get("digest", "")
+        except (OSError, ValueError):
+            pass
+    return "source"
+
+
+def uncommissioned(hal, board, root, port, why, fw):
+    """No valid config: only the console runs, waiting for one."""
+    ops = Ops(hal, board, root, None, fw, _fw_digest(), why)
+    ops.reboot = _reboot
+    con = Console(port, ops, hal.ticks_ms, hal.ticks_diff)
+    poll = select.poll()
+    poll.register(sys.stdin, select.POLLIN)
+    emit({"ev": "uncommissioned", "why": why})
+    while True:
+        try:
+            con.poll()
+        except Reboot:
+            emit({"ev": "reboot"})
+            return 3
+        if poll.poll(0):
+            line = sys.stdin.readline()
+            if not line or '"quit"' in line:
+                return 0
+        hal.idle(10)
+
+
 def main(argv):
     root = argv[0]
     speed = float(argv[1]) if len(argv) > 1 else 1.0
     pty = argv[2] if len(argv) > 2 and argv[2] else None
+    con_path = argv[3] if len(argv) > 3 and argv[3] else None
     with open(root + "/board.json") as f:
         board = json.load(f)
+    sim = None
+    try:
+        with open(root + "/sim.json") as f:
+            sim = json.load(f)
+    except OSError:
+        pass
+    import os
+    fw = os.getenv("PG_FW_VERSION") or fboard.FW_VERSION
+    fboard.FW_VERSION = fw          # a test can make the board report an older firmware
+    port = None
+    if con_path:
+        from firmware.uart_posix import PosixUart
+        port = PosixUart(con_path, 115200)
+    hal = VirtualHal(board, root, speed=speed)
     try:
         cfg, digest = fconfig.load(root + "/config.json")
     except fconfig.ConfigError as e:
-        emit({"ev": "error", "msg": str(e)})
-        return 2
-    sim = cfg.get("sim") or {}
-    hal = VirtualHal(board, root, speed=speed)
+        if port is None:
+            emit({"ev": "error", "msg": str(e)})
+            return 2
+        return uncommissioned(hal, board, root, port, str(e), fw)
+    if sim is None:
+        sim = cfg.get("sim") or {}
     start = sim.get("start", 1795000000)
     net = HostNet(unix_now=lambda: start + hal.ticks_ms() // 1000)
     if not sim.get("ntp", True):
@@ -124,6 +210,11 @@ def main(argv):
         master = Master(uart, IoClock(hal), de=de, baud=rs.get("baud", 9600), timeout_ms=sim.get("modbus_timeout_ms", 300),
                         retries=1)
     b = Board(hal, board, cfg, digest, net, root, rs485=master, on_event=emit)
+    con = None
+    if port is not None:
+        ops = Ops(hal, board, root, b, fw, _fw_digest())
+        ops.reboot = _reboot
+        con = Console(port, ops, hal.ticks_ms, hal.ticks_diff)
     scen = Scenario(sim, b.nch)
     src = hal.source
     poll = select.poll()
@@ -135,6 +226,13 @@ def main(argv):
             for i in range(b.nch):
                 src.set(i, w[i], scen.pf[i] if scen.pf else 1.0)
         b.step()
+        if con is not None:
+            try:
+                con.poll()
+            except Reboot:
+                b.shutdown()
+                emit({"ev": "reboot"})
+                return 3
         if poll.poll(0):
             line = sys.stdin.readline()
             if not line:
@@ -152,8 +250,13 @@ def main(argv):
                 scen.fixed = [float(x) for x in req["w"]]
                 scen.pf = req.get("pf")
                 b.next_due = hal.ticks_ms()
+            elif op == "base":
+                scen.fixed = None
+                scen.base = [float(x) for x in req["w"]]
+                b.next_due = hal.ticks_ms()
             elif op == "profile":
                 scen.fixed = None
+                scen.base = None
             elif op == "advance":
                 hal.advance(int(req["s"] * 1000))
             elif op == "speed":

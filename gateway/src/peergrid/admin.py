@@ -76,6 +76,17 @@ def admin(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "resource":
             return _resource(args, cfg, r)
+        if args.cmd == "installer-token":
+            from peergrid import installer
+
+            if args.revoke:
+                installer.revoke_token(r.db, args.name)
+                print(f"installer token {args.name} revoked")
+            else:
+                tok = installer.make_token(r.db, args.name, args.days)
+                print(f"installer token for {args.name}, valid {args.days:g} days (shown only now):")
+                print(f"  {tok}")
+            return 0
         if args.cmd == "broker-files":
             return _broker_files(cfg, r)
         if args.cmd == "status":

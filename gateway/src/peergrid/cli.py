@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     rsub.add_parser("list")
     rd = rsub.add_parser("decisions", help="the control loop's latest decisions with their reasons")
     rd.add_argument("--last", type=int, default=20)
+    it = sub.add_parser("installer-token", help="a token for an electrician's commissioning tool (shown once)")
+    it.add_argument("name", help="who gets it, e.g. the electrician's firm")
+    it.add_argument("--days", type=float, default=7)
+    it.add_argument("--revoke", action="store_true")
+    cm = sub.add_parser("commission", help="commission a house: the board on USB, checks, signed report",
+                        add_help=False)
+    del cm
     sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
     tf = sub.add_parser("tariff", help="record a tariff change in the ledger")
     tf.add_argument("--retail", type=int, required=True, help="minor units per kWh")
@@ -114,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         from peergrid.vboard import main as vboard_main
 
         return vboard_main(argv[1:])
+    if argv and argv[0] == "commission":
+        from peergrid.commission import main as commission_main
+
+        return commission_main(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "ledger" and args.lcmd == "export":
         from peergrid.admin import ledger_export
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ledger verifies: {len(entries)} entries ("
               + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); every settlement re-run")
         return 0
-    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff", "resource"):
+    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff", "resource", "installer-token"):
         from peergrid.admin import admin
 
         return admin(args)

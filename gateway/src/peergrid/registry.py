@@ -187,8 +187,8 @@ class Registry:
         if self.db.execute("SELECT 1 FROM devices WHERE community=? AND id=?", (community, device)).fetchone():
             raise RegistryError(f"device {device!r} exists: rotate its key or revoke it")
         for c in channels:
-            if c.get("role") not in ("grid", "pv", "battery", "load", "ev"):
-                raise RegistryError(f"channel role {c.get('role')!r} is not grid, pv, battery, load or ev")
+            if c.get("role") not in ("grid", "pv", "battery", "load", "ev", "unused"):
+                raise RegistryError(f"channel role {c.get('role')!r} is not grid, pv, battery, load, ev or unused")
             if not isinstance(c.get("rating_a", 0), (int, float)) or c.get("rating_a", 0) <= 0:
                 raise RegistryError("every channel needs a positive rating_a")
         secret = secret or secrets.token_bytes(32)

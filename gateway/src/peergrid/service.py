@@ -54,6 +54,7 @@ class Config:
     batch_ms: int = 3
     quarantine_max: int = 10000
     http_port: int = 0
+    http_host: str = "127.0.0.1"
     status_every_s: float = 10
     raw_days: float = 400
     full_days: float = 90
@@ -86,7 +87,7 @@ class Config:
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
             stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
             batch_ms=int(i.get("batch_ms", 3)), quarantine_max=int(i.get("quarantine_max", 10000)),
-            http_port=int(g.get("http_port", 0)), status_every_s=float(g.get("status_every_s", 10)),
+            http_port=int(g.get("http_port", 0)), http_host=g.get("http_host", "127.0.0.1"), status_every_s=float(g.get("status_every_s", 10)),
             raw_days=float(raw.get("store", {}).get("raw_days", 400)),
             full_days=float(raw.get("store", {}).get("full_days", 90)), extra=raw)
 
@@ -267,9 +268,42 @@ class Gateway:
 
     def _serve_http(self) -> None:
         gw = self
+        from peergrid.installer import InstallerApi
+
+        api = InstallerApi(self)
 
         class H(BaseHTTPRequestHandler):
+            def _json(self, status: int, obj: Any) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _installer(self, method: str) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n > 1 << 20:
+                    self._json(413, {"error": "request too large"})
+                    return
+                body = self.rfile.read(n) if n else b""
+                try:
+                    status, obj = api.handle(method, self.path, self.headers, body)
+                except Exception as e:  # noqa: BLE001 - answered, logged, the gateway goes on
+                    log.exception("installer API failed")
+                    status, obj = 500, {"error": f"internal: {e!r}"}
+                self._json(status, obj)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.startswith("/installer/"):
+                    self._installer("POST")
+                else:
+                    self.send_error(404)
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.startswith("/installer/"):
+                    self._installer("GET")
+                    return
                 if self.path != "/metrics":
                     self.send_error(404)
                     return
@@ -283,7 +317,7 @@ class Gateway:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", self.cfg.http_port), H)
+        self.http = ThreadingHTTPServer((self.cfg.http_host, self.cfg.http_port), H)
         self.http_port = self.http.server_address[1]
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 

@@ -64,9 +64,11 @@ def default_config(community: str, device: str, secret: bytes, host: str, port: 
 
 
 class VirtualBoard:
-    def __init__(self, folder: Path, config: dict[str, Any], speed: float = 1.0,
+    def __init__(self, folder: Path, config: dict[str, Any] | None, speed: float = 1.0,
                  board: str = "sim", heap: str | None = None, mpy_dir: Path | None = None,
-                 rs485: bool | None = None, data_heap: int | None = None) -> None:
+                 rs485: bool | None = None, data_heap: int | None = None, console: bool = False,
+                 sim: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 sunspec_unit: int = 1) -> None:
         """heap: MicroPython's -X heapsize for the whole process. data_heap:
         bytes left for the firmware's data once its code is loaded; the
         heap is then the code's measured footprint plus data_heap (on an
@@ -81,8 +83,22 @@ class VirtualBoard:
         self.code_bytes = 0
         self.mpy_dir = mpy_dir
         shutil.copy(ROOT / "boards" / board / "board.json", self.dir / "board.json")
-        self.write_config(config)
-        self.want_rs485 = rs485 if rs485 is not None else bool(config.get("inverter") or config.get("battery"))
+        if config is not None:
+            self.write_config(config)
+        if sim is not None:
+            (self.dir / "sim.json").write_text(json.dumps(sim))
+        self.want_rs485 = rs485 if rs485 is not None else bool(config and (config.get("inverter")
+                                                                           or config.get("battery")))
+        self.sunspec_unit = sunspec_unit
+        self.extra_env = env or {}
+        self.cable: Any = None
+        self.console_path: str | None = None
+        if console:
+            from peergrid.ptycable import PtyCable
+
+            self.cable = PtyCable()
+            self.console_path = self.cable.b_path     # what the commissioning laptop opens
+        self.auto_restart = True                      # a reboot asked on the console restarts the process
         self.sim: Any = None
         self.proc: subprocess.Popen[str] | None = None
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -97,13 +113,14 @@ class VirtualBoard:
 
     # -- process -----------------------------------------------------------
 
-    def start(self, timeout: float = 30) -> dict[str, Any]:
+    def start(self, timeout: float = 30, fresh: bool = True) -> dict[str, Any]:
         pty = ""
+        self.auto_restart = True
         if self.want_rs485:
             if self.sim is None:
                 from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim
 
-                self.sim = SunSpecSim(SunSpecDevice(unit=1))
+                self.sim = SunSpecSim(SunSpecDevice(unit=self.sunspec_unit))
                 self.sim_pty = self.sim.start()
             pty = self.sim_pty
         cmd = [micropython()]
@@ -112,15 +129,18 @@ class VirtualBoard:
             self.heap = str(self.code_bytes + self.data_heap)
         if self.heap:
             cmd += ["-X", f"heapsize={self.heap}"]
-        cmd += ["-m", "firmware.vboard", str(self.dir), repr(float(self.speed)), pty]
+        cmd += ["-m", "firmware.vboard", str(self.dir), repr(float(self.speed)), pty,
+                self.cable.a_path if self.cable is not None else ""]
         env = dict(os.environ)
+        env.update(self.extra_env)
         env["MICROPYPATH"] = firmware_path(self.mpy_dir)
-        self.events = queue.Queue()
+        if fresh:
+            self.events = queue.Queue()
         self.proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         threading.Thread(target=self._reader, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._err_reader, args=(self.proc,), daemon=True).start()
-        return self.wait_for(lambda e: e.get("ev") == "ready", timeout)
+        return self.wait_for(lambda e: e.get("ev") in ("ready", "uncommissioned"), timeout)
 
     def code_footprint(self) -> int:
         """Heap bytes the firmware's modules take once imported."""
@@ -148,7 +168,18 @@ class VirtualBoard:
                 ev = {"ev": "text", "text": line}
             self.log.append(ev)
             self.events.put(ev)
-        self.events.put({"ev": "exit", "rc": proc.wait()})
+        rc = proc.wait()
+        if rc == 3 and self.auto_restart and proc is self.proc:
+            # the firmware asked for a reboot (console): start it again, as the board would
+            ev = {"ev": "rebooting"}
+            self.log.append(ev)
+            self.events.put(ev)
+            try:
+                self.start(fresh=False)
+            except (RuntimeError, TimeoutError) as e:
+                self.events.put({"ev": "exit", "rc": rc, "msg": str(e)})
+            return
+        self.events.put({"ev": "exit", "rc": rc})
 
     def _err_reader(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr
@@ -210,15 +241,20 @@ class VirtualBoard:
 
     def kill(self) -> None:
         """Power cut: SIGKILL, nothing saved."""
+        self.auto_restart = False
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
     def close(self) -> None:
+        self.auto_restart = False
         self.stop()
         if self.sim is not None:
             self.sim.stop()
             self.sim = None
+        if self.cable is not None:
+            self.cable.close()
+            self.cable = None
 
 
 def main(argv: list[str] | None = None) -> int:

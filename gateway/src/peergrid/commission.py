@@ -1,0 +1,636 @@
+"""`peergrid commission`: commissioning a house, step by step, on the
+electrician's laptop.
+
+    peergrid commission --sheet house.toml --gateway http://gw:8080 --token pgi_... [--port /dev/ttyUSB0]
+    peergrid commission --resume commission-<device>.json [--port ...]
+
+Steps (each recorded in a state file as it completes, so a pulled cable or a
+closed laptop resumes where it stopped; the device secret is never written to
+that file):
+
+  1. find the board on USB and open its console (firmware/console.py)
+  2. identify it: firmware version and board type
+  3. the site sheet: house and member, network, broker, CT roles and ratings,
+     inverter address, relays and what they switch, the test load
+  4. register the member and the board with the gateway (installer API,
+     peergrid.installer): the gateway makes the device secret and the broker
+     account and ACL
+  5. write the commissioning config to the board (atomic on the board)
+  6. reboot it and see it come back with that config
+  7. checks: first authenticated reading at the gateway; CT polarity and
+     magnitude with a known load (offers to flip or recalibrate); voltage
+     and frequency; the inverter found and its serial number read; each relay
+     clicked and its load seen
+  8. the report: everything configured and measured, pass/fail per check,
+     firmware and config digests, signed by the gateway; HTML and JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from peergrid.console import BoardConsole, BoardRefused, ConsoleError
+
+REQUIRED_FW = "0.4.0"            # the firmware this tool was built with (firmware/board.py FW_VERSION)
+BOARDS = Path(__file__).resolve().parents[3] / "boards"
+USB_VIDS = {0x10C4: "CP210x", 0x1A86: "CH340", 0x303A: "Espressif", 0x0403: "FTDI"}
+STEPS = ("identify", "sheet", "register", "write", "reboot", "first_reading", "ct", "voltage", "inverter", "relays",
+         "report")
+
+
+class Stop(Exception):
+    """The commissioning cannot go on; the message says what to do."""
+
+    def __init__(self, msg: str, code: int = 1) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.code = code
+
+
+class Operator:
+    """How the tool talks to the electrician: a terminal by default."""
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def ask(self, question: str, default: str = "") -> str:
+        a = input(f"{question}{f' [{default}]' if default else ''}: ").strip()
+        return a or default
+
+    def confirm(self, question: str, default: bool = True) -> bool:
+        a = input(f"{question} [{'Y/n' if default else 'y/N'}]: ").strip().lower()
+        return default if not a else a.startswith("y")
+
+    def act(self, instruction: str) -> None:
+        input(f"{instruction} -- then press Enter ")
+
+
+def _vers(v: str) -> tuple[int, ...]:
+    out = []
+    for p in v.split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def find_port() -> str:
+    from serial.tools import list_ports
+
+    found = [p for p in list_ports.comports() if p.vid in USB_VIDS]
+    if not found:
+        raise Stop("No board found on USB. Plug the board in with a data cable (not a charge-only one); "
+                   "on Linux your user needs to be in the 'dialout' group. Or give the port with --port.")
+    if len(found) > 1:
+        raise Stop("More than one USB serial device: " + ", ".join(p.device for p in found) + ". Say which with --port.")
+    return found[0].device
+
+
+class Gateway:
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read()).get("error", str(e))
+            except ValueError:
+                msg = str(e)
+            raise Stop(f"The gateway refused: {msg}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise Stop(f"Cannot reach the gateway at {self.url} ({e}). Check the laptop's network; the "
+                       "commissioning resumes where it stopped.") from None
+
+
+class Commissioning:
+    def __init__(self, state_path: Path, op: Operator, gateway: Gateway | None, port: str | None,
+                 sheet_path: Path | None = None, settle_s: float = 1.0, reading_wait_s: float = 60) -> None:
+        self.state_path = state_path
+        self.op = op
+        self.gw = gateway
+        self.port = port
+        self.settle_s = settle_s
+        self.reading_wait_s = reading_wait_s
+        self.st: dict[str, Any] = {"done": [], "checks": {}, "started": time.time()}
+        if state_path.exists():
+            self.st = json.loads(state_path.read_text())
+        if sheet_path is not None:
+            self.st["sheet"] = load_sheet(sheet_path)
+        self.con: BoardConsole | None = None
+        self.creds: dict[str, Any] | None = None      # only in memory
+        self.cfg: dict[str, Any] | None = None        # ditto (holds the secret)
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.st, indent=1))
+        tmp.replace(self.state_path)
+
+    def done(self, step: str) -> None:
+        if step not in self.st["done"]:
+            self.st["done"].append(step)
+        self.save()
+
+    def check(self, name: str, ok: bool, msg: str, **figures: Any) -> None:
+        self.st["checks"][name] = {"ok": ok, "msg": msg, **figures}
+        self.save()
+        self.op.say(("  PASS  " if ok else "  FAIL  ") + msg)
+
+    # -- the run ----------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self._connect()
+            for step in STEPS:
+                if step in self.st["done"] and step not in ("identify",):
+                    continue
+                self.op.say(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {TITLES[step]}")
+                getattr(self, "step_" + step)()
+                self.done(step)
+        except ConsoleError as e:
+            self.save()
+            self.op.say(f"Lost the board: {e}.\nCheck the USB cable and plug it in again, then run:\n"
+                        f"  peergrid commission --resume {self.state_path}")
+            return 3
+        except Stop as e:
+            self.save()
+            self.op.say("STOP: " + e.msg)
+            return e.code
+        finally:
+            if self.con is not None:
+                self.con.close()
+        ok = all(c["ok"] for c in self.st["checks"].values())
+        self.op.say(f"Commissioning {'PASSED' if ok else 'FAILED'}; report: {self.st.get('report_html')}")
+        return 0 if ok else 1
+
+    def _connect(self) -> None:
+        port = self.port or find_port()
+        self.op.say(f"Board on {port}")
+        self.con = BoardConsole(port)
+
+    def _c(self, op: str, **args: Any) -> dict[str, Any]:
+        assert self.con is not None
+        return self.con.call(op, **args)
+
+    # -- steps ------------------------------------------------------------------
+
+    def step_identify(self) -> None:
+        try:
+            h = self._c("hello")
+        except ConsoleError:
+            raise ConsoleError(f"no answer from a board on {self.con.path if self.con else '?'}: is it powered, "
+                               "and is it a PeerGrid board with current firmware?") from None
+        self.st["board"] = h["board"]
+        self.st["fw"] = h["fw"]
+        self.st["fw_digest"] = h.get("fw_digest")
+        self.op.say(f"  board type {h['board']}, firmware {h['fw']}, "
+                    f"{'commissioned as ' + h.get('device', '') if h.get('commissioned') else 'not commissioned yet'}")
+        if _vers(h["fw"]) < _vers(REQUIRED_FW):
+            raise Stop(f"The board runs firmware {h['fw']}; this tool needs {REQUIRED_FW} or newer. Update it first: "
+                       f"make deploy BOARD={h['board']} PORT={self.con.path if self.con else '<port>'}")
+        if not (BOARDS / h["board"] / "board.json").exists():
+            raise Stop(f"Board type {h['board']!r} is unknown to this tool (boards/): wrong firmware on the board?")
+        want = (self.st.get("sheet") or {}).get("house", {}).get("board")
+        if want and want != h["board"]:
+            raise Stop(f"The sheet says board type {want}, the board says {h['board']}: check the sheet or the board.")
+        self.bdef = json.loads((BOARDS / h["board"] / "board.json").read_text())
+
+    def step_sheet(self) -> None:
+        sh = self.st.get("sheet")
+        if sh is None:
+            sh = self._ask_sheet()
+            self.st["sheet"] = sh
+        problems = sheet_problems(sh, json.loads((BOARDS / self.st["board"] / "board.json").read_text()))
+        if problems:
+            raise Stop("The site sheet needs fixing: " + "; ".join(problems))
+        self.op.say(f"  house {sh['house']['member']!r}, board id {sh['house']['device']}, "
+                    f"{len(sh['ct'])} CTs, {len(sh.get('relay', []))} relays"
+                    + (f", inverter at Modbus address {sh['inverter']['unit']}" if sh.get("inverter") else ""))
+
+    def _ask_sheet(self) -> dict[str, Any]:
+        o = self.op
+        bdef = json.loads((BOARDS / self.st["board"] / "board.json").read_text())
+        sh: dict[str, Any] = {"house": {"member": o.ask("Member (name and address)"),
+                                        "device": o.ask("Board id (a-z, 0-9, -)")},
+                              "network": {"wifi_ssid": o.ask("Wi-Fi name (empty: Ethernet)")}, "ct": [], "relay": []}
+        if sh["network"]["wifi_ssid"]:
+            sh["network"]["wifi_password"] = o.ask("Wi-Fi password")
+        for c in bdef["channels"]:
+            role = o.ask(f"What does {c['name']} measure (grid, pv, battery, load, ev; empty: unused)")
+            if role:
+                sh["ct"].append({"name": c["name"], "role": role,
+                                 "rating_a": float(o.ask(f"{c['name']} rating in A", str(c.get('rating_a', 100))))})
+        for i, r in enumerate(bdef.get("relays") or []):
+            what = o.ask(f"What does relay {i + 1} switch (empty: nothing)")
+            if what:
+                sh["relay"].append({"index": i, "load": what, "rated_w": int(o.ask("Its power in W")),
+                                    "failsafe": int(o.ask("State when the gateway is silent (0 off, 1 on)", "0"))})
+        unit = o.ask("Inverter Modbus address (empty: no inverter)")
+        if unit:
+            sh["inverter"] = {"unit": int(unit)}
+        sh["test_load"] = {"w": int(o.ask("Test load for the CT check, W", "2000")), "what": "kettle"}
+        return sh
+
+    def step_register(self) -> None:
+        if self.gw is None:
+            raise Stop("No gateway given (--gateway URL --token TOKEN)")
+        sh = self.st["sheet"]
+        # every channel of the board, in its order (the readings carry them all)
+        bdef = json.loads((BOARDS / self.st["board"] / "board.json").read_text())
+        by_name = {c["name"]: c for c in sh["ct"]}
+        chans = [{"role": by_name[c["name"]]["role"], "rating_a": by_name[c["name"]]["rating_a"]}
+                 if c["name"] in by_name else {"role": "unused", "rating_a": c.get("rating_a", 100)}
+                 for c in bdef["channels"]]
+        body = {"member": sh["house"]["member"], "device": sh["house"]["device"], "board": self.st["board"],
+                "channels": chans, "rotate": bool(self.st.get("registered"))}
+        self.creds = self.gw.call("POST", "/installer/register", body)
+        self.st["registered"] = True
+        self.st["member_id"] = self.creds["member"]
+        self.st["community"] = self.creds["community"]
+        self.op.say(f"  registered with the gateway: member {self.creds['member']}, broker account "
+                    f"{self.creds['broker_user']}")
+
+    def _config(self) -> dict[str, Any]:
+        sh = self.st["sheet"]
+        c = self.creds
+        assert c is not None
+        cfg: dict[str, Any] = {
+            "community": c["community"], "device": c["device"], "secret": c["secret"],
+            "broker": {"host": c["broker_host"], "port": c["broker_port"], "user": c["broker_user"],
+                       "password": c["broker_password"]},
+            "channels": {x["name"]: {"role": x["role"], "gain": float(self.st.get("gain", {}).get(x["name"], 1.0)),
+                                     "rating_a": x["rating_a"], **({"phase": x["phase"]} if "phase" in x else {})}
+                         for x in sh["ct"]},
+            "relays": [{"failsafe": 0, "load": ""} for _ in range(max([r["index"] for r in sh.get("relay", [])] or [-1]) + 1)],
+        }
+        for r in sh.get("relay", []):
+            cfg["relays"][r["index"]] = {"failsafe": int(r.get("failsafe", 0)), "load": r["load"]}
+        if sh.get("inverter"):
+            cfg["inverter"] = {"unit": int(sh["inverter"]["unit"])}
+        net = sh.get("network") or {}
+        if net.get("wifi_ssid"):
+            cfg["net"] = {"ssid": net["wifi_ssid"], "password": net.get("wifi_password", "")}
+        for k in ("period_s",):
+            if k in sh.get("board_settings", {}):
+                cfg[k] = sh["board_settings"][k]
+        return cfg
+
+    def step_write(self) -> None:
+        if self.creds is None:
+            # resumed after the registration: the secret was not kept, so get new ones
+            self.step_register()
+        self.cfg = self._config()
+        try:
+            r = self._c("write_config", config=self.cfg, timeout=10)
+        except BoardRefused as e:
+            raise Stop(f"The board refused the config: {e.msg}") from None
+        self.st["cfg_digest"] = r["cfg"]
+        self.op.say(f"  config written (digest {r['cfg']})")
+
+    def step_reboot(self) -> None:
+        self._c("reboot")
+        deadline = time.monotonic() + 40
+        while True:
+            time.sleep(0.5)
+            try:
+                h = self._c("hello", tries=1, timeout=2)
+                if h.get("commissioned") and h.get("cfg") == self.st["cfg_digest"]:
+                    break
+            except ConsoleError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConsoleError("the board did not come back after the reboot")
+        self.op.say("  the board restarted with the new config")
+
+    def step_first_reading(self) -> None:
+        assert self.gw is not None
+        dev = self.st["sheet"]["house"]["device"]
+        deadline = time.monotonic() + self.reading_wait_s
+        while True:
+            r = self.gw.call("GET", f"/installer/device/{dev}")
+            if r["readings"]:
+                self.check("first_reading", True, f"the gateway received and verified readings from {dev} "
+                                                  f"({r['readings']} so far)", readings=r["readings"])
+                return
+            if time.monotonic() > deadline:
+                try:
+                    s = self._c("status")
+                    why = "the board is connected to the broker" if s["connected"] else \
+                        "the board is not connected to the broker: check Wi-Fi name and password, and the broker address"
+                except (ConsoleError, BoardRefused):
+                    why = "the board does not say why"
+                rej = r.get("rejected") or {}
+                self.check("first_reading", False, f"no reading from {dev} reached the gateway in "
+                                                   f"{self.reading_wait_s:.0f} s; {why}"
+                           + (f"; the gateway rejected: {rej}" if rej else ""))
+                return
+            time.sleep(1)
+
+    def _fresh(self, n: int = 2) -> dict[str, Any]:
+        """A measurement at least n readings newer than now."""
+        first = self._c("measure")["readings"]
+        deadline = time.monotonic() + 30 + n * self.settle_s
+        while True:
+            time.sleep(self.settle_s / 2)
+            m = self._c("measure")
+            if m["readings"] >= first + n:
+                return m
+            if time.monotonic() > deadline:
+                raise Stop("The board stopped measuring (no new readings): restart it and resume.")
+
+    def _grid(self, m: dict[str, Any]) -> tuple[str, int]:
+        for c in m["ch"]:
+            if c["role"] == "grid":
+                return c["name"], int(c["w"])
+        raise Stop("No CT has the role 'grid' in the sheet")
+
+    def step_ct(self) -> None:
+        tl = self.st["sheet"].get("test_load") or {"w": 2000, "what": "kettle"}
+        expect = int(tl["w"])
+        self.op.act(f"Make sure the {tl.get('what', 'test load')} and other large loads are OFF")
+        for attempt in range(3):
+            base = self._fresh()
+            name, w0 = self._grid(base)
+            self.op.act(f"Switch ON the {tl.get('what', 'test load')} ({expect} W) in this house")
+            m = self._fresh()
+            _, w1 = self._grid(m)
+            self.op.act(f"Switch OFF the {tl.get('what', 'test load')}")
+            delta = w1 - w0
+            ratio = delta / expect if expect else 0
+            if 0.85 <= ratio <= 1.15:
+                self.check("ct", True, f"grid CT {name}: +{delta} W for the {expect} W test load, right way round",
+                           expected_w=expect, measured_w=delta, gain=self.st.get("gain", {}).get(name, 1.0))
+                return
+            if -1.15 <= ratio <= -0.85:
+                self.op.say(f"  The grid CT {name} reads {delta} W for the {expect} W load: it is the wrong way round "
+                            "(or its two wires are swapped).")
+                if self.op.confirm("Flip its direction in the board's config (no need to turn the clamp)?"):
+                    self._set_gain(name, -self.st.get("gain", {}).get(name, 1.0))
+                    continue
+                self.check("ct", False, f"grid CT {name} reversed ({delta} W for {expect} W); turn the clamp round",
+                           expected_w=expect, measured_w=delta)
+                return
+            if abs(ratio) >= 0.3:
+                self.op.say(f"  The grid CT {name} reads {delta} W for the {expect} W load ({ratio:.0%}).")
+                if self.op.confirm("Recalibrate its gain to match?"):
+                    self._set_gain(name, self.st.get("gain", {}).get(name, 1.0) / abs(ratio) * (1 if ratio > 0 else -1))
+                    continue
+            self.check("ct", False, f"grid CT {name}: saw {delta} W for the {expect} W test load. Is the clamp on "
+                                    "the incoming line (all of the house's current), and was the load really on?",
+                       expected_w=expect, measured_w=delta)
+            return
+        self.check("ct", False, f"grid CT {name}: still wrong after changing it; check the clamp and the sheet's rating")
+
+    def _set_gain(self, name: str, gain: float) -> None:
+        self.st.setdefault("gain", {})[name] = round(gain, 4)
+        if self.creds is None:
+            self.step_register()       # resumed: the config with the secret must be written again
+        self.cfg = self._config()
+        r = self._c("write_config", config=self.cfg, timeout=10)
+        self.st["cfg_digest"] = r["cfg"]
+        self.save()
+        self.step_reboot()
+
+    def step_voltage(self) -> None:
+        m = self._fresh(1)
+        v, f = m.get("vrms_v"), m.get("freq_hz")
+        if v is None:
+            self.check("voltage", True, "this board has no voltage input (powers use the nominal voltage)")
+            return
+        ok_v = 207 <= v <= 253
+        ok_f = f is not None and 49.5 <= f <= 50.5
+        self.check("voltage", ok_v and ok_f, f"voltage {v:.1f} V{' (expected 207-253 V)' if not ok_v else ''}, "
+                                             f"frequency {f} Hz{' (expected 49.5-50.5 Hz)' if not ok_f else ''}",
+                   vrms_v=v, freq_hz=f)
+
+    def step_inverter(self) -> None:
+        inv = self.st["sheet"].get("inverter")
+        if not inv:
+            self.op.say("  no inverter on the sheet")
+            return
+        unit = int(inv["unit"])
+        while True:
+            try:
+                r = self._c("probe_inverter", unit=unit, timeout=8)
+            except BoardRefused as e:
+                self.op.say(f"  No inverter answers at Modbus address {unit} ({e.msg}).")
+                other = self.op.ask("Check the address set in the inverter's menu and the RS485 wiring (A/B, "
+                                    "termination). Try another address? (empty: skip)")
+                if other:
+                    unit = int(other)
+                    continue
+                self.check("inverter", False, f"no inverter answers at Modbus address {unit}: check the address set "
+                                              "in the inverter's menu and the RS485 wiring (A/B swapped? termination?)",
+                           unit=unit)
+                return
+            if unit != int(inv["unit"]):
+                self.st["sheet"]["inverter"]["unit"] = unit
+                self._set_gain_free()
+            self.check("inverter", True, f"inverter {r.get('manufacturer')} {r.get('model')} serial {r.get('serial')}"
+                                         f" at Modbus address {unit} (SunSpec model {r.get('sunspec_model')})",
+                       unit=unit, serial=r.get("serial"), manufacturer=r.get("manufacturer"), model=r.get("model"))
+            return
+
+    def _set_gain_free(self) -> None:
+        """Write the config again after a sheet change (the inverter address)."""
+        if self.creds is None:
+            self.step_register()
+        self.cfg = self._config()
+        r = self._c("write_config", config=self.cfg, timeout=10)
+        self.st["cfg_digest"] = r["cfg"]
+        self.save()
+        self.step_reboot()
+
+    def step_relays(self) -> None:
+        for rl in self.st["sheet"].get("relay", []):
+            i, what, rated = rl["index"], rl["load"], int(rl["rated_w"])
+            key = f"relay{i + 1}"
+            self._c("relay", i=i, v=0, hold_s=60)
+            base = self._fresh()
+            _, w0 = self._grid(base)
+            self._c("relay", i=i, v=1, hold_s=60)
+            m = self._fresh()
+            _, w1 = self._grid(m)
+            self._c("relay", i=i, v=int(rl.get("failsafe", 0)), hold_s=1)
+            delta = w1 - w0
+            if abs(delta - rated) <= 0.25 * rated:
+                self.check(key, True, f"relay {i + 1} ({what}): clicked, +{delta} W (rated {rated} W)",
+                           expected_w=rated, measured_w=delta)
+            else:
+                self.check(key, False, f"relay {i + 1} ({what}) switched, but the power changed by {delta} W, not about "
+                                       f"{rated} W: check the contactor, the load's breaker and that the load is "
+                                       "on the metered circuit", expected_w=rated, measured_w=delta)
+
+    def step_report(self) -> None:
+        assert self.gw is not None
+        sh = self.st["sheet"]
+        checks = self.st["checks"]
+        rep = {"kind": "peergrid commissioning report", "version": 1, "community": self.st.get("community"),
+               "device": sh["house"]["device"], "member": sh["house"]["member"], "member_id": self.st.get("member_id"),
+               "board": self.st["board"], "fw": self.st["fw"], "fw_digest": self.st.get("fw_digest"),
+               "cfg_digest": self.st.get("cfg_digest"), "electrician": sh.get("electrician", ""),
+               "started": self.st["started"], "finished": time.time(),
+               "configured": {"ct": sh["ct"], "relay": sh.get("relay", []), "inverter": sh.get("inverter"),
+                              "gain": self.st.get("gain", {}),
+                              "network": {k: v for k, v in (sh.get("network") or {}).items() if "password" not in k}},
+               "checks": checks, "passed": all(c["ok"] for c in checks.values())}
+        sig = self.gw.call("POST", "/installer/report", rep)
+        signed = {"report": rep, "signature": sig["signature"], "key": sig["key"], "id": sig["id"]}
+        base = self.state_path.with_name(f"report-{sh['house']['device']}")
+        base.with_suffix(".json").write_text(json.dumps(signed, indent=1, sort_keys=True))
+        base.with_suffix(".html").write_text(report_html(signed))
+        self.st["report_json"] = str(base.with_suffix(".json"))
+        self.st["report_html"] = str(base.with_suffix(".html"))
+        self.op.say(f"  report signed by the gateway (#{sig['id']}): {self.st['report_html']}")
+
+
+TITLES = {"identify": "Identify the board", "sheet": "Site sheet", "register": "Register with the gateway",
+          "write": "Write the config to the board", "reboot": "Restart the board", "first_reading":
+          "First reading at the gateway", "ct": "CT check with a known load", "voltage": "Voltage and frequency",
+          "inverter": "Inverter", "relays": "Relays", "report": "Report"}
+
+
+def load_sheet(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as e:
+        raise Stop(f"Cannot read the site sheet {path}: {e}") from None
+
+
+def sheet_problems(sh: dict[str, Any], bdef: dict[str, Any]) -> list[str]:
+    from protocol import topics
+
+    out = []
+    h = sh.get("house") or {}
+    if not h.get("member"):
+        out.append("house.member (the member's name) is missing")
+    if not topics.valid_id(h.get("device", "")):
+        out.append("house.device must be 1-16 of a-z, 0-9 and '-'")
+    names = [c["name"] for c in bdef["channels"]]
+    cts = sh.get("ct") or []
+    if sum(1 for c in cts if c.get("role") == "grid") != 1:
+        out.append("exactly one CT must have the role 'grid'")
+    for c in cts:
+        if c.get("name") not in names:
+            out.append(f"CT {c.get('name')!r} is not on this board (it has {', '.join(names)})")
+        if c.get("role") not in ("grid", "pv", "battery", "load", "ev"):
+            out.append(f"CT {c.get('name')}: role {c.get('role')!r} is not grid, pv, battery, load or ev")
+        if not isinstance(c.get("rating_a"), (int, float)) or c["rating_a"] <= 0:
+            out.append(f"CT {c.get('name')}: rating_a must be a positive number")
+    nrel = len(bdef.get("relays") or [])
+    for r in sh.get("relay") or []:
+        if not isinstance(r.get("index"), int) or not 0 <= r["index"] < nrel:
+            out.append(f"relay index {r.get('index')} is not on this board (0..{nrel - 1})")
+        if r.get("failsafe", 0) not in (0, 1):
+            out.append("a relay's failsafe is 0 (off) or 1 (on)")
+    inv = sh.get("inverter")
+    if inv is not None and not (isinstance(inv.get("unit"), int) and 1 <= inv["unit"] <= 247):
+        out.append("inverter.unit is a Modbus address 1..247")
+    return out
+
+
+def report_html(signed: dict[str, Any]) -> str:
+    r = signed["report"]
+    e = html.escape
+    rows = "".join(f"<tr class={'pass' if c['ok'] else 'fail'}><td>{e(k)}</td><td>{'PASS' if c['ok'] else 'FAIL'}</td>"
+                   f"<td>{e(c['msg'])}</td></tr>" for k, c in r["checks"].items())
+    cts = "".join(f"<tr><td>{e(c['name'])}</td><td>{e(c['role'])}</td><td>{c['rating_a']} A</td>"
+                  f"<td>{r['configured']['gain'].get(c['name'], 1.0)}</td></tr>" for c in r["configured"]["ct"])
+    rel = "".join(f"<tr><td>{x['index'] + 1}</td><td>{e(x['load'])}</td><td>{x['rated_w']} W</td>"
+                  f"<td>{'on' if x.get('failsafe') else 'off'}</td></tr>" for x in r["configured"]["relay"])
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["finished"]))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Commissioning {e(r['device'])}</title>
+<style>body{{font-family:sans-serif;max-width:52em;margin:2em auto}} table{{border-collapse:collapse;width:100%;margin:1em 0}}
+td,th{{border:1px solid #999;padding:.3em .5em;text-align:left}} .pass td:nth-child(2){{color:#060;font-weight:bold}}
+.fail td:nth-child(2){{color:#b00;font-weight:bold}} .sig{{font-family:monospace;font-size:.8em;word-break:break-all}}
+@media print{{body{{margin:0}}}}</style></head><body>
+<h1>Commissioning report: {e(r['device'])}</h1>
+<p><b>{'PASSED' if r['passed'] else 'FAILED'}</b> &middot; {e(when)} &middot; member {e(str(r['member']))}
+ (#{r.get('member_id')}) &middot; community {e(str(r['community']))}</p>
+<table><tr><th>board</th><td>{e(r['board'])}</td></tr><tr><th>firmware</th><td>{e(r['fw'])} (digest {e(str(r['fw_digest']))})</td></tr>
+<tr><th>config digest</th><td>{e(str(r['cfg_digest']))}</td></tr><tr><th>electrician</th><td>{e(str(r['electrician']))}</td></tr></table>
+<h2>Checks</h2><table><tr><th>check</th><th>result</th><th>details</th></tr>{rows}</table>
+<h2>Current transformers</h2><table><tr><th>CT</th><th>role</th><th>rating</th><th>gain</th></tr>{cts}</table>
+<h2>Relays</h2><table><tr><th>relay</th><th>switches</th><th>power</th><th>when the gateway is silent</th></tr>{rel}</table>
+<p>Signed by the gateway (report #{signed['id']}, Ed25519). Key <span class=sig>{e(signed['key'])}</span><br>
+Signature <span class=sig>{e(signed['signature'])}</span></p></body></html>
+"""
+
+
+def verify_report(signed: dict[str, Any]) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from peergrid.installer import canonical
+
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(signed["key"])).verify(
+            bytes.fromhex(signed["signature"]), canonical(signed["report"]))
+        return True
+    except (InvalidSignature, ValueError, KeyError):
+        return False
+
+
+def main(argv: list[str] | None = None, operator: Operator | None = None) -> int:
+    p = argparse.ArgumentParser(prog="peergrid commission", description="commission a house, step by step")
+    p.add_argument("--sheet", type=Path, help="the site sheet (TOML or JSON); asked for when missing")
+    p.add_argument("--port", help="the board's serial port (found on USB when not given)")
+    p.add_argument("--gateway", default=os.environ.get("PEERGRID_GATEWAY"), help="the gateway's URL")
+    p.add_argument("--token", default=os.environ.get("PEERGRID_INSTALLER_TOKEN"), help="installer token")
+    p.add_argument("--resume", type=Path, help="continue a commissioning from its state file")
+    p.add_argument("--state", type=Path, help="state file (default commission-<device>.json)")
+    a = p.parse_args(argv)
+    op = operator or Operator()
+    if a.resume is not None:
+        if not a.resume.exists():
+            op.say(f"No such state file: {a.resume}")
+            return 2
+        state = a.resume
+        sheet = a.sheet
+    else:
+        if a.sheet is None and a.state is None:
+            op.say("Give the site sheet with --sheet (or a state file with --state to be asked for it)")
+            return 2
+        try:
+            dev = load_sheet(a.sheet)["house"]["device"] if a.sheet else "board"
+        except (Stop, KeyError) as e:
+            op.say(f"STOP: {getattr(e, 'msg', e)}")
+            return 2
+        state = a.state or Path(f"commission-{dev}.json")
+        if state.exists():
+            op.say(f"{state} exists: resume with --resume {state}, or remove it to start again")
+            return 2
+        sheet = a.sheet
+    if not a.gateway or not a.token:
+        op.say("Give the gateway's URL and your installer token (--gateway, --token or PEERGRID_GATEWAY, "
+               "PEERGRID_INSTALLER_TOKEN)")
+        return 2
+    try:
+        c = Commissioning(state, op, Gateway(a.gateway, a.token), a.port, sheet)
+    except Stop as e:
+        op.say("STOP: " + e.msg)
+        return 2
+    return c.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,198 @@
+"""The installer API: what `peergrid commission` on an electrician's laptop
+may ask of the gateway, over the gateway's HTTP server.
+
+Authentication: an installer token, made by the operator with `peergrid
+installer-token NAME --days 7` and shown once. Why a token and not an
+account on the gateway: the electrician needs exactly three things (register
+a house and its board, see the board's first readings, get a report signed)
+for a few days; a token does only that, expires by itself, can be revoked
+(`--revoke NAME`), and every use is logged under its name. The registry keeps
+only its SHA-256. The gateway's HTTP server listens on 127.0.0.1 unless
+[gateway] http_host says otherwise; on a LAN put it behind TLS (the token
+and the device secret travel in the request).
+
+Endpoints (JSON):
+  POST /installer/register   {member, device, board, channels, rotate?}
+        -> {community, device, secret (hex), broker_user, broker_password,
+            broker_host, broker_port, member}
+        creates the member (if new) and the device, writes the broker's
+        password and ACL files and reloads the broker; with rotate (resuming
+        a commissioning whose secret was not written) it issues new ones.
+  GET  /installer/device/<id>  -> what the gateway has seen from the board
+  POST /installer/report     a commissioning report -> {id, signature, key}
+        the gateway signs the report's canonical JSON with its Ed25519 key
+        and keeps it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from peergrid import registry as reg
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS installer_tokens (name TEXT PRIMARY KEY, hash BLOB NOT NULL, created REAL NOT NULL,
+    expires REAL NOT NULL, revoked REAL);
+CREATE TABLE IF NOT EXISTS commission_reports (id INTEGER PRIMARY KEY, community TEXT NOT NULL, device TEXT NOT NULL,
+    t REAL NOT NULL, installer TEXT NOT NULL, report TEXT NOT NULL, signature BLOB NOT NULL);
+"""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+def make_token(db: sqlite3.Connection, name: str, days: float) -> str:
+    db.executescript(SCHEMA)
+    if days <= 0 or days > 90:
+        raise reg.RegistryError("a token lives 0..90 days")
+    tok = "pgi_" + secrets.token_urlsafe(24)
+    db.execute("INSERT INTO installer_tokens VALUES (?, ?, ?, ?, NULL) ON CONFLICT(name) DO UPDATE SET"
+               " hash=excluded.hash, created=excluded.created, expires=excluded.expires, revoked=NULL",
+               (name, hashlib.sha256(tok.encode()).digest(), time.time(), time.time() + days * 86400))
+    return tok
+
+
+def revoke_token(db: sqlite3.Connection, name: str) -> None:
+    db.executescript(SCHEMA)
+    if db.execute("UPDATE installer_tokens SET revoked=? WHERE name=? AND revoked IS NULL",
+                  (time.time(), name)).rowcount == 0:
+        raise reg.RegistryError(f"no active installer token {name!r}")
+
+
+def canonical(report: dict[str, Any]) -> bytes:
+    return json.dumps(report, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class InstallerApi:
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw
+        self.cfg = gw.cfg
+        conf = self.cfg.extra.get("installer", {})
+        self.broker_host = conf.get("broker_host", self.cfg.broker_host)
+        self.broker_port = int(conf.get("broker_port", self.cfg.broker_port))
+        key = Path(conf.get("key_file", "gateway.key"))
+        self.key_path = key if key.is_absolute() else self.cfg.db.parent / key
+
+    def _db(self) -> sqlite3.Connection:
+        db = reg.connect(self.cfg.db)
+        db.executescript(SCHEMA)
+        return db
+
+    def auth(self, db: sqlite3.Connection, header: str | None) -> str:
+        if not header or not header.startswith("Bearer "):
+            raise ApiError(401, "installer token missing (Authorization: Bearer ...)")
+        h = hashlib.sha256(header[7:].strip().encode()).digest()
+        row = db.execute("SELECT name, expires, revoked FROM installer_tokens WHERE hash=?", (h,)).fetchone()
+        if row is None:
+            raise ApiError(401, "unknown installer token")
+        if row[2] is not None:
+            raise ApiError(401, f"installer token {row[0]!r} was revoked")
+        if row[1] < time.time():
+            raise ApiError(401, f"installer token {row[0]!r} has expired; ask the operator for a new one")
+        return str(row[0])
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, Any]]:
+        db = self._db()
+        try:
+            who = self.auth(db, headers.get("Authorization"))
+            try:
+                req = json.loads(body or b"{}")
+            except ValueError:
+                raise ApiError(400, "body is not JSON") from None
+            if method == "POST" and path == "/installer/register":
+                return 200, self.register(db, who, req)
+            if method == "GET" and path.startswith("/installer/device/"):
+                return 200, self.device(db, path.rsplit("/", 1)[1])
+            if method == "POST" and path == "/installer/report":
+                return 200, self.report(db, who, req)
+            raise ApiError(404, "no such installer endpoint")
+        except ApiError as e:
+            return e.status, {"error": e.msg}
+        except reg.RegistryError as e:
+            return 409, {"error": str(e)}
+        finally:
+            db.close()
+
+    def register(self, db: sqlite3.Connection, who: str, req: dict[str, Any]) -> dict[str, Any]:
+        c = self.cfg.community
+        r = reg.Registry(db)
+        for k in ("member", "device", "board", "channels"):
+            if k not in req:
+                raise ApiError(400, f"{k} missing")
+        member = None
+        for mid, name, left in r.members(c):
+            if name == req["member"] and left is None:
+                member = mid
+        new_member = member is None
+        if new_member:
+            member = r.add_member(c, req["member"])
+        d = r.device(c, req["device"])
+        if d is not None:
+            if not req.get("rotate"):
+                raise ApiError(409, f"device {req['device']!r} is registered already; resume the commissioning "
+                                    "(it rotates the secret) or choose another id")
+            if d.member != member:
+                raise ApiError(409, f"device {req['device']!r} belongs to another member")
+            secret, password = r.rotate(c, req["device"])
+        else:
+            secret, password = r.add_device(c, req["device"], req["board"], req["channels"], member)
+        # the validator may have cached "unknown" or the old secret for this id
+        self.gw.validator.forget(req["device"])
+        self.gw.validator.preload([x for x in r.devices(c) if x.id == req["device"]])
+        if self.cfg.passwd_file is not None and self.cfg.acl_file is not None:
+            r.broker_files(self.cfg.passwd_file, self.cfg.acl_file, self.cfg.broker_user,
+                           reg.mosquitto_hash(self.cfg.broker_password))
+            from peergrid.service import reload_broker
+
+            reload_broker(self.cfg.broker_pid_file)
+        import logging
+
+        logging.getLogger("peergrid.installer").info("installer %s registered device %s for member %d%s", who,
+                                                     req["device"], member, " (new)" if new_member else "")
+        if new_member:
+            st = self.gw._settler() if self.cfg.extra.get("settlement") else None
+            if st is not None:
+                st.record("member_joined", int(time.time()), {"member": member, "name": req["member"]})
+        return {"community": c, "device": req["device"], "member": member, "secret": secret.hex(),
+                "broker_user": reg.broker_user(c, req["device"]), "broker_password": password,
+                "broker_host": self.broker_host, "broker_port": self.broker_port}
+
+    def device(self, db: sqlite3.Connection, device: str) -> dict[str, Any]:
+        c = self.cfg.community
+        if reg.Registry(db).device(c, device) is None:
+            raise ApiError(404, f"no device {device!r}")
+        n, last = db.execute("SELECT COUNT(*), MAX(t_recv) FROM readings WHERE community=? AND device=?",
+                             (c, device)).fetchone()
+        out: dict[str, Any] = {"device": device, "readings": n, "last_reading": last}
+        if last is not None:
+            row = db.execute("SELECT grid_w, vrms_dv, freq_chz, inv FROM readings WHERE community=? AND device=?"
+                             " ORDER BY t_recv DESC LIMIT 1", (c, device)).fetchone()
+            out.update({"grid_w": row[0], "vrms_dv": row[1], "freq_chz": row[2],
+                        "inverter": json.loads(row[3]) if row[3] else None})
+        rej = db.execute("SELECT what, SUM(n) FROM counters WHERE community=? AND device=? GROUP BY what",
+                         (c, device)).fetchall()
+        out["rejected"] = {w: k for w, k in rej}
+        return out
+
+    def report(self, db: sqlite3.Connection, who: str, report: dict[str, Any]) -> dict[str, Any]:
+        from peergrid.ledger import public_bytes
+        from peergrid.settler import load_key
+
+        if not isinstance(report.get("device"), str):
+            raise ApiError(400, "a report names its device")
+        key = load_key(self.key_path)
+        body = canonical(report)
+        sig = key.sign(body)
+        cur = db.execute("INSERT INTO commission_reports (community, device, t, installer, report, signature)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (self.cfg.community, report["device"], time.time(), who,
+                                                         body.decode(), sig))
+        return {"id": cur.lastrowid, "signature": sig.hex(), "key": public_bytes(key).hex(), "signed_by": "gateway"}
