@@ -260,3 +260,42 @@ def test_cable_pulled_midway_then_resume(site) -> None:
     assert "Register with the gateway" not in op2.text()          # done steps are not repeated
     rep = json.loads((site.tmp / "report-oak7.json").read_text())["report"]
     assert rep["passed"]
+
+
+def test_console_config_writes_are_atomic_and_checked(tmp_path) -> None:
+    """No broker needed: a bad config is refused with its reason, and a write
+    cut off half-way (the .new file left behind) leaves the board running
+    its old config after a restart."""
+    from peergrid.console import BoardConsole, BoardRefused
+    from peergrid.vboard import VirtualBoard, default_config
+
+    vb = VirtualBoard(tmp_path / "b", None, console=True, sim={"start": int(time.time())})
+    try:
+        vb.start()
+        con = BoardConsole(vb.console_path)
+        with pytest.raises(BoardRefused, match="uncommissioned|no commissioning config"):
+            con.call("measure")
+        good = default_config(C, "oak9", os.urandom(32), "127.0.0.1", free_port(), "u", "p")
+        good.pop("sim")
+        digest = con.call("write_config", config=good)["cfg"]
+        bad = dict(good)
+        del bad["secret"]
+        with pytest.raises(BoardRefused, match="secret missing"):
+            con.call("write_config", config=bad)
+        (tmp_path / "b" / "config.json.new").write_text('{"community": "oak", "dev')     # power cut mid-write
+        con.call("reboot")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                h = con.call("hello", tries=1, timeout=2)
+                if h.get("commissioned"):
+                    break
+            except Exception:  # noqa: BLE001 - restarting
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert h["cfg"] == digest and h["device"] == "oak9"
+        assert "<hidden>" in json.dumps(con.call("read_config")["config"])
+        con.close()
+    finally:
+        vb.close()
