@@ -53,9 +53,11 @@ bench: $(VENV)/.bench-stamp
 bench-quick: $(VENV)/.bench-stamp
 	@for b in tests/bench/bench_*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
-demo: $(VENV)/.stamp
-	@echo "make demo: the neighbourhood demo is not built yet (issue 9)."
-	@echo "Today the wire contract is: see protocol/PROTOCOL.md and run 'make test' or 'make bench'."
+HOUSES ?= 100
+HOURS  ?= 24
+SPEED  ?= 360
+demo: $(VENV)/.bench-stamp umqtt
+	$(PY) -m peergrid.demo --houses $(HOUSES) --hours $(HOURS) --speed $(SPEED)
 
 BOARD ?=
 PORT  ?=

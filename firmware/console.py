@@ -242,7 +242,8 @@ class Ops:
         hold = req.get("hold_s", 60)
         now = self.hal.ticks_ms()
         r = rel[i]
-        r.set(v)
+        if r.set(v):
+            b.outputs._changed("relay", i, r.value, "console")
         r.until = now + int(hold) * 1000     # back to fail-safe afterwards, like a lease
         b.next_due = now                     # measure now
         return {"ok": True, "i": i, "v": r.value}

@@ -198,6 +198,11 @@ def main(argv):
         sim = cfg.get("sim") or {}
     start = sim.get("start", 1795000000)
     net = HostNet(unix_now=lambda: start + hal.ticks_ms() // 1000)
+    ck = sim.get("clock")
+    if ck:
+        # a simulation with its own clock (make demo): Unix time = t0 + (wall - w0) * speed
+        import time as _t
+        net = HostNet(unix_now=lambda: int(ck["t0"] + (_t.time() - ck["w0"]) * ck["speed"]))
     if not sim.get("ntp", True):
         net = HostNet(None)
     master = None

@@ -44,7 +44,9 @@ def test_firmware_bundle_builds_and_loads_on_micropython(board) -> None:
     for rel, sha in man["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == sha, rel
     assert not (out / "config.json").exists()
-    assert not list(out.rglob("vboard.mpy"))                     # the virtual board's parts stay at home
+    bdef = json.loads((ROOT / "boards" / board / "board.json").read_text())
+    # the virtual board's parts go only into the sim board's bundle
+    assert bool(list(out.rglob("vboard.mpy"))) == (bdef.get("mcu") == "sim")
     assert list((out / "lib" / "umqtt").glob("simple.mpy"))
     mods = "firmware.board firmware.console firmware.main protocol.link umqtt.simple".split()
     code = "import " + ", ".join(mods) + "\nprint('ok', firmware.board.FW_VERSION)"

@@ -56,9 +56,8 @@ def main() -> int:
     if out.exists():
         shutil.rmtree(out)
     (out / "lib").mkdir(parents=True)
-    skip = set(HOST_ONLY)
-    if bdef.get("mcu") != "sim":
-        skip |= SIM_ONLY
+    # the sim board is the virtual board: its bundle keeps the virtual parts
+    skip = set() if bdef.get("mcu") == "sim" else HOST_ONLY | SIM_ONLY
     jobs = []
     for pkg in ("firmware", "protocol"):
         for src in sorted((ROOT / pkg).glob("*.py")):

@@ -51,82 +51,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from peergrid import profiles as prof  # noqa: E402
 from peergrid.control import Battery, Controller, Feeder, Load  # noqa: E402
 
-LAT, LON, TZ = 47.12, 9.31, "Europe/Zurich"
-DAY = "2026-04-22"
-START_H = 7
 N_HOUSES = 100
 N_PV = 60
-
-
-def profiles(rng: np.random.Generator, dt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(household W [house, step], pv W [house, step], step times as Unix
-    seconds, local UTC offset) for the day at dt-second steps."""
-    import pandas as pd
-    import pvlib
-    from demandlib import bdew
-
-    n = 86400 // dt
-    t0 = pd.Timestamp(f"{DAY} {START_H:02d}:00", tz=TZ)
-    times = pd.date_range(t0, periods=n, freq=f"{dt}s")
-    offset = int(t0.utcoffset().total_seconds())
-    # household: the H0 profile (kW per 15 min for 1 kWh/a scaled below)
-    slp = bdew.ElecSlp(2026).get_scaled_power_profiles({"h0": 1000})["h0"]
-    slp.index = slp.index.tz_localize(TZ, ambiguous="NaT", nonexistent="NaT")
-    slp = slp[slp.index.notna()]
-    window = slp[(slp.index >= t0 - pd.Timedelta("1h")) & (slp.index <= t0 + pd.Timedelta("25h"))]
-    xs = (window.index.view("int64") // 10**9).astype(float) + 450     # mid-interval
-    tsec = (times.view("int64") // 10**9).astype(float)
-    h0 = np.interp(tsec, xs, window.values) * 1000                     # W for 1,000 kWh/a
-    annual = rng.uniform(2.5, 5.5, N_HOUSES)
-    load = np.outer(annual, h0) * rng.uniform(0.85, 1.15, (N_HOUSES, 1))
-    # appliances: blocks of 1-3 kW for 2-30 minutes, more in the evening
-    for h in range(N_HOUSES):
-        k = rng.poisson(10)
-        for _ in range(k):
-            hour = rng.choice(np.arange(24), p=_appliance_hours())
-            start = int(((hour - START_H) % 24) * 3600 / dt + rng.integers(0, 3600 // dt))
-            dur = int(rng.uniform(120, 1800) / dt)
-            load[h, start:start + dur] += rng.uniform(1000, 3000)
-    load += rng.normal(0, 30, load.shape)
-    load = np.maximum(load, 50)
-    # PV: clear sky, transposed per roof, PVWatts, clouds
-    loc = pvlib.location.Location(LAT, LON, tz=TZ, altitude=430)
-    cs = loc.get_clearsky(times)
-    sp = loc.get_solarposition(times)
-    cloud = _clouds(rng, n, dt)
-    pv = np.zeros((N_HOUSES, n))
-    for h in range(N_PV):
-        tilt, az = rng.uniform(20, 40), rng.uniform(135, 225)
-        poa = pvlib.irradiance.get_total_irradiance(tilt, az, sp["apparent_zenith"], sp["azimuth"],
-                                                    cs["dni"] * cloud, cs["ghi"] * cloud,
-                                                    cs["dhi"] * (0.6 + 0.4 * cloud))["poa_global"].fillna(0).values
-        cell = poa / 800 * 25 + 12
-        kwp = rng.uniform(4, 12)
-        dc = pvlib.pvsystem.pvwatts_dc(poa, cell, kwp * 1000, -0.004)
-        pv[h] = np.clip(np.asarray(dc) * 0.96 * (1 + rng.normal(0, 0.01, n)), 0, None)
-    return load, pv, tsec, offset
-
-
-def _appliance_hours() -> np.ndarray:
-    w = np.array([1, 1, 1, 1, 1, 1, 3, 5, 4, 3, 3, 4, 6, 4, 3, 3, 4, 6, 8, 8, 6, 4, 2, 1], float)
-    return w / w.sum()
-
-
-def _clouds(rng: np.random.Generator, n: int, dt: int) -> np.ndarray:
-    """Transmission factor: clear spells and cloud episodes of random length
-    and depth, edges smoothed over about a minute."""
-    c = np.ones(n)
-    i = 0
-    while i < n:
-        clear = int(rng.exponential(2400) / dt)
-        i += clear
-        dur = int(rng.uniform(60, 1500) / dt)
-        c[i:i + dur] = rng.uniform(0.2, 0.75)
-        i += dur
-    k = max(1, 60 // dt)
-    return np.convolve(c, np.ones(k) / k, mode="same")
 
 
 def devices(rng: np.random.Generator, offset: int) -> tuple[list[Load], list[Battery]]:
@@ -386,7 +315,7 @@ def main() -> None:
     dt = 5 if a.quick else 1
     rng = np.random.default_rng(20260422)
     t_start = time.perf_counter()
-    load, pv, tsec, offset = profiles(rng, dt)
+    load, pv, tsec, offset = prof.profiles(rng, dt, N_HOUSES, N_PV)
     loads, bats = devices(rng, offset)
     base = (load - pv).sum(axis=0)
     feeder = Feeder(int(base.max() + 40000), int(-base.min() + 10000))

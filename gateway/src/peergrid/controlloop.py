@@ -60,8 +60,15 @@ class Output:
 
 class ControlLoop:
     def __init__(self, db_path: Any, community: str, conf: dict[str, Any],
-                 publish: Callable[[str, bytes], None], metrics: Any = None) -> None:
+                 publish: Callable[[str, bytes], None], metrics: Any = None, clock: Any = None,
+                 speed: float = 1.0) -> None:
+        """clock: Unix time (default time.time), also used for durations when
+        given (a simulation); speed: how much faster than the wall clock it
+        runs, so the loop's waits shrink with it."""
         self.community = community
+        self.clock = clock or time.time
+        self.mono = clock or time.monotonic
+        self.speed = speed
         self.db = reg.connect(db_path)
         self.db.executescript(SCHEMA)
         self.registry = reg.Registry(self.db)
@@ -162,7 +169,7 @@ class ControlLoop:
             self.stats["acks"] += 1
             if msg["result"] == 0:
                 out.acked = msg.get("value", out.value)
-                out.acked_at = time.monotonic()
+                out.acked_at = self.mono()
                 out.tries = 0
                 if device in self.degraded:
                     self.degraded.discard(device)
@@ -210,7 +217,7 @@ class ControlLoop:
         ctr = self._next_ctr(out.device)
         if out.ctr is not None:
             self.by_ctr.pop((out.device, out.ctr), None)
-        frame = s.seal({"ctr": ctr, "t": int(time.time()), "lease": self.lease, "op": out.op,
+        frame = s.seal({"ctr": ctr, "t": int(self.clock()), "lease": self.lease, "op": out.op,
                         "target": out.target, "value": out.value})
         out.ctr = ctr
         out.sent_at = now_m
@@ -222,8 +229,8 @@ class ControlLoop:
 
     def step(self) -> list[Decision]:
         assert self.ctl is not None
-        now = time.time()
-        off = datetime.now(self.tz).utcoffset()
+        now = self.clock()
+        off = datetime.fromtimestamp(now, self.tz).utcoffset()
         self.ctl.tz = int(off.total_seconds()) if off is not None else 0
         with self.lock:
             snap = dict(self.readings)
@@ -238,7 +245,7 @@ class ControlLoop:
         if len(self.cycle_ms) > 10000:
             del self.cycle_ms[:5000]
         self.stats["steps"] += 1
-        now_m = time.monotonic()
+        now_m = self.mono()
         with self.lock:
             for d in decisions:
                 op = messages.OP_RELAY if d.kind == "relay" else messages.OP_BATTERY
@@ -277,12 +284,14 @@ class ControlLoop:
     def _run(self) -> None:
         last = 0.0
         next_reload = time.monotonic() + 60
+        period = self.period / self.speed
+        min_gap = 0.1 / self.speed
         while not self.stop_event.is_set():
-            self.wake.wait(self.period)
+            self.wake.wait(period)
             self.wake.clear()
             gap = time.monotonic() - last
-            if gap < 0.1:
-                if self.stop_event.wait(0.1 - gap):
+            if gap < min_gap:
+                if self.stop_event.wait(min_gap - gap):
                     break
             last = time.monotonic()
             try:

@@ -174,10 +174,12 @@ class InstallerApi:
                              (c, device)).fetchone()
         out: dict[str, Any] = {"device": device, "readings": n, "last_reading": last}
         if last is not None:
-            row = db.execute("SELECT grid_w, vrms_dv, freq_chz, inv FROM readings WHERE community=? AND device=?"
-                             " ORDER BY t_recv DESC LIMIT 1", (c, device)).fetchone()
+            row = db.execute("SELECT grid_w, vrms_dv, freq_chz, inv, grid_imp_wh, grid_exp_wh, boot, seq, flags"
+                             " FROM readings WHERE community=? AND device=? ORDER BY t_recv DESC, seq DESC LIMIT 1",
+                             (c, device)).fetchone()
             out.update({"grid_w": row[0], "vrms_dv": row[1], "freq_chz": row[2],
-                        "inverter": json.loads(row[3]) if row[3] else None})
+                        "inverter": json.loads(row[3]) if row[3] else None, "grid_imp_wh": row[4],
+                        "grid_exp_wh": row[5], "boot": row[6], "seq": row[7], "flags": row[8]})
         rej = db.execute("SELECT what, SUM(n) FROM counters WHERE community=? AND device=? GROUP BY what",
                          (c, device)).fetchall()
         out["rejected"] = {w: k for w, k in rej}

@@ -277,6 +277,19 @@ class SunSpecSim:
             raise RuntimeError("pymodbus server did not start")
         return self.board_path
 
+    def serve_on(self, path: str) -> None:
+        """Serve on an existing serial port (a bench's USB-RS485 adapter, or
+        one end of a virtual cable) instead of a cable of its own."""
+        self.server_path = path
+        self.board_path = None
+        self._ma = self._sa = self._mb = self._sb = -1
+        ready = threading.Event()
+        t = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        t.start()
+        self._threads.append(t)
+        if not ready.wait(10):
+            raise RuntimeError(f"pymodbus server did not start on {path}")
+
     def _serve(self, ready: threading.Event) -> None:
         from pymodbus import FramerType
         from pymodbus.server import ModbusSerialServer
@@ -353,6 +366,8 @@ class SunSpecSim:
         for t in self._threads:
             t.join(2)
         for fd in (self._ma, self._sa, self._mb, self._sb):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:

@@ -68,7 +68,10 @@ class VirtualBoard:
                  board: str = "sim", heap: str | None = None, mpy_dir: Path | None = None,
                  rs485: bool | None = None, data_heap: int | None = None, console: bool = False,
                  sim: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 sunspec_unit: int = 1) -> None:
+                 sunspec_unit: int = 1, rs485_path: str | None = None) -> None:
+        """rs485_path: the board's RS485 port is this existing serial path
+        (the far end is someone else's, e.g. a rig's inverter simulator)
+        instead of a SunSpec simulator of its own."""
         """heap: MicroPython's -X heapsize for the whole process. data_heap:
         bytes left for the firmware's data once its code is loaded; the
         heap is then the code's measured footprint plus data_heap (on an
@@ -90,6 +93,7 @@ class VirtualBoard:
         self.want_rs485 = rs485 if rs485 is not None else bool(config and (config.get("inverter")
                                                                            or config.get("battery")))
         self.sunspec_unit = sunspec_unit
+        self.rs485_path = rs485_path
         self.extra_env = env or {}
         self.cable: Any = None
         self.console_path: str | None = None
@@ -116,7 +120,9 @@ class VirtualBoard:
     def start(self, timeout: float = 30, fresh: bool = True) -> dict[str, Any]:
         pty = ""
         self.auto_restart = True
-        if self.want_rs485:
+        if self.rs485_path:
+            pty = self.rs485_path
+        elif self.want_rs485:
             if self.sim is None:
                 from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim
 
@@ -160,16 +166,19 @@ class VirtualBoard:
         # events go to the queue of the start that made this process (a
         # killed process's exit must not land in the next start's queue)
         assert proc.stdout
-        for line in proc.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = {"ev": "text", "text": line}
-            self.log.append(ev)
-            q.put(ev)
+        try:
+            for line in proc.stdout:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    ev = {"ev": "text", "text": line}
+                self.log.append(ev)
+                q.put(ev)
+        except (OSError, ValueError):
+            pass                                 # the pipe was closed after the process ended
         rc = proc.wait()
         if rc == 3 and self.auto_restart and proc is self.proc:
             # the firmware asked for a reboot (console): start it again, as the board would
@@ -185,8 +194,11 @@ class VirtualBoard:
 
     def _err_reader(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr
-        for line in proc.stderr:
-            self.stderr.append(line.rstrip())
+        try:
+            for line in proc.stderr:
+                self.stderr.append(line.rstrip())
+        except (OSError, ValueError):
+            pass
 
     def send(self, **req: Any) -> None:
         if not self.proc or not self.proc.stdin or self.proc.poll() is not None:
@@ -239,7 +251,19 @@ class VirtualBoard:
             except (RuntimeError, subprocess.TimeoutExpired, BrokenPipeError):
                 self.proc.kill()
                 rc = self.proc.wait()
+        self._close_pipes()
         return rc
+
+    def _close_pipes(self) -> None:
+        if self.proc is None or self.proc.poll() is None:
+            return
+        time.sleep(0.05)                       # let the readers see the end of their streams
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except (OSError, ValueError):
+                pass
 
     def kill(self) -> None:
         """Power cut: SIGKILL, nothing saved."""
@@ -247,6 +271,7 @@ class VirtualBoard:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        self._close_pipes()
 
     def close(self) -> None:
         self.auto_restart = False
