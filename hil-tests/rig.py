@@ -226,9 +226,9 @@ class RigOperator(Operator):
     def act(self, instruction: str) -> None:
         self.lines.append("! " + instruction)
         if "Switch ON" in instruction:
-            self.rig.test_load(True)
+            self.rig.test_load(True, self.board)
         elif "OFF" in instruction:
-            self.rig.test_load(False)
+            self.rig.test_load(False, self.board)
 
 
 class Rig:
@@ -254,7 +254,9 @@ class Rig:
     def flash(self) -> None:
         raise NotImplementedError
 
-    def test_load(self, on: bool) -> None:
+    def test_load(self, on: bool, console: Any = None) -> None:
+        """Switch the rig's known load; `console`: the commissioning tool's
+        open console when it holds the port."""
         raise NotImplementedError
 
     def reference(self) -> Any:
@@ -414,7 +416,7 @@ class VirtualRig(Rig):
     def console_path(self) -> str:
         return self.vb.console_path
 
-    def test_load(self, on: bool) -> None:
+    def test_load(self, on: bool, console: Any = None) -> None:
         # the kettle of the commissioning is plugged in the house, not behind a relay
         self.vb.send(op="base", w=[self.base_w + (self.load_w if on else 0), 0, 0, 0])
         self.ref_sim.set_power(self.base_w + (self.load_w if on else 0))
@@ -512,9 +514,9 @@ class BenchRig(Rig):
         if r.returncode != 0:
             raise RuntimeError(f"make flash: {r.stderr[-2000:]}")
 
-    def test_load(self, on: bool) -> None:
+    def test_load(self, on: bool, console: Any = None) -> None:
         # on the bench the known load hangs on a relay: the console switches it
-        self.console().call("relay", i=self.load_relay, v=1 if on else 0, hold_s=300)
+        (console or self.console()).call("relay", i=self.load_relay, v=1 if on else 0, hold_s=300)
 
     def reference(self) -> Any:
         return self.ref

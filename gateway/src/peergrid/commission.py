@@ -59,6 +59,8 @@ class Stop(Exception):
 class Operator:
     """How the tool talks to the electrician: a terminal by default."""
 
+    board: "BoardConsole | None" = None
+
     def say(self, text: str) -> None:
         print(text, flush=True)
 
@@ -184,6 +186,7 @@ class Commissioning:
         port = self.port or find_port()
         self.op.say(f"Board on {port}")
         self.con = BoardConsole(port)
+        self.op.board = self.con      # a test rig's operator switches its known load through it
 
     def _c(self, op: str, **args: Any) -> dict[str, Any]:
         assert self.con is not None
