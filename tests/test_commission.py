@@ -196,6 +196,12 @@ def test_a_good_house_passes_with_a_signed_report(site) -> None:
     state = (site.tmp / "commission-oak3.json").read_text()
     secret = db.execute("SELECT secret FROM devices WHERE id='oak3'").fetchone()[0].hex()
     assert secret not in state and secret not in json.dumps(signed)
+    # the member's voting key: public half in the registry and the report, private half only with the member
+    from peergrid import governance as gv
+
+    key = gv.load_member_key((site.tmp / "member-oak3.key").read_text())
+    assert db.execute("SELECT pubkey FROM members").fetchone()[0] == gv.public(key) == bytes.fromhex(rep["member_key"])
+    assert gv.key_string(key) in html and gv.key_string(key) not in json.dumps(signed) + state
     # the board runs the written config and its readings arrive
     n = db.execute("SELECT COUNT(*) FROM readings WHERE device='oak3'").fetchone()[0]
     assert n >= 3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,13 +29,38 @@ def admin(args: argparse.Namespace) -> int:
     try:
         if args.cmd == "member":
             if args.mcmd == "add":
-                mid = r.add_member(cfg.community, args.name)
-                _record(cfg, "member_joined", {"member": mid, "name": args.name})
+                key = bytes.fromhex(args.key) if args.key else None
+                mid = r.add_member(cfg.community, args.name, key)
+                _record(cfg, "member_joined", {"member": mid, "name": args.name, **({"key": key} if key else {})})
                 print(f"member {mid} added")
+            elif args.mcmd == "key":
+                from peergrid import governance as gv
+
+                k, pub = gv.new_key()
+                out = Path(args.out)
+                fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(gv.key_string(k) + "\n")
+                r.set_member_key(cfg.community, args.member, pub)
+                _record(cfg, "member_key", {"member": args.member, "key": pub})
+                print(f"member {args.member}: key pair made; private key in {out} (give it to the member), "
+                      f"public key {pub.hex()} in the registry and the ledger")
             elif args.mcmd == "leave":
-                r.leave(cfg.community, args.member)
-                _record(cfg, "member_left", {"member": args.member})
-                print(f"member {args.member} has left")
+                st = _settler(cfg)
+                if st is None:
+                    r.leave(cfg.community, args.member)
+                    print(f"member {args.member} has left")
+                else:
+                    # from the next interval boundary; its balance so far is stated in the entry
+                    from peergrid.settler import gov_state
+
+                    now = int(time.time())
+                    at = now - now % st.length + st.length
+                    r.leave(cfg.community, args.member, at)
+                    bal = gov_state(st).balances.get(args.member, 0)
+                    st.record("member_left", now, {"member": args.member, "from": at, "balance": bal})
+                    print(f"member {args.member} leaves at {at}; balance so far {bal / 100:.2f} (intervals up to "
+                          "then are still settled and appear in its statement)")
             elif args.mcmd == "limits":
                 r.set_limits(cfg.community, args.member, args.bid, args.ask)
                 print(f"member {args.member}: bid {args.bid if args.bid is not None else 'retail'}, "
@@ -76,6 +102,8 @@ def admin(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "resource":
             return _resource(args, cfg, r)
+        if args.cmd in ("propose", "vote", "tally", "split"):
+            return _governance(args, cfg, r)
         if args.cmd == "installer-token":
             from peergrid import installer
 
@@ -147,6 +175,56 @@ def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
         return 0
     r.revoke(cfg.community, args.device)
     print(f"{args.device} revoked; run `peergrid broker-files` to close its broker account")
+    return 0
+
+
+def _governance(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
+    from peergrid import governance as gv
+    from peergrid import settler as stl
+
+    st = _settler(cfg)
+    if st is None:
+        raise reg.RegistryError("no [settlement] in the config, so no ledger")
+    now = int(time.time())
+    try:
+        if args.cmd == "propose":
+            k = gv.load_member_key(Path(args.key_file).read_text())
+            ch: dict = {"kind": args.kind}
+            if args.kind == "tariff":
+                if not args.tariff:
+                    raise gv.GovernanceError("--tariff retail,feed_in,margin_ppm,mechanism,grid_fee,export_ppm")
+                p = args.tariff.split(",")
+                ch["tariff"] = [int(p[0]), int(p[1]), int(p[2]) if len(p) > 2 else 0, p[3] if len(p) > 3 else "sdr",
+                                int(p[4]) if len(p) > 4 else 0, int(p[5]) if len(p) > 5 else 0]
+            elif args.kind == "rules":
+                ch.update({"quorum_ppm": args.quorum_ppm, "majority_ppm": args.majority_ppm, "vote_s": args.vote_s})
+            elif args.kind == "feeder":
+                ch.update({"import_w": int((args.import_kw or 0) * 1000), "export_w": int((args.export_kw or 0) * 1000)})
+            else:
+                ch.update({"name": args.name or "", "key": bytes.fromhex(args.pubkey or "")})
+            n = stl.propose(st, gv.sign_proposal(k, cfg.community, args.member, ch, args.t_from, args.deadline), now)
+            print(f"proposal {n} recorded; voting until {args.deadline}, in force from {args.t_from} if accepted")
+        elif args.cmd == "vote":
+            k = gv.load_member_key(Path(args.key_file).read_text())
+            n = stl.ballot(st, gv.sign_ballot(k, cfg.community, args.proposal, args.member, args.choice), now)
+            print(f"ballot of member {args.member} on proposal {args.proposal} recorded (entry {n})")
+        elif args.cmd == "tally":
+            n, res = stl.tally(st, args.proposal, now)
+            print(f"proposal {args.proposal}: {res['yes']} yes, {res['no']} no of {res['eligible']} members; "
+                  f"quorum {'reached' if res['quorum'] else 'missed'}; {'ACCEPTED' if res['accepted'] else 'rejected'}"
+                  f" (entry {n})")
+        else:
+            from peergrid.settler import load_key
+
+            members = [int(x) for x in args.members.split(",") if x.strip()]
+            res = stl.split(st, members, args.community, Path(args.db), load_key(Path(args.key_file)), now)
+            print(f"{len(members)} members leave at {res['at']} into {args.community} ({args.db}); closing entry "
+                  f"{res['entry']}; their boards ({len(res['devices'])}) need their config written for the new "
+                  "community (peergrid commission)")
+    except gv.GovernanceError as e:
+        raise reg.RegistryError(str(e)) from None
+    except OSError as e:
+        raise reg.RegistryError(f"key file: {e}") from None
     return 0
 
 

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     msub = m.add_subparsers(dest="mcmd", required=True)
     ma = msub.add_parser("add")
     ma.add_argument("name")
+    ma.add_argument("--key", help="the member's Ed25519 public key (64 hex digits)")
+    mk = msub.add_parser("key", help="make a member key pair: the public key goes into the registry and ledger")
+    mk.add_argument("member", type=int)
+    mk.add_argument("--out", required=True, help="file for the private key (the member keeps it)")
     msub.add_parser("list")
     ml = msub.add_parser("leave")
     ml.add_argument("member", type=int)
@@ -94,6 +98,32 @@ def main(argv: list[str] | None = None) -> int:
     cm = sub.add_parser("commission", help="commission a house: the board on USB, checks, signed report",
                         add_help=False)
     del cm
+    pr = sub.add_parser("propose", help="propose a change of the community's rules (signed with a member key)")
+    pr.add_argument("--member", type=int, required=True)
+    pr.add_argument("--key-file", required=True)
+    pr.add_argument("--kind", required=True, choices=["tariff", "rules", "feeder", "admit"])
+    pr.add_argument("--tariff", help="retail,feed_in,fund_margin_ppm,mechanism,grid_fee,fund_export_ppm")
+    pr.add_argument("--quorum-ppm", type=int)
+    pr.add_argument("--majority-ppm", type=int)
+    pr.add_argument("--vote-s", type=int, default=0)
+    pr.add_argument("--import-kw", type=float)
+    pr.add_argument("--export-kw", type=float)
+    pr.add_argument("--name", help="admit: the new member's name")
+    pr.add_argument("--pubkey", help="admit: the new member's public key (hex)")
+    pr.add_argument("--from", dest="t_from", type=int, required=True, help="interval boundary it takes effect at")
+    pr.add_argument("--deadline", type=int, required=True, help="Unix time voting closes")
+    vo = sub.add_parser("vote", help="vote on a proposal (signed with a member key)")
+    vo.add_argument("proposal", type=int)
+    vo.add_argument("choice", choices=["yes", "no"])
+    vo.add_argument("--member", type=int, required=True)
+    vo.add_argument("--key-file", required=True)
+    ta = sub.add_parser("tally", help="count a proposal whose voting has closed")
+    ta.add_argument("proposal", type=int)
+    sp = sub.add_parser("split", help="a group of houses breaks away into a new community")
+    sp.add_argument("--members", required=True, help="member ids, comma separated")
+    sp.add_argument("--community", required=True, help="the new community's id")
+    sp.add_argument("--db", required=True, help="the new community's database")
+    sp.add_argument("--key-file", required=True, help="the new community gateway's ledger key (made if missing)")
     sub.add_parser("broker-files", help="write mosquitto's password and ACL files and reload the broker")
     tf = sub.add_parser("tariff", help="record a tariff change in the ledger")
     tf.add_argument("--retail", type=int, required=True, help="minor units per kWh")
@@ -151,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ledger verifies: {len(entries)} entries ("
               + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); every settlement re-run")
         return 0
-    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff", "resource", "installer-token"):
+    if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff", "resource", "installer-token",
+                    "propose", "vote", "tally", "split"):
         from peergrid.admin import admin
 
         return admin(args)

@@ -263,7 +263,25 @@ class Commissioning:
                  for c in bdef["channels"]]
         body = {"member": sh["house"]["member"], "device": sh["house"]["device"], "board": self.st["board"],
                 "channels": chans, "rotate": bool(self.st.get("registered"))}
+        # the member's own key pair for votes: made here, the private half only goes to the member
+        mkey = None
+        if not self.st.get("member_key_file"):
+            from peergrid import governance as gv
+
+            mkey, pub = gv.new_key()
+            body["member_key"] = pub.hex()
         self.creds = self.gw.call("POST", "/installer/register", body)
+        if mkey is not None and self.creds.get("member_has_key"):
+            from peergrid import governance as gv
+
+            kf = self.state_path.with_name(f"member-{sh['house']['device']}.key")
+            fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(gv.key_string(mkey) + "\n")
+            self.st["member_key_file"] = str(kf)
+            self.st["member_key_public"] = gv.public(mkey).hex()
+            self.member_key_string = gv.key_string(mkey)
+            self.op.say(f"  the member's voting key is in {kf}: give it to the member (it is not kept anywhere else)")
         self.st["registered"] = True
         self.st["member_id"] = self.creds["member"]
         self.st["community"] = self.creds["community"]
@@ -493,12 +511,13 @@ class Commissioning:
                "configured": {"ct": sh["ct"], "relay": sh.get("relay", []), "inverter": sh.get("inverter"),
                               "gain": self.st.get("gain", {}),
                               "network": {k: v for k, v in (sh.get("network") or {}).items() if "password" not in k}},
+               "member_key": self.st.get("member_key_public"),
                "checks": checks, "passed": all(c["ok"] for c in checks.values())}
         sig = self.gw.call("POST", "/installer/report", rep)
         signed = {"report": rep, "signature": sig["signature"], "key": sig["key"], "id": sig["id"]}
         base = self.state_path.with_name(f"report-{sh['house']['device']}")
         base.with_suffix(".json").write_text(json.dumps(signed, indent=1, sort_keys=True))
-        base.with_suffix(".html").write_text(report_html(signed))
+        base.with_suffix(".html").write_text(report_html(signed, getattr(self, "member_key_string", None)))
         self.st["report_json"] = str(base.with_suffix(".json"))
         self.st["report_html"] = str(base.with_suffix(".html"))
         self.op.say(f"  report signed by the gateway (#{sig['id']}): {self.st['report_html']}")
@@ -550,7 +569,9 @@ def sheet_problems(sh: dict[str, Any], bdef: dict[str, Any]) -> list[str]:
     return out
 
 
-def report_html(signed: dict[str, Any]) -> str:
+def report_html(signed: dict[str, Any], member_key: str | None = None) -> str:
+    """The printable report. `member_key`: the member's private voting key,
+    printed for the member only (it is not in the signed JSON the gateway keeps)."""
     r = signed["report"]
     e = html.escape
     rows = "".join(f"<tr class={'pass' if c['ok'] else 'fail'}><td>{e(k)}</td><td>{'PASS' if c['ok'] else 'FAIL'}</td>"
@@ -573,6 +594,9 @@ td,th{{border:1px solid #999;padding:.3em .5em;text-align:left}} .pass td:nth-ch
 <h2>Checks</h2><table><tr><th>check</th><th>result</th><th>details</th></tr>{rows}</table>
 <h2>Current transformers</h2><table><tr><th>CT</th><th>role</th><th>rating</th><th>gain</th></tr>{cts}</table>
 <h2>Relays</h2><table><tr><th>relay</th><th>switches</th><th>power</th><th>when the gateway is silent</th></tr>{rel}</table>
+{f"<h2>The member's voting key (keep it private)</h2><p class=sig>{e(member_key)}</p><p>Public key "
+  f"<span class=sig>{e(str(r.get('member_key')))}</span>. Proposals and ballots are signed with it "
+  "(peergrid propose / vote).</p>" if member_key else ""}
 <p>Signed by the gateway (report #{signed['id']}, Ed25519). Key <span class=sig>{e(signed['key'])}</span><br>
 Signature <span class=sig>{e(signed['signature'])}</span></p></body></html>
 """

@@ -133,8 +133,16 @@ class InstallerApi:
             if name == req["member"] and left is None:
                 member = mid
         new_member = member is None
+        mkey = None
+        if req.get("member_key"):
+            try:
+                mkey = bytes.fromhex(req["member_key"])
+            except ValueError:
+                raise ApiError(400, "member_key is hex") from None
+            if len(mkey) != 32:
+                raise ApiError(400, "member_key is a 32-byte Ed25519 public key")
         if new_member:
-            member = r.add_member(c, req["member"])
+            member = r.add_member(c, req["member"], mkey)
         d = r.device(c, req["device"])
         if d is not None:
             if not req.get("rotate"):
@@ -158,11 +166,17 @@ class InstallerApi:
 
         logging.getLogger("peergrid.installer").info("installer %s registered device %s for member %d%s", who,
                                                      req["device"], member, " (new)" if new_member else "")
+        st = self.gw._settler() if self.cfg.extra.get("settlement") else None
         if new_member:
-            st = self.gw._settler() if self.cfg.extra.get("settlement") else None
             if st is not None:
-                st.record("member_joined", int(time.time()), {"member": member, "name": req["member"]})
-        return {"community": c, "device": req["device"], "member": member, "secret": secret.hex(),
+                st.record("member_joined", int(time.time()), {"member": member, "name": req["member"],
+                                                               **({"key": mkey} if mkey else {})})
+        elif mkey is not None and r.member_key(c, member) is None:
+            r.set_member_key(c, member, mkey)
+            if st is not None:
+                st.record("member_key", int(time.time()), {"member": member, "key": mkey})
+        return {"community": c, "device": req["device"], "member": member, "new_member": new_member,
+                "member_has_key": r.member_key(c, member) == mkey if mkey else False, "secret": secret.hex(),
                 "broker_user": reg.broker_user(c, req["device"]), "broker_password": password,
                 "broker_host": self.broker_host, "broker_port": self.broker_port}
 

@@ -239,7 +239,24 @@ def _chunk(args: tuple) -> tuple[int, str] | list[tuple[int, str, int, tuple | N
         done = _verify_range(raws, first, prev, key, kid, pinned)
     except LedgerError as e:
         return (e.index if e.index is not None else first, str(e))
-    return [(e.n, e.type, e.t, _ref(e)) for e in done]
+    # governance entries travel back with their bodies (they are few)
+    from peergrid.governance import GOV
+
+    return [(e.n, e.type, e.t, _ref(e), e.body if e.type in GOV else None) for e in done]
+
+
+def _governance(entries: list["Entry"]) -> None:
+    from peergrid.governance import GovernanceError, replay
+
+    try:
+        replay(entries)
+    except GovernanceError as e:
+        msg = str(e)
+        idx = None
+        if msg.startswith("entry "):
+            head, _, rest = msg.partition(": ")
+            idx, msg = int(head.split()[1]), rest
+        raise LedgerError(msg, idx) from None
 
 
 def result_digest(b: dict[str, Any]) -> bytes:
@@ -309,12 +326,24 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
         if bad:
             idx, msg = min(bad)
             raise LedgerError(msg.split(": ", 1)[1] if msg.startswith("entry ") else msg, idx)
-        _check_refs([ref for r in results for _, _, _, ref in r if ref is not None])
-        # headers only: the bodies stayed in the worker processes
-        return [Entry(n, b"", kind, t, {}, raws[n]) for r in results for n, kind, t, _ in r]
+        _check_refs([ref for r in results for _, _, _, ref, _ in r if ref is not None])
+        # headers only, but governance entries with their bodies
+        out = [Entry(n, b"", kind, t, body or {}, raws[n]) for r in results for n, kind, t, _, body in r]
+        if any(e.type == "split" for e in out):
+            # a split states balances: those need every settlement's body
+            out = [_decode(raws[e.n], e) if e.type in ("settlement", "adjustment") else e for e in out]
+        if any(e.type in ("proposal", "ballot", "tally", "split") for e in out):
+            _governance(out)
+        return out
     entries = _verify_range(raws, 0, ZERO, key, kid, public_key)
     _check_refs([ref for ref in map(_ref, entries) if ref is not None])
+    _governance(entries)
     return entries
+
+
+def _decode(raw: bytes, e: "Entry") -> "Entry":
+    m = cbor2.loads(cbor2.loads(raw).value[2])
+    return Entry(e.n, m["prev"], m["type"], m["t"], m["body"], raw)
 
 
 def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result: Any) -> dict[str, Any]:

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS feeders (
     community TEXT PRIMARY KEY REFERENCES communities(id), import_w INTEGER NOT NULL, export_w INTEGER NOT NULL);
 """
 # columns added after the first release, with what older databases get
-MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"))
+MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"), ("members", "pubkey", "BLOB"))
 
 
 class RegistryError(ValueError):
@@ -108,15 +108,30 @@ class Registry:
             raise RegistryError("a community id is 1-16 of a-z, 0-9 and '-'")
         self.db.execute("INSERT OR IGNORE INTO communities VALUES (?, ?, ?)", (cid, name or cid, time.time()))
 
-    def add_member(self, community: str, name: str) -> int:
+    def add_member(self, community: str, name: str, key: bytes | None = None, member_id: int | None = None) -> int:
+        """A member (house); `key` is its Ed25519 public key (32 bytes) for
+        signing proposals and ballots."""
         self._community(community)
-        cur = self.db.execute("INSERT INTO members (community, name, created) VALUES (?, ?, ?)",
-                              (community, name, time.time()))
+        if key is not None and len(key) != 32:
+            raise RegistryError("a member key is a 32-byte Ed25519 public key")
+        cur = self.db.execute("INSERT INTO members (id, community, name, created, pubkey) VALUES (?, ?, ?, ?, ?)",
+                              (member_id, community, name, time.time(), key))
         return int(cur.lastrowid or 0)
 
-    def leave(self, community: str, member: int) -> None:
+    def set_member_key(self, community: str, member: int, key: bytes) -> None:
+        if len(key) != 32:
+            raise RegistryError("a member key is a 32-byte Ed25519 public key")
+        self._current(community, member)
+        self.db.execute("UPDATE members SET pubkey=? WHERE community=? AND id=?", (key, community, member))
+
+    def member_key(self, community: str, member: int) -> bytes | None:
+        r = self.db.execute("SELECT pubkey FROM members WHERE community=? AND id=?", (community, member)).fetchone()
+        return bytes(r[0]) if r and r[0] is not None else None
+
+    def leave(self, community: str, member: int, at: float | None = None) -> None:
+        """The member leaves; its boards are not settled for intervals from `at` on."""
         cur = self.db.execute("UPDATE members SET left_at=? WHERE community=? AND id=? AND left_at IS NULL",
-                              (time.time(), community, member))
+                              (time.time() if at is None else at, community, member))
         if cur.rowcount == 0:
             raise RegistryError(f"no current member {member}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -103,9 +104,12 @@ class Settler:
         is estimated."""
         per: dict[int, list[int]] = {}
         estimated = False
+        left = {m: at for m, _, at in self.registry.members(self.community) if at is not None}
         for d in self.registry.devices(self.community):
             if d.member is None or d.grid_index() is None:
                 continue
+            if d.member in left and left[d.member] <= start:
+                continue                        # the member had left by then
             rows = self.db.execute(
                 "SELECT t, boot, seq, grid_imp_wh, grid_exp_wh FROM readings WHERE community=? AND device=?"
                 " AND t >= ? AND t <= ? ORDER BY t", (self.community, d.id, start - 6 * self.length,
@@ -223,3 +227,129 @@ class Settler:
 
     def export(self) -> bytes:
         return b"".join(bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n"))
+
+
+# -- governance (issue 10): the gateway's side of proposals, ballots, tallies, splits ---------
+
+def _entries(st: Settler) -> list[ledger.Entry]:
+    out = []
+    for n, raw in enumerate(st.ledger.entries):
+        m = cbor2.loads(cbor2.loads(raw).value[2])
+        out.append(ledger.Entry(n, m["prev"], m["type"], m["t"], m["body"], raw))
+    return out
+
+
+def gov_state(st: Settler) -> "Any":
+    from peergrid.governance import replay
+
+    return replay(_entries(st), st.community)
+
+
+def _check_then_append(st: Settler, kind: str, now: int, body: dict) -> int:
+    """Append a governance entry only if the ledger's rules allow it (the same
+    check `ledger verify` makes); raises GovernanceError with the reason."""
+    s = gov_state(st)
+    s.apply(len(st.ledger.entries) or 1, kind, now, body)
+    return st.record(kind, now, body)
+
+
+def propose(st: Settler, signed: dict, now: int) -> int:
+    if signed["from"] % st.length:
+        from peergrid.governance import GovernanceError
+
+        raise GovernanceError("a change takes effect at an interval boundary")
+    return _check_then_append(st, "proposal", now, signed)
+
+
+def ballot(st: Settler, signed: dict, now: int) -> int:
+    return _check_then_append(st, "ballot", now, signed)
+
+
+def tally(st: Settler, proposal: int, now: int) -> tuple[int, dict]:
+    """Count a proposal whose voting has closed; an accepted change is put
+    into force from its boundary (a tariff by a `tariff` entry, feeder limits
+    in the registry, an admitted member as a new member)."""
+    s = gov_state(st)
+    result = s.count(proposal, now)
+    n = _check_then_append(st, "tally", now, result)
+    if result["accepted"]:
+        p = s.proposals[proposal]
+        ch = p["change"]
+        if ch["kind"] == "tariff":
+            st.record("tariff", now, {"from": p["from"], "tariff": ch["tariff"], "by_vote": proposal})
+        elif ch["kind"] == "feeder":
+            st.registry.set_feeder(st.community, ch["import_w"], ch["export_w"])
+        elif ch["kind"] == "admit":
+            mid = st.registry.add_member(st.community, ch["name"], bytes(ch["key"]))
+            st.record("member_joined", now, {"member": mid, "name": ch["name"], "key": bytes(ch["key"]),
+                                             "from": p["from"], "by_vote": proposal})
+    return n, result
+
+
+def split(st: Settler, members: list[int], new_id: str, new_db: Path, new_key: Ed25519PrivateKey,
+          now: int) -> dict:
+    """A group of houses breaks away: every interval up to now is settled,
+    the old ledger gets a closing `split` entry with each leaving member's
+    balance, the members leave the old community from the next boundary and
+    their boards are revoked there; a new database holds the new community
+    (its members, keys and boards, which need their config re-written for the
+    new community id) and a ledger whose genesis points at the closing entry.
+    Returns what happened."""
+    import hashlib
+
+    from peergrid.governance import GovernanceError
+    from protocol import topics
+
+    if not topics.valid_id(new_id) or new_id == st.community:
+        raise GovernanceError("the new community needs its own id (1-16 of a-z, 0-9, -)")
+    if new_db.exists():
+        raise GovernanceError(f"{new_db} exists already")
+    members = sorted(set(members))
+    st.settle_due(now)
+    at = st._next_start()
+    at = at if at is not None else now - now % st.length
+    s = gov_state(st)
+    current = s.members() or [m for m, _, left in st.registry.members(st.community) if left is None]
+    missing = [m for m in members if m not in current]
+    if missing:
+        raise GovernanceError(f"not members: {missing}")
+    before = sum(s.balances.get(m, 0) for m in set(s.balances) | set(current))
+    body = {"at": at, "community": new_id, "members": members,
+            "balances": {str(m): s.balances.get(m, 0) for m in members}, "fund": 0}
+    for m in members:
+        if m not in s.joined:                   # members from before the ledger kept its joins
+            st.record("member_joined", now, {"member": m, "name": "", **(
+                {"key": st.registry.member_key(st.community, m)} if st.registry.member_key(st.community, m) else {})})
+    n = _check_then_append(st, "split", now, body)
+    raw = st.ledger.entries[n]
+    rows = {m: (name, st.registry.member_key(st.community, m)) for m, name, _ in st.registry.members(st.community)}
+    devs = [d for d in st.registry.devices(st.community) if d.member in members and d.revoked is None]
+    for m in members:
+        st.registry.leave(st.community, m, at)
+    for d in devs:
+        st.registry.revoke(st.community, d.id)
+    # the new community
+    from peergrid import registry as reg
+
+    db = reg.connect(new_db)
+    r2 = reg.Registry(db)
+    r2.add_community(new_id)
+    for m in members:
+        r2.add_member(new_id, rows[m][0], rows[m][1], member_id=m)
+    for d in devs:
+        r2.db.execute("INSERT INTO devices (community, id, member, secret, board, channels, broker_hash, created)"
+                      " VALUES (?, ?, ?, ?, ?, ?, '', ?)", (new_id, d.id, d.member, d.secret, d.board,
+                                                           __import__("json").dumps(d.channels), now))
+    new = Settler(db, new_id, new_key, st.tariff, st.length, st.grace, first_start=at)
+    new.ledger.append("genesis", now, {"community": new_id, "key": ledger.public_bytes(new_key),
+                                       "kid": new.ledger.kid,
+                                       "parent": {"community": st.community, "entry": n,
+                                                  "digest": hashlib.sha256(raw).digest()},
+                                       "members": {str(m): rows[m][1] or b"" for m in members}})
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO ledger VALUES (?, ?)", (0, new.ledger.entries[0]))
+    db.execute("COMMIT")
+    after = gov_state(st)
+    return {"entry": n, "at": at, "balances": body["balances"], "before": before,
+            "after_old": sum(after.balances.get(m, 0) for m in after.members()),
+            "devices": [d.id for d in devs]}
