@@ -116,25 +116,10 @@ class GatewayHarness:
         self.client = c
 
     def broker_start(self) -> None:
-        conf = self.work / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} {self.listen}\nallow_anonymous false\npassword_file {self.work / 'passwd'}\n"
-            f"acl_file {self.work / 'acl'}\npid_file {self.work / 'mosquitto.pid'}\npersistence true\n"
-            f"persistence_location {self.work}/\nmax_queued_messages 1000000\nlog_dest none\n"
-            + ("user root\n" if os.geteuid() == 0 else ""))
-        self.broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        import socket
+        from harness import registry_broker
 
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        # persistent: the gateway's queued messages survive a broker restart (the outage scenario)
+        self.broker = registry_broker(self.work, self.port, self.listen, persistence=True)
 
     def broker_stop(self) -> None:
         if self.broker is not None:

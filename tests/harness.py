@@ -68,6 +68,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def registry_broker(work: Path, port: int, listen: str = "127.0.0.1", persistence: bool = False,
+                    wait: bool = True) -> subprocess.Popen:
+    """mosquitto with the password and ACL files the gateway's registry wrote
+    into `work` (peergrid broker-files), on `port`; returns the process."""
+    conf = work / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} {listen}\nallow_anonymous false\npassword_file {work / 'passwd'}\n"
+        f"acl_file {work / 'acl'}\npid_file {work / 'mosquitto.pid'}\n"
+        + (f"persistence true\npersistence_location {work}/\n" if persistence else "persistence false\n")
+        + "max_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest none\n"
+        + ("user root\n" if os.geteuid() == 0 else ""))
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if wait:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("mosquitto did not start")
+                time.sleep(0.05)
+    return proc
+
+
 class Broker:
     """A mosquitto on 127.0.0.1:<free port> with a generated config.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import free_port
+from harness import free_port, registry_broker
 from peergrid import registry as reg
 from peergrid.commission import REQUIRED_FW, Operator, main, verify_report
 
@@ -81,13 +81,7 @@ class Site:
         self.cli("broker-files")
         out = self.cli("installer-token", "sparks-ltd", "--days", "1")
         self.token = out.split()[-1]
-        (tmp / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {tmp / 'passwd'}\n"
-            f"acl_file {tmp / 'acl'}\npid_file {tmp / 'mosquitto.pid'}\npersistence false\n"
-            "max_queued_messages 1000000\nlog_dest stderr\nlog_type error\n"
-            + ("user root\n" if os.geteuid() == 0 else ""))
-        self.broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.broker = registry_broker(tmp, self.port)
         self.gw = subprocess.Popen([sys.executable, "-m", "peergrid.cli", "-c", str(self.cfg), "run"],
                                    stdout=subprocess.DEVNULL, stderr=open(tmp / "gw.log", "a"), text=True)
         deadline = time.monotonic() + 15

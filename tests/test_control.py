@@ -7,7 +7,6 @@ does not make it flap, and the feeder limit holds when a board goes quiet."""
 from __future__ import annotations
 
 import math
-import os
 import random
 import sqlite3
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import free_port
+from harness import free_port, registry_broker
 from peergrid import registry as reg
 from peergrid.control import Battery, Controller, Feeder, Load
 
@@ -170,13 +169,7 @@ class ControlRig:
             creds[d] = r.add_device(C, d, "sim", CH, m)
         r.db.close()
         self.cli("broker-files")
-        (tmp / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {tmp / 'passwd'}\n"
-            f"acl_file {tmp / 'acl'}\npid_file {tmp / 'mosquitto.pid'}\npersistence false\n"
-            "max_queued_messages 1000000\nlog_dest stderr\nlog_type error\n"
-            + ("user root\n" if os.geteuid() == 0 else ""))
-        self.broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.broker = registry_broker(tmp, self.port)
         self.gw: subprocess.Popen | None = None
         self.boards = {}
         for d in devices:
