@@ -257,8 +257,10 @@ class Demo:
         out = []
         sett = [e for e in entries if e.type == "settlement"]
         want = int((self.t_end - self.t0) // 900)
-        out.append(("every interval settled once", len({e.body["start"] for e in sett}) == len(sett) >= want,
-                    f"{len(sett)} settlements for {want} intervals"))
+        day = {e.body["start"] for e in sett if self.t0 <= e.body["start"] < self.t_end}
+        out.append(("every interval settled once", len({e.body["start"] for e in sett}) == len(sett)
+                    and len(day) == want, f"{len(day)} of the day's {want} intervals, each once ({len(sett)} "
+                                          "settlements in all, with the edges of the day)"))
         money = sum(s.paid for s in c.members.values())
         grid_fund = -sum(e.body["grid"] + e.body["fund"] for e in sett if self.t0 <= e.body["start"]
                          and e.body["end"] <= self.t_end)
