@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rig import Rig, load_rig  # noqa: E402
+from rig import load_rig  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,8 +31,3 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     finally:
         r.close()
 
-
-def need(rig: Rig, *caps: str) -> None:
-    for c in caps:
-        if c not in rig.caps:
-            pytest.skip(f"the {rig.name} rig cannot: {rig.lacks.get(c, c)}")

@@ -517,6 +517,15 @@ class BenchRig(Rig):
             self.inv_sim.stop()
 
 
+def need(rig: Rig, *caps: str) -> None:
+    """Skip the calling scenario, with the reason, when the rig lacks a capability."""
+    import pytest
+
+    for c in caps:
+        if c not in rig.caps:
+            pytest.skip(f"the {rig.name} rig cannot: {rig.lacks.get(c, c)}")
+
+
 def load_rig(kind: str, config: str | None, work: Path) -> Rig:
     if kind == "virtual":
         return VirtualRig(work)

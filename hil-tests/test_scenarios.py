@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import need
+from rig import need
 
 from peergrid import ledger
 from protocol import messages

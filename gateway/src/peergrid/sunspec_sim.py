@@ -4,9 +4,10 @@ virtual board and of bench tests.
 The register map is built from the SunSpec model definitions that pysunspec2
 ships (point order, sizes and types come from its JSON files); points the
 simulation does not set hold their "not implemented" pattern. A real Modbus
-RTU server (pymodbus) answers on one end of a virtual cable made of two
-pseudo-terminals and a bridge thread; the board opens the other end. The
-cable can be unplugged and plugged back.
+RTU server (pymodbus) answers on one end of a virtual cable
+(peergrid.ptycable), the board opens the other end; the cable can be
+unplugged and plugged back. On a bench it serves on the USB-RS485 adapter's
+port instead (`serve_on`).
 
 The battery obeys model 124 (basic storage controls): StorCtl_Mod bit 0
 charges at InWRte % of WChaMax, bit 1 discharges at OutWRte %; when
@@ -23,13 +24,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import select
 import struct
 import sys
 import threading
 import time
-import tty
 from pathlib import Path
 from typing import Any
 
@@ -240,49 +238,42 @@ class SunSpecDevice:
             return dict(self.regs)
 
 
-def _raw(fd: int) -> None:
-    tty.setraw(fd)
-
-
 class SunSpecSim:
     """pymodbus RTU server for a SunSpecDevice on a virtual RS485 cable."""
 
     def __init__(self, device: SunSpecDevice, baud: int = 9600) -> None:
         self.device = device
         self.baud = baud
-        self.plugged = True
         self.requests = 0
-        self.bytes_dropped = 0
+        self.cable: Any = None
+        self.board_path: str | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
 
+    @property
+    def plugged(self) -> bool:
+        return self.cable.plugged if self.cable is not None else True
+
+    @property
+    def bytes_dropped(self) -> int:
+        return self.cable.dropped if self.cable is not None else 0
+
     def start(self) -> str:
-        """Start the server and the cable; returns the board's end (a path)."""
-        self._ma, self._sa = os.openpty()       # pymodbus side
-        self._mb, self._sb = os.openpty()       # board side
-        for fd in (self._ma, self._sa, self._mb, self._sb):
-            _raw(fd)
-        self.server_path = os.ttyname(self._sa)
-        self.board_path = os.ttyname(self._sb)
-        ready = threading.Event()
-        t = threading.Thread(target=self._serve, args=(ready,), daemon=True)
-        t.start()
-        self._threads.append(t)
-        b = threading.Thread(target=self._bridge, daemon=True)
-        b.start()
-        self._threads.append(b)
-        if not ready.wait(10):
-            raise RuntimeError("pymodbus server did not start")
+        """Start the server on a virtual cable (peergrid.ptycable); returns
+        the board's end (a path)."""
+        from peergrid.ptycable import PtyCable
+
+        self.cable = PtyCable()
+        self.serve_on(self.cable.b_path)
+        self.board_path = self.cable.a_path
         return self.board_path
 
     def serve_on(self, path: str) -> None:
         """Serve on an existing serial port (a bench's USB-RS485 adapter, or
-        one end of a virtual cable) instead of a cable of its own."""
+        one end of a virtual cable)."""
         self.server_path = path
-        self.board_path = None
-        self._ma = self._sa = self._mb = self._sb = -1
         ready = threading.Event()
         t = threading.Thread(target=self._serve, args=(ready,), daemon=True)
         t.start()
@@ -335,25 +326,13 @@ class SunSpecSim:
             log.error("sunspec sim server stopped: %r", e)
             ready.set()
 
-    def _bridge(self) -> None:
-        a, b = self._ma, self._mb
-        while not self._stop.is_set():
-            r, _, _ = select.select([a, b], [], [], 0.05)
-            for fd in r:
-                try:
-                    data = os.read(fd, 512)
-                except OSError:
-                    return
-                if not self.plugged:
-                    self.bytes_dropped += len(data)
-                    continue
-                os.write(b if fd == a else a, data)
-
     def unplug(self) -> None:
-        self.plugged = False
+        if self.cable is not None:
+            self.cable.unplug()
 
     def plug(self) -> None:
-        self.plugged = True
+        if self.cable is not None:
+            self.cable.plug()
 
     def stop(self) -> None:
         self._stop.set()
@@ -365,13 +344,8 @@ class SunSpecSim:
                 pass
         for t in self._threads:
             t.join(2)
-        for fd in (self._ma, self._sa, self._mb, self._sb):
-            if fd < 0:
-                continue
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if self.cable is not None:
+            self.cable.close()
 
 
 def main() -> int:
