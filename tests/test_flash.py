@@ -88,13 +88,15 @@ def test_flash_erases_writes_micropython_and_copies_the_bundle(fakes, port, tmp_
     r = make("flash", "BOARD=devkitc-3ct", f"PORT={port}", f"IMAGE={img}", env=env)
     assert r.returncode == 0, r.stderr
     c = calls()
-    assert [x["tool"] for x in c] == ["esptool", "esptool", "mpremote"]
+    assert [x["tool"] for x in c] == ["esptool", "esptool", "esptool", "mpremote"]
     assert c[0]["argv"] == ["--chip", "esp32", "--port", port, "erase-flash"]
+    bundle = ROOT / "build" / "firmware" / "devkitc-3ct"
     assert c[1]["argv"][-4:] == ["write-flash", "-z", "0x1000", str(img)]
-    mp = c[2]["argv"]
+    assert c[2]["argv"][-3:] == ["write-flash", "0x8000", str(bundle / "partitions.bin")]
+    mp = c[3]["argv"]
     assert mp[:2] == ["connect", port] and mp[2:6] == ["fs", "cp", "-r", "lib"] and mp[-1] == "reset"
     assert ":main.py" in mp and ":board.json" in mp and ":manifest.json" in mp and ":config.json" not in mp
-    assert c[2]["cwd"] == str(ROOT / "build" / "firmware" / "devkitc-3ct")
+    assert c[3]["cwd"] == str(bundle)
     assert "commission it now" in r.stdout
 
 
@@ -130,3 +132,23 @@ def test_flash_mistakes_each_get_their_message(fakes, port, tmp_path) -> None:
     assert r.returncode != 0 and "erasing the flash failed" in r.stderr and "BOOT" in r.stderr
     r = make("deploy", "BOARD=devkitc-3ct", f"PORT={port}", env={**env, "FAKE_FAIL": "mpremote"})
     assert r.returncode != 0 and "does not answer on its REPL" in r.stderr
+
+
+def test_partition_table_holds_the_firmware_partitions() -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import partitions
+
+    r = make("firmware", "BOARD=devkitc-3ct")
+    assert r.returncode == 0, r.stderr
+    data = (ROOT / "build" / "firmware" / "devkitc-3ct" / "partitions.bin").read_bytes()
+    assert len(data) == 0xC00
+    parts = {p[0]: p for p in partitions.parse(data)}
+    assert set(parts) == {"nvs", "phy_init", "factory", "vfs", "energy", "spool"}
+    assert parts["energy"][4] >= 16 * 4096 and parts["spool"][4] >= 1536 * 1024     # what the firmware asks for
+    spans = sorted((p[3], p[3] + p[4]) for p in parts.values())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= 4 * 0x100000
+    assert all(p[3] % 0x1000 == 0 for p in parts.values()) and parts["factory"][3] % 0x10000 == 0
+    bad = bytearray(data)
+    bad[40] ^= 1
+    with pytest.raises(ValueError, match="MD5"):
+        partitions.parse(bytes(bad))

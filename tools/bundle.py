@@ -9,6 +9,9 @@ build/firmware/<name>/:
   lib/umqtt/       umqtt.simple and umqtt.robust from micropython-lib, compiled
   manifest.json    version, board, SHA-256 of every file and a digest over them
                    (the board reports the digest; the commissioning report has it)
+  partitions.bin   the ESP32 partition table with the firmware's `energy` and
+  partitions.csv   `spool` data partitions (tools/partitions.py; written by
+                   make flash, not copied to the board's filesystem)
 
 The commissioning config (config.json) is never part of a bundle.
 """
@@ -72,12 +75,17 @@ def main() -> int:
         if r.returncode != 0:
             fail(f"mpy-cross failed on {rel}: {r.stderr.strip()}")
     shutil.copy(bdir / "board.json", out / "board.json")
+    if bdef.get("mcu") != "sim":
+        sys.path.insert(0, str(ROOT / "tools"))
+        import partitions
+
+        partitions.write(out, int(bdef.get("flash_mb", 4)))
     (out / "main.py").write_text("# PeerGrid meter board: everything else is in lib/ (make firmware)\n"
                                  "from firmware.main import main\n\nmain()\n")
     version = re.search(r'FW_VERSION = "([^"]+)"', (ROOT / "firmware" / "board.py").read_text()).group(1)
     files = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not p.name.startswith("partitions."):
             files[str(p.relative_to(out))] = hashlib.sha256(p.read_bytes()).hexdigest()
     digest = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
     (out / "manifest.json").write_text(json.dumps({"fw": version, "board": a.board, "digest": digest,

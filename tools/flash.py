@@ -88,6 +88,8 @@ def main() -> int:
         fail(f"no bundle for {a.board!r}: run make firmware BOARD={a.board}")
     check_port(a.port)
     if a.what == "flash":
+        if not (bundle / "partitions.bin").exists():
+            fail(f"{a.board} is not an ESP32 board (no partition table in its bundle): nothing to flash")
         img = Path(a.image) if a.image else None
         if img is None or not img.exists():
             fail(f"the MicroPython image {a.image or '(IMAGE not set)'} is missing: download the ESP32 image of "
@@ -99,6 +101,10 @@ def main() -> int:
         run([et, "--chip", "esp32", "--port", a.port, "erase-flash"], "erasing the flash", hint)
         run([et, "--chip", "esp32", "--port", a.port, "--baud", a.baud, "write-flash", "-z", "0x1000", str(img)],
             "writing MicroPython", hint)
+        # then our partition table over the image's own (it has the energy and spool partitions); a
+        # separate write, since the image itself covers 0x8000 and esptool refuses overlapping files
+        run([et, "--chip", "esp32", "--port", a.port, "write-flash", "0x8000", str(bundle / "partitions.bin")],
+            "writing the partition table", hint)
     copy_bundle(a.port, bundle)
     print(f"{a.what}: {a.board} on {a.port} done" + (" (commission it now: peergrid commission)"
                                                         if a.what == "flash" else ""))
