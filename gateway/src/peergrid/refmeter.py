@@ -13,8 +13,6 @@ Register map (SDM120 and SDM630 phase 1; addresses are register offsets):
 A bench config may give another map (`[reference.registers]`)."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import struct
 import threading
 import time
@@ -71,8 +69,7 @@ class RefMeterSim:
         self.exp_wh = 0.0
         self.t = time.monotonic()
         self.lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: Any = None
+        self._rtu: Any = None
         self.requests = 0
 
     def set_power(self, w: float) -> None:
@@ -103,51 +100,17 @@ class RefMeterSim:
         return regs
 
     def start(self) -> None:
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
-        if not ready.wait(10):
-            raise RuntimeError("reference meter simulator did not start")
+        from peergrid.rtuserver import RtuServer
 
-    def _serve(self, ready: threading.Event) -> None:
-        from pymodbus import FramerType
-        from pymodbus.server import ModbusSerialServer
-        from pymodbus.simulator import SimData, SimDevice
-        from pymodbus.simulator.simdata import DataType
-
-        sim = self
-
-        async def action(function_code, start_address, address, n, current, set_values):
-            regs = sim._values()
-            sim.requests += 1
+        def action(start_address: int, address: int, current: list[int], set_values: list[int] | None) -> None:
+            regs = self._values()
+            self.requests += 1
             for i in range(len(current)):
                 current[i] = regs.get(start_address + i, 0)
-            return None
 
-        dev = SimDevice(id=self.unit, simdata=[SimData(0, count=0x60, values=[0] * 0x60, datatype=DataType.REGISTERS)],
-                        action=action)
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-
-        def connected(up: bool) -> None:
-            if up:
-                ready.set()
-
-        async def main() -> None:
-            self._server = ModbusSerialServer(dev, framer=FramerType.RTU, port=self.path, baudrate=self.baud,
-                                              timeout=0.05, trace_connect=connected)
-            await self._server.serve_forever()
-
-        try:
-            loop.run_until_complete(main())
-        except Exception:  # noqa: BLE001 - the thread ends; readers see no answer
-            ready.set()
+        self._rtu = RtuServer(self.unit, 0, [0] * 0x60, action, self.path, self.baud)
+        self._rtu.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop)
-            try:
-                fut.result(5)
-            except Exception:  # noqa: BLE001
-                pass
+        if self._rtu is not None:
+            self._rtu.stop()

@@ -21,9 +21,7 @@ JSON lines: {"op": "unplug"}, {"op": "plug"}, {"op": "inverter", "w", "wh",
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import struct
 import sys
 import threading
@@ -41,7 +39,6 @@ _NI: dict[str, int] = {"int16": 0x8000, "uint16": 0xFFFF, "enum16": 0xFFFF, "bit
                        "int32": 0x80000000, "uint32": 0xFFFFFFFF, "enum32": 0xFFFFFFFF,
                        "bitfield32": 0xFFFFFFFF, "acc32": 0, "float32": 0x7FC00000,
                        "int64": 0x8000000000000000, "uint64": 0xFFFFFFFFFFFFFFFF, "acc64": 0}
-log = logging.getLogger("peergrid.sunspec_sim")
 
 
 def model_points(mid: int) -> list[tuple[str, int, str, int]]:
@@ -247,10 +244,7 @@ class SunSpecSim:
         self.requests = 0
         self.cable: Any = None
         self.board_path: str | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: Any = None
+        self._rtu: Any = None
 
     @property
     def plugged(self) -> bool:
@@ -273,25 +267,12 @@ class SunSpecSim:
     def serve_on(self, path: str) -> None:
         """Serve on an existing serial port (a bench's USB-RS485 adapter, or
         one end of a virtual cable)."""
+        from peergrid.rtuserver import RtuServer
+
         self.server_path = path
-        ready = threading.Event()
-        t = threading.Thread(target=self._serve, args=(ready,), daemon=True)
-        t.start()
-        self._threads.append(t)
-        if not ready.wait(10):
-            raise RuntimeError(f"pymodbus server did not start on {path}")
-
-    def _serve(self, ready: threading.Event) -> None:
-        from pymodbus import FramerType
-        from pymodbus.server import ModbusSerialServer
-        from pymodbus.simulator import SimData, SimDevice
-        from pymodbus.simulator.simdata import DataType
-
         dev = self.device
-        first = dev.base
-        count = dev.end - first
 
-        async def action(function_code, start_address, address, n, current, set_values):
+        def action(start_address: int, address: int, current: list[int], set_values: list[int] | None) -> None:
             with dev.lock:
                 self.requests += 1
                 if set_values is not None:
@@ -301,30 +282,10 @@ class SunSpecSim:
                     a = start_address + i
                     if a in dev.regs and (set_values is None or not address <= a < address + len(set_values)):
                         current[i] = dev.regs[a]
-            return None
 
-        values = [dev.regs[a] for a in range(first, dev.end)]
-        simdev = SimDevice(id=dev.unit, simdata=[SimData(first, count=count, values=values,
-                                                         datatype=DataType.REGISTERS)], action=action)
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-
-        def connected(up: bool) -> None:
-            if up:
-                ready.set()     # the port is open: requests are heard from now on
-
-        async def main() -> None:
-            self._server = ModbusSerialServer(simdev, framer=FramerType.RTU, port=self.server_path,
-                                              baudrate=self.baud, timeout=0.05, trace_connect=connected)
-            await self._server.serve_forever()
-
-        try:
-            loop.run_until_complete(main())
-        except Exception as e:  # noqa: BLE001 - reported, the thread ends
-            log.error("sunspec sim server stopped: %r", e)
-            ready.set()
+        self._rtu = RtuServer(dev.unit, dev.base, [dev.regs[a] for a in range(dev.base, dev.end)], action, path,
+                              self.baud)
+        self._rtu.start()
 
     def unplug(self) -> None:
         if self.cable is not None:
@@ -335,15 +296,8 @@ class SunSpecSim:
             self.cable.plug()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._loop is not None and self._server is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop)
-            try:
-                fut.result(5)
-            except Exception:  # noqa: BLE001
-                pass
-        for t in self._threads:
-            t.join(2)
+        if self._rtu is not None:
+            self._rtu.stop()
         if self.cable is not None:
             self.cable.close()
 
