@@ -60,6 +60,30 @@ def test_accepted_proposal_changes_settlement_from_its_boundary(tmp_path) -> Non
     assert [e for e in entries if e.type == "tariff"][0].body["by_vote"] == p
 
 
+def test_interval_length_changed_by_vote(tmp_path) -> None:
+    st, keys = _community(tmp_path)
+    T = DAY0 + 3000
+    with pytest.raises(gv.GovernanceError, match="full hour"):
+        stl.propose(st, gv.sign_proposal(keys[1], "oak", 1, {"kind": "interval", "minutes": 30},
+                                         DAY0 + 5 * 900, T + 600), T)
+    with pytest.raises(gv.GovernanceError, match="divides the hour"):
+        stl.propose(st, gv.sign_proposal(keys[1], "oak", 1, {"kind": "interval", "minutes": 25},
+                                         DAY0 + 4 * 3600, T + 600), T)
+    p = stl.propose(st, gv.sign_proposal(keys[1], "oak", 1, {"kind": "interval", "minutes": 30},
+                                         DAY0 + 2 * 3600, T + 600), T)
+    _vote(st, keys, p, {1: "yes", 2: "yes", 3: "no"}, T + 60)
+    assert stl.tally(st, p, T + 700)[1]["accepted"]
+    st.settle_due(DAY0 + 4 * 3600 + 120)
+    entries = ledger.verify(st.export())
+    spans = [(e.body["start"], e.body["end"] - e.body["start"]) for e in entries if e.type == "settlement"]
+    assert [d for s, d in spans if s < DAY0 + 2 * 3600] == [900] * 8
+    assert [d for s, d in spans if s >= DAY0 + 2 * 3600] == [1800] * 4
+    assert [s for s, _ in spans] == sorted(s for s, _ in spans)
+    from peergrid import statements as stm
+    c = stm.statements(entries, DAY0, DAY0 + 4 * 3600)
+    assert sum(s.intervals for s in c.members.values()) == 12 * 5
+
+
 def test_proposal_without_quorum_changes_nothing(tmp_path) -> None:
     st, keys = _community(tmp_path)
     T = DAY0 + 5000

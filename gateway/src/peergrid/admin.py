@@ -198,6 +198,8 @@ def _governance(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
                                 int(p[4]) if len(p) > 4 else 0, int(p[5]) if len(p) > 5 else 0]
             elif args.kind == "rules":
                 ch.update({"quorum_ppm": args.quorum_ppm, "majority_ppm": args.majority_ppm, "vote_s": args.vote_s})
+            elif args.kind == "interval":
+                ch["minutes"] = args.minutes
             elif args.kind == "feeder":
                 ch.update({"import_w": int((args.import_kw or 0) * 1000), "export_w": int((args.export_kw or 0) * 1000)})
             else:

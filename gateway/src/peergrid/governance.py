@@ -13,6 +13,7 @@ Entries (bodies; the gateway signs every entry as usual):
               {"kind": "rules", "quorum_ppm": q, "majority_ppm": m, "vote_s": s}
               {"kind": "feeder", "import_w": i, "export_w": e}
               {"kind": "admit", "name": text, "key": public key}
+              {"kind": "interval", "minutes": m}        (m divides 60; from a full hour)
             `from` is the interval boundary it takes effect at, `deadline` the
             end of voting; `sig` is the proposer's signature.
   ballot    {proposal, member, vote ("yes" | "no"), sig}
@@ -31,7 +32,7 @@ A proposal is accepted when quorum is reached and yes > majority; only
 members who had joined (and not left) when it was made may vote, once each,
 before its deadline. `ledger verify` checks every ballot's signature against
 the member's key in the ledger, one ballot per member, the deadline, and
-recounts every tally; a tariff change made by vote must match its tally.
+recounts every tally; a tariff or interval change made by vote must match its tally.
 """
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-GOV = ("member_joined", "member_left", "member_key", "proposal", "ballot", "tally", "tariff", "split", "genesis")
+GOV = ("member_joined", "member_left", "member_key", "proposal", "ballot", "tally", "tariff", "interval", "split",
+       "genesis")
 DEFAULT_RULES = {"quorum_ppm": 500_000, "majority_ppm": 500_000, "vote_s": 0}
-KINDS = ("tariff", "rules", "feeder", "admit")
+KINDS = ("tariff", "rules", "feeder", "admit", "interval")
 
 
 class GovernanceError(ValueError):
@@ -127,6 +129,10 @@ def check_change(change: dict[str, Any]) -> None:
     elif kind == "feeder":
         if not all(isinstance(change.get(k), int) and change[k] > 0 for k in ("import_w", "export_w")):
             raise GovernanceError("feeder limits are positive watts")
+    elif kind == "interval":
+        m = change.get("minutes")
+        if not isinstance(m, int) or not 1 <= m <= 60 or 60 % m:
+            raise GovernanceError("an interval is 1..60 minutes and divides the hour")
     elif kind == "admit":
         if not isinstance(change.get("name"), str) or not isinstance(change.get("key"), bytes) \
                 or len(change["key"]) != 32:
@@ -243,6 +249,13 @@ class State:
             if tl is None or not tl["accepted"] or p is None or p["change"].get("kind") != "tariff" \
                     or p["change"]["tariff"] != body["tariff"] or p["from"] != body["from"]:
                 raise GovernanceError("a tariff change by vote must follow its accepted proposal")
+            return
+        if kind == "interval":
+            tl = self.tallies.get(body.get("by_vote", -1))
+            p = self.proposals.get(body.get("by_vote", -1))
+            if tl is None or not tl["accepted"] or p is None or p["change"].get("kind") != "interval" \
+                    or p["change"]["minutes"] != body["minutes"] or p["from"] != body["from"]:
+                raise GovernanceError("an interval length change must follow its accepted proposal")
             return
         if kind == "split":
             for m in body["members"]:

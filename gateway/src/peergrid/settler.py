@@ -63,19 +63,41 @@ class Settler:
         self.ledger = ledger.Ledger(key, community)
         self.ledger.load([bytes(r[0]) for r in db.execute("SELECT raw FROM ledger ORDER BY n")])
         self.first_start = first_start
+        self._changes: list[tuple[str, dict]] = []     # tariff and interval entries, in ledger order
+        self._seen = 0
+
+    def _rule_changes(self) -> list[tuple[str, dict]]:
+        """The `tariff` and `interval` entries (read once each)."""
+        entries = self.ledger.entries
+        if self._seen > len(entries):                  # reloaded after a rollback
+            self._changes, self._seen = [], 0
+        for raw in entries[self._seen:]:
+            m = cbor2.loads(cbor2.loads(raw).value[2])
+            if m["type"] in ("tariff", "interval"):
+                self._changes.append((m["type"], m["body"]))
+        self._seen = len(entries)
+        return self._changes
+
+    def _in_force(self, kind: str, start: int) -> dict | None:
+        best = None
+        for k, body in self._rule_changes():
+            if k == kind and body["from"] <= start and (best is None or body["from"] >= best["from"]):
+                best = body
+        return best
 
     def tariff_for(self, start: int) -> Tariff:
         """The tariff in force for an interval: the newest `tariff` entry
         whose `from` is at or before its start, else the configured one."""
-        best = None
-        for raw in self.ledger.entries:
-            m = cbor2.loads(cbor2.loads(raw).value[2])
-            if m["type"] == "tariff" and m["body"]["from"] <= start:
-                if best is None or m["body"]["from"] >= best["from"]:
-                    best = m["body"]
+        best = self._in_force("tariff", start)
         if best is None:
             return self.tariff
         return Tariff.from_list(best["tariff"])
+
+    def length_for(self, start: int) -> int:
+        """The interval length in force from `start` (an `interval` entry,
+        changed by vote, else the configured one), in seconds."""
+        best = self._in_force("interval", start)
+        return self.length if best is None else int(best["minutes"]) * 60
 
     def set_tariff(self, tariff: Tariff, from_t: int, now: int) -> int:
         """Record a tariff change that takes effect at a later interval
@@ -91,7 +113,7 @@ class Settler:
     def _next_start(self) -> int | None:
         r = self.db.execute("SELECT MAX(start) FROM settled WHERE community=?", (self.community,)).fetchone()
         if r[0] is not None:
-            return int(r[0]) + self.length
+            return int(r[0]) + self.length_for(int(r[0]))
         if self.first_start is not None:
             return self.first_start
         r = self.db.execute("SELECT MIN(t) FROM readings WHERE community=?", (self.community,)).fetchone()
@@ -112,10 +134,10 @@ class Settler:
                 continue                        # the member had left by then
             rows = self.db.execute(
                 "SELECT t, boot, seq, grid_imp_wh, grid_exp_wh FROM readings WHERE community=? AND device=?"
-                " AND t >= ? AND t <= ? ORDER BY t", (self.community, d.id, start - 6 * self.length,
-                                                     end + 6 * self.length)).fetchall()
+                " AND t >= ? AND t <= ? ORDER BY t", (self.community, d.id, start - 6 * (end - start),
+                                                     end + 6 * (end - start))).fetchall()
             rs = [Reading(t, b, s, i, e) for t, b, s, i, e in rows if i is not None]
-            for iv in intervals(rs, start, end, self.length):
+            for iv in intervals(rs, start, end, end - start):
                 acc = per.setdefault(d.member, [0, 0])
                 acc[0] += iv.imp_wh
                 acc[1] += iv.exp_wh
@@ -161,9 +183,12 @@ class Settler:
         n = 0
         while n < limit:
             start = self._next_start()
-            if start is None or now < start + self.length + self.grace:
+            if start is None:
                 return n
-            body = self._settle(start, start + self.length)
+            length = self.length_for(start)
+            if now < start + length + self.grace:
+                return n
+            body = self._settle(start, start + length)
             self._append(("settlement", int(now), body), (self.community, start, int(body["estimated"]), now))
             n += 1
         return n
@@ -178,10 +203,10 @@ class Settler:
         rows = self.db.execute("SELECT start, ledger_n, settled_at FROM settled WHERE community=? AND start >= ?"
                                " ORDER BY start", (self.community, int(now - window_s))).fetchall()
         for start, ledger_n, settled_at in rows:
-            end = start + self.length
+            end = start + self.length_for(start)
             late = self.db.execute(
                 "SELECT 1 FROM readings WHERE community=? AND t_recv > ? AND t >= ? AND t <= ? LIMIT 1",
-                (self.community, settled_at, start - 6 * self.length, end + 6 * self.length)).fetchone()
+                (self.community, settled_at, start - 6 * (end - start), end + 6 * (end - start))).fetchone()
             if late is None:
                 continue
             cur = cbor2.loads(cbor2.loads(self.ledger.entries[ledger_n]).value[2])["body"]
@@ -254,10 +279,12 @@ def _check_then_append(st: Settler, kind: str, now: int, body: dict) -> int:
 
 
 def propose(st: Settler, signed: dict, now: int) -> int:
-    if signed["from"] % st.length:
-        from peergrid.governance import GovernanceError
+    from peergrid.governance import GovernanceError
 
+    if signed["from"] % st.length_for(signed["from"]):
         raise GovernanceError("a change takes effect at an interval boundary")
+    if signed["change"].get("kind") == "interval" and signed["from"] % 3600:
+        raise GovernanceError("a new interval length takes effect at a full hour (a boundary of both lengths)")
     return _check_then_append(st, "proposal", now, signed)
 
 
@@ -277,6 +304,8 @@ def tally(st: Settler, proposal: int, now: int) -> tuple[int, dict]:
         ch = p["change"]
         if ch["kind"] == "tariff":
             st.record("tariff", now, {"from": p["from"], "tariff": ch["tariff"], "by_vote": proposal})
+        elif ch["kind"] == "interval":
+            st.record("interval", now, {"from": p["from"], "minutes": ch["minutes"], "by_vote": proposal})
         elif ch["kind"] == "feeder":
             st.registry.set_feeder(st.community, ch["import_w"], ch["export_w"])
         elif ch["kind"] == "admit":
