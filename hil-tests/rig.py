@@ -43,6 +43,7 @@ import paho.mqtt.client as mqtt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harness import free_port, stop_process  # noqa: E402
 from peergrid import registry as reg  # noqa: E402
 from peergrid.commission import Operator, main as commission_main  # noqa: E402
 from peergrid.console import BoardConsole  # noqa: E402
@@ -50,16 +51,6 @@ from protocol import topics  # noqa: E402
 from protocol.link import CommandSealer, open_uplink  # noqa: E402
 
 C = "hil"
-
-
-def free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 class GatewayHarness:
@@ -181,12 +172,7 @@ class GatewayHarness:
         if self.client is not None:
             self.client.loop_stop()
             self.client.disconnect()
-        if self.gw is not None and self.gw.poll() is None:
-            self.gw.terminate()
-            try:
-                self.gw.wait(15)
-            except subprocess.TimeoutExpired:
-                self.gw.kill()
+        stop_process(self.gw, 15)
         self.broker_stop()
 
 

@@ -93,6 +93,18 @@ def registry_broker(work: Path, port: int, listen: str = "127.0.0.1", persistenc
     return proc
 
 
+def stop_process(p: subprocess.Popen | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it does not go in time."""
+    if p is None or p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 class Broker:
     """A mosquitto on 127.0.0.1:<free port> with a generated config.
 

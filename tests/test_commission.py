@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import free_port, registry_broker
+from harness import free_port, registry_broker, stop_process
 from peergrid import registry as reg
 from peergrid.commission import REQUIRED_FW, Operator, main, verify_report
 
@@ -150,13 +150,8 @@ what = "kettle"
     def close(self) -> None:
         for b in self.boards:
             b.close()
-        self.gw.terminate()
-        try:
-            self.gw.wait(10)
-        except subprocess.TimeoutExpired:
-            self.gw.kill()
-        self.broker.terminate()
-        self.broker.wait(5)
+        stop_process(self.gw)
+        stop_process(self.broker, 5)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import free_port, registry_broker
+from harness import free_port, registry_broker, stop_process
 from peergrid import registry as reg
 from peergrid.control import Battery, Controller, Feeder, Load
 
@@ -202,14 +202,8 @@ class ControlRig:
     def close(self) -> None:
         for b in self.boards.values():
             b.close()
-        if self.gw is not None and self.gw.poll() is None:
-            self.gw.terminate()
-            try:
-                self.gw.wait(10)
-            except subprocess.TimeoutExpired:
-                self.gw.kill()
-        self.broker.terminate()
-        self.broker.wait(5)
+        stop_process(self.gw)
+        stop_process(self.broker, 5)
 
 
 CONTROL = "period_s = 1\nlease_s = 6\nrefresh_s = 2\nack_timeout_s = 1\nstale_s = 4\nstale_margin_w = 3000\n" \

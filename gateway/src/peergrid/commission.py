@@ -421,11 +421,13 @@ class Commissioning:
 
     def _set_gain(self, name: str, gain: float) -> None:
         self.st.setdefault("gain", {})[name] = round(gain, 4)
-        if self.creds is None:
-            self.step_register()       # resumed: the config with the secret must be written again
-        self.cfg = self._config()
-        r = self._c("write_config", config=self.cfg, timeout=10)
-        self.st["cfg_digest"] = r["cfg"]
+        self._rewrite_config()
+
+    def _rewrite_config(self) -> None:
+        """Write the config again after a fix (a CT gain, the inverter
+        address) and restart the board with it (resumed: step_write gets
+        new credentials first, as the secret was not kept)."""
+        self.step_write()
         self.save()
         self.step_reboot()
 
@@ -463,21 +465,11 @@ class Commissioning:
                 return
             if unit != int(inv["unit"]):
                 self.st["sheet"]["inverter"]["unit"] = unit
-                self._set_gain_free()
+                self._rewrite_config()
             self.check("inverter", True, f"inverter {r.get('manufacturer')} {r.get('model')} serial {r.get('serial')}"
                                          f" at Modbus address {unit} (SunSpec model {r.get('sunspec_model')})",
                        unit=unit, serial=r.get("serial"), manufacturer=r.get("manufacturer"), model=r.get("model"))
             return
-
-    def _set_gain_free(self) -> None:
-        """Write the config again after a sheet change (the inverter address)."""
-        if self.creds is None:
-            self.step_register()
-        self.cfg = self._config()
-        r = self._c("write_config", config=self.cfg, timeout=10)
-        self.st["cfg_digest"] = r["cfg"]
-        self.save()
-        self.step_reboot()
 
     def step_relays(self) -> None:
         for rl in self.st["sheet"].get("relay", []):

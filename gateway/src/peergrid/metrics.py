@@ -8,6 +8,24 @@ from typing import Any
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+def _observe(hist: list[int], s: float) -> None:
+    for i, b in enumerate(BUCKETS):
+        if s <= b:
+            hist[i] += 1
+            return
+    hist[-1] += 1
+
+
+def _histogram(name: str, hist: list[int], n: int) -> list[str]:
+    out = [f"# TYPE {name} histogram"]
+    cum = 0
+    for b, k in zip(BUCKETS, hist):
+        cum += k
+        out.append(f'{name}_bucket{{le="{b}"}} {cum}')
+    out.append(f'{name}_bucket{{le="+Inf"}} {n}')
+    return out
+
+
 class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -40,24 +58,13 @@ class Metrics:
 
     def latency(self, s: float) -> None:
         with self.lock:
-            for i, b in enumerate(BUCKETS):
-                if s <= b:
-                    self.hist[i] += 1
-                    break
-            else:
-                self.hist[-1] += 1
+            _observe(self.hist, s)
             self.lat_sum += s
             self.lat_n += 1
 
     def control(self, cycle_ms: float, decisions: int, degraded: int) -> None:
         with self.lock:
-            s = cycle_ms / 1000
-            for i, b in enumerate(BUCKETS):
-                if s <= b:
-                    self.ctl_hist[i] += 1
-                    break
-            else:
-                self.ctl_hist[-1] += 1
+            _observe(self.ctl_hist, cycle_ms / 1000)
             self.ctl_n += 1
             self.ctl_degraded = degraded
             if decisions:
@@ -83,22 +90,11 @@ class Metrics:
             out.append("# TYPE peergrid_warnings_total counter")
             for (w, d), v in sorted(self.warnings.items()):
                 out.append(f'peergrid_warnings_total{{what="{w}",device="{d}"}} {v}')
-            out.append("# TYPE peergrid_store_latency_seconds histogram")
-            cum = 0
-            for b, n in zip(BUCKETS, self.hist):
-                cum += n
-                out.append(f'peergrid_store_latency_seconds_bucket{{le="{b}"}} {cum}')
-            cum += self.hist[-1]
-            out.append(f'peergrid_store_latency_seconds_bucket{{le="+Inf"}} {cum}')
+            out += _histogram("peergrid_store_latency_seconds", self.hist, sum(self.hist))
             out.append(f"peergrid_store_latency_seconds_sum {self.lat_sum:.6f}")
             out.append(f"peergrid_store_latency_seconds_count {self.lat_n}")
             if self.ctl_n:
-                out.append("# TYPE peergrid_control_cycle_seconds histogram")
-                cum = 0
-                for b, n in zip(BUCKETS, self.ctl_hist):
-                    cum += n
-                    out.append(f'peergrid_control_cycle_seconds_bucket{{le="{b}"}} {cum}')
-                out.append(f'peergrid_control_cycle_seconds_bucket{{le="+Inf"}} {self.ctl_n}')
+                out += _histogram("peergrid_control_cycle_seconds", self.ctl_hist, self.ctl_n)
                 out.append(f"peergrid_control_cycle_seconds_count {self.ctl_n}")
                 out.append("# TYPE peergrid_control_degraded_devices gauge")
                 out.append(f"peergrid_control_degraded_devices {self.ctl_degraded}")
