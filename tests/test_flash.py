@@ -47,8 +47,8 @@ def test_firmware_bundle_builds_and_loads_on_micropython(board) -> None:
     bdef = json.loads((ROOT / "boards" / board / "board.json").read_text())
     # the virtual board's parts go only into the sim board's bundle
     assert bool(list(out.rglob("vboard.mpy"))) == (bdef.get("mcu") == "sim")
-    assert list((out / "lib" / "umqtt").glob("simple.mpy"))
-    mods = "firmware.board firmware.console firmware.main protocol.link umqtt.simple".split()
+    assert list((out / "lib" / "umqtt_pinned").glob("simple.mpy"))
+    mods = "firmware.board firmware.console firmware.main protocol.link umqtt_pinned.simple".split()
     code = "import " + ", ".join(mods) + "\nprint('ok', firmware.board.FW_VERSION)"
     env = dict(os.environ, MICROPYPATH=str(out / "lib"))
     p = subprocess.run(micropython_cmd() + ["-c", code], capture_output=True, text=True, env=env, timeout=60)

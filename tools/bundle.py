@@ -6,7 +6,8 @@ build/firmware/<name>/:
   board.json       the board definition (pins, CTs, relays, RS485)
   lib/firmware/    the firmware, compiled with mpy-cross
   lib/protocol/    the wire contract, compiled
-  lib/umqtt/       umqtt.simple and umqtt.robust from micropython-lib, compiled
+  lib/umqtt_pinned/ umqtt.simple from micropython-lib, compiled, under a name
+                   the stock image's frozen umqtt cannot shadow
   manifest.json    version, board, SHA-256 of every file and a digest over them
                    (the board reports the digest; the commissioning report has it)
   partitions.bin   the ESP32 partition table with the firmware's `energy` and
@@ -52,7 +53,7 @@ def main() -> int:
     if not (bdir / "board.json").exists():
         fail(f"no board {a.board!r}; the boards are: {', '.join(boards())}")
     bdef = json.loads((bdir / "board.json").read_text())
-    umqtt = ROOT / "build" / "lib" / "umqtt"
+    umqtt = ROOT / "build" / "lib" / "umqtt_pinned"
     if not (umqtt / "simple.py").exists():
         fail("umqtt is missing in build/lib: run `make umqtt` (the Makefile does this first)")
     out = Path(a.out) if a.out else ROOT / "build" / "firmware" / a.board
@@ -68,7 +69,7 @@ def main() -> int:
                 continue
             jobs.append((src, out / "lib" / pkg / (src.stem + ".mpy"), f"{pkg}/{src.name}", ROOT))
     for src in sorted(umqtt.glob("*.py")):
-        jobs.append((src, out / "lib" / "umqtt" / (src.stem + ".mpy"), f"umqtt/{src.name}", umqtt.parent))
+        jobs.append((src, out / "lib" / "umqtt_pinned" / (src.stem + ".mpy"), f"umqtt_pinned/{src.name}", umqtt.parent))
     for src, dst, rel, cwd in jobs:
         dst.parent.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([a.mpy_cross, "-o", str(dst), rel], cwd=cwd, capture_output=True, text=True)

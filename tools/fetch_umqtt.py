@@ -5,8 +5,14 @@ The packages are bare source archives that pip downloads but refuses to
 install (no setup.py in micropython-umqtt.simple 1.3.4). So pip is asked to
 download them with its own index settings; when it stops after the download,
 the archive's address is taken from its message and fetched, and either way
-the archive must match the pinned SHA-256 before umqtt/*.py is unpacked into
-build/lib/. Nothing of umqtt is kept in the repository."""
+the archive must match the pinned SHA-256 before umqtt/simple.py is unpacked
+into build/lib/umqtt_pinned/. Nothing of umqtt is kept in the repository.
+
+Why not build/lib/umqtt/: the stock ESP32 image freezes micropython-lib's
+umqtt (umqtt.simple 1.7.0 in MicroPython v1.28), and frozen modules are
+found before /lib, so a `umqtt` package on the board's filesystem would never
+be loaded and the board would run a client it was not tested with. Under the
+package name `umqtt_pinned` the board runs exactly the pinned version."""
 from __future__ import annotations
 
 import hashlib
@@ -21,12 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "lib"
+PKG = "umqtt_pinned"        # the package name on the board (see above)
 # (requirement, file wanted from the archive, sha256 of the archive)
 PINS = [
     ("micropython-umqtt.simple==1.3.4", "umqtt/simple.py",
      "b6a2520239e3992c63a7de9370ee9b3d9d27819a90359c521f1c0f7ccab8d12f"),
-    ("micropython-umqtt.robust==1.0", "umqtt/robust.py",
-     "22a1b8c8e1128281efb13b3020927d07e33c5b747869da2cd77d37983a9ea002"),
 ]
 
 
@@ -44,9 +49,9 @@ def archive(req: str, tmp: Path) -> bytes:
 
 
 def main() -> None:
-    OUT.joinpath("umqtt").mkdir(parents=True, exist_ok=True)
+    OUT.joinpath(PKG).mkdir(parents=True, exist_ok=True)
     for req, member, sha in PINS:
-        dst = OUT / member
+        dst = OUT / PKG / member.split("/")[-1]
         if dst.exists():
             continue
         with tempfile.TemporaryDirectory() as d:
@@ -62,7 +67,7 @@ def main() -> None:
             assert src is not None
             dst.write_bytes(src.read())
         print(f"fetch_umqtt: {req} -> {dst.relative_to(ROOT)}")
-    (OUT / "umqtt" / "__init__.py").touch()
+    (OUT / PKG / "__init__.py").touch()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def firmware_path(mpy_dir: Path | None = None) -> str:
     """MICROPYPATH for the firmware: compiled .mpy files if given, else the
     sources; umqtt from build/lib (make umqtt)."""
     lib = ROOT / "build" / "lib"
-    if not (lib / "umqtt" / "simple.py").exists():
+    if not (lib / "umqtt_pinned" / "simple.py").exists():
         raise RuntimeError("umqtt missing in build/lib: run `make umqtt`")
     first = str(mpy_dir) if mpy_dir else str(ROOT)
     return ":".join([first, str(lib)])
