@@ -27,7 +27,7 @@ import time
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 # --- register map (addresses are 10 bits) ---------------------------------

@@ -89,7 +89,7 @@ def secret(cfg):
 
 def public(cfg):
     """The config without its secrets, for diagnostics."""
-    out = {}
+    out = {}  # type: dict
     for k in cfg:
         if k == "secret":
             out[k] = "<hidden>"

@@ -19,7 +19,7 @@ from firmware import dsp
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 def zeros(typecode, n, size):

@@ -16,7 +16,7 @@ import struct
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 _MAX_READ = const(125)
@@ -172,9 +172,9 @@ class Master:
             self._down.pop(unit, None)
             self.stats["ok"] += 1
             return got
-        if err.kind == "timeout":
+        if err.kind == "timeout":  # type: ignore[union-attr]  # set: the loop runs at least once
             self._failed(unit)
-        raise err
+        raise err  # type: ignore[misc]  # a ModbusError, as above
 
     # -- function codes ------------------------------------------------------
 

@@ -22,12 +22,12 @@ from umqtt_pinned.simple import MQTTClient, MQTTException
 try:
     import usocket as socket
 except ImportError:  # pragma: no cover - CPython never runs this module
-    import socket
+    import socket  # type: ignore[no-redef]  # CPython's name for usocket
 
 try:
     from micropython import const
 except ImportError:
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 _PUBLISH = const(0x30)

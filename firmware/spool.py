@@ -41,7 +41,7 @@ import binascii
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 _MAGIC = const(0x31534750)      # b"PGS1" read as little-endian u32

@@ -24,7 +24,7 @@ from firmware.modbus import ModbusError
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 BASES = (40000, 0, 50000)
@@ -214,7 +214,7 @@ class Inverter(Device):
         if model is not None:
             return Device.read(self, model)
         p = Device.read(self, self.model)
-        if self.model >= 111:
+        if self.model >= 111:  # type: ignore[operator]  # an int once discover() ran; None fails in Device.read
             w = p["W"]
             wh = p["WH"]
             w = None if w is None else int(round(w))

@@ -19,7 +19,7 @@ from protocol.errors import (
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 COSE_MAC0_TAG = const(17)

@@ -12,7 +12,7 @@ from protocol.topics import READING, STATUS, ACK, CMD
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 VERSION = const(1)

@@ -4,7 +4,7 @@ from protocol.errors import ProtocolError, E_TOPIC
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 ROOT = "pg"

