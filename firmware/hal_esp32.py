@@ -117,8 +117,14 @@ class Esp32Hal(Hal):
     def ticks_us(self):
         return time.ticks_us()
 
+    def ticks_add(self, t, delta):
+        return time.ticks_add(t, delta)
+
     def ticks_diff(self, a, b):
         return time.ticks_diff(a, b)
+
+    def io_add(self, t, delta):
+        return time.ticks_add(t, delta)
 
     def sleep_ms(self, ms):
         time.sleep_ms(ms)

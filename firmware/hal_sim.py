@@ -3,7 +3,7 @@
 # a clock the test controls, pins whose states tests can read.
 import struct
 
-from firmware.hal import Hal, Flash
+from firmware.hal import Hal, Flash, TICKS_MASK
 
 try:
     import os
@@ -154,11 +154,15 @@ class Waveforms:
 class SimHal(Hal):
     name = "sim"
 
-    def __init__(self, board, root="/tmp/peergrid-sim", period_us=250):
+    def __init__(self, board, root="/tmp/peergrid-sim", period_us=250, ticks0=0):
+        """ticks0: what ticks_ms() says at the start (tests start the clock
+        just before a wrap). The clock has a board's period of 2^30 ms on
+        every interpreter; now_us is the simulated time since the start."""
         self.board = board
         self.root = root
         self.source = Waveforms()
         self.period_us = period_us
+        self.ticks0 = ticks0 & TICKS_MASK
         self.now_us = 0
         self.unix = 946684800       # 2000-01-01: what an unsynced board believes
         self.synced = False
@@ -227,10 +231,11 @@ class SimHal(Hal):
         self.now_us += ms * 1000
 
     def ticks_ms(self):
-        return self.now_us // 1000
+        return (self.ticks0 + self.now_us // 1000) & TICKS_MASK
 
     def ticks_us(self):
-        return self.now_us
+        # a board's ticks_us has the same 2^30 period (17.9 minutes)
+        return (self.ticks0 * 1000 + self.now_us) & TICKS_MASK
 
     def time(self):
         return self.unix + self.now_us // 1000000, self.synced

@@ -6,6 +6,7 @@
 import math
 import time
 
+from firmware.hal import TICKS_MASK
 from firmware.hal_sim import SimHal
 
 _SQRT2 = 1.4142135623730951
@@ -113,11 +114,18 @@ class ScenarioSource:
 
 class VirtualHal(SimHal):
     """SimHal with a fast-running clock: ticks_ms() is board time,
-    io_ms() wall time. `advance(ms)` jumps board time forward."""
+    io_ms() wall time. `advance(ms)` jumps board time forward.
+
+    Both clocks have a board's period of 2^30 ms (ticks_add / ticks_diff
+    of firmware/hal.py), whatever the host's own ticks period, and start at
+    ticks0 and io0 (default: ticks0), so a test can put the wrap (2^30) or
+    the sign change of ticks_diff against 0 (2^29) a few seconds ahead.
+    elapsed_ms() is board time since the start, never wrapped: the
+    simulated date and the ADC phase follow it."""
 
     name = "virtual"
 
-    def __init__(self, board, root, speed=1.0, unix0=946684800):
+    def __init__(self, board, root, speed=1.0, unix0=946684800, ticks0=0, io0=None):
         SimHal.__init__(self, board, root=root)
         self.source = ScenarioSource(board, period_us=self.period_us)
         self.speed = speed
@@ -125,9 +133,16 @@ class VirtualHal(SimHal):
         self._v0 = 0
         self.unix0 = unix0          # Unix time at board time 0
         self.sleeps = 0
+        self._io_r0 = self._r0
+        self.start_clocks(ticks0, io0)
+
+    def start_clocks(self, ticks0, io0=None):
+        """Where the board clock and the I/O clock stand at the start."""
+        self.ticks0 = ticks0 & TICKS_MASK
+        self.io0 = (ticks0 if io0 is None else io0) & TICKS_MASK
 
     def _rebase(self):
-        v = self.ticks_ms()
+        v = self.elapsed_ms()
         self._r0 = _now_ms()
         self._v0 = v
 
@@ -138,20 +153,18 @@ class VirtualHal(SimHal):
     def advance(self, ms):
         self._v0 += ms
 
-    def ticks_ms(self):
+    def elapsed_ms(self):
+        """Board milliseconds since the start (never wraps)."""
         return self._v0 + int(_diff(_now_ms(), self._r0) * self.speed)
 
-    def ticks_us(self):
-        return self.ticks_ms() * 1000
+    def ticks_ms(self):
+        return (self.ticks0 + self.elapsed_ms()) & TICKS_MASK
 
-    def ticks_diff(self, a, b):
-        return a - b
+    def ticks_us(self):
+        return (self.ticks0 * 1000 + self.elapsed_ms() * 1000) & TICKS_MASK
 
     def io_ms(self):
-        return _now_ms()
-
-    def io_diff(self, a, b):
-        return _diff(a, b)
+        return (self.io0 + _diff(_now_ms(), self._io_r0)) & TICKS_MASK
 
     def io_sleep_ms(self, ms):
         _sleep_ms(ms)
@@ -168,12 +181,12 @@ class VirtualHal(SimHal):
         _sleep_ms(real if real < 5 else 5)
 
     def adc_block(self, pins, buf, n):
-        self.source.fill(pins, buf, n, self.ticks_us(), self.period_us)
+        self.source.fill(pins, buf, n, self.elapsed_ms() * 1000, self.period_us)
         return self.period_us
 
     def time(self):
-        return self.unix0 + self.ticks_ms() // 1000, self.synced
+        return self.unix0 + self.elapsed_ms() // 1000, self.synced
 
     def set_time(self, unix):
-        self.unix0 = unix - self.ticks_ms() // 1000
+        self.unix0 = unix - self.elapsed_ms() // 1000
         self.synced = True
