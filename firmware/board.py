@@ -43,7 +43,12 @@ class Board:
         self.cfg = cfg
         self.digest = digest
         self.on_event = on_event
-        self.t_start = hal.ticks_ms()
+        # uptime: whole seconds and the ms not yet a second, accumulated
+        # every loop from the tick difference since the last update (one
+        # difference since boot would turn negative after 2^29 ms, 6.2 days)
+        self.up_s = 0
+        self.up_ms = 0
+        self.up_last = hal.ticks_ms()
         self.boot = Counter(fsroot, "boot").bump()      # before anything is sent
         self.seq = 0
         self.link = plink.DeviceLink(cfg["community"], cfg["device"], fconfig.secret(cfg))
@@ -71,7 +76,7 @@ class Board:
         self.rbuf = bytearray(512)
         self.inflight = None            # [pid, source, io ms sent]
         self.period_ms = cfg["period_s"] * 1000
-        self.next_due = hal.ticks_ms() + self.period_ms
+        self.next_due = hal.ticks_add(hal.ticks_ms(), self.period_ms)
         self.last_meas = hal.ticks_ms()
         self.status_ms = cfg["status_s"] * 1000
         self.next_status = None
@@ -158,11 +163,25 @@ class Board:
         return self._status(0)
 
     def _birth(self):
-        self.next_status = self.hal.ticks_ms() + self.status_ms
+        self.next_status = self.hal.ticks_add(self.hal.ticks_ms(), self.status_ms)
         return self._status(1)
 
+    def _uptime(self, now):
+        """Add the board time since the last call (called every loop, so
+        far less than 2^29 ms apart); no allocation below 2^30 s."""
+        d = self.hal.ticks_diff(now, self.up_last)
+        self.up_last = now
+        if d > 0:
+            ms = self.up_ms + d
+            if ms >= 1000:
+                s = ms // 1000
+                self.up_s += s
+                ms -= s * 1000
+            self.up_ms = ms
+
     def uptime_s(self):
-        return self.hal.ticks_diff(self.hal.ticks_ms(), self.t_start) // 1000
+        self._uptime(self.hal.ticks_ms())
+        return self.up_s
 
     def _out_changed(self, kind, i, v, why):
         if self.on_event is not None:
@@ -253,7 +272,7 @@ class Board:
                 flags |= messages.F_BAT_MISSING
         if (self.inv is not None and not self.inv_ok) or (self.bat is not None and not self.bat_ok):
             if self.hal.ticks_diff(now, self.next_discover) >= 0:
-                self.next_discover = now + 6 * self.period_ms
+                self.next_discover = self.hal.ticks_add(now, 6 * self.period_ms)
         return inv, bat, flags
 
     def _try(self, fn):
@@ -365,7 +384,7 @@ class Board:
                 pid = up.publish(self.link.t_reading, memoryview(self.rbuf)[:n])
                 if pid:
                     self.inflight = [pid, _SPOOLED, self.hal.io_ms()]
-                    self.next_replay = self.hal.io_ms() + self.replay_gap
+                    self.next_replay = self.hal.io_add(self.hal.io_ms(), self.replay_gap)
 
     def _lost(self):
         """The session is gone: what was live goes to flash, exact bytes."""
@@ -386,9 +405,10 @@ class Board:
         hal = self.hal
         if not self.synced and hal.io_diff(hal.io_ms(), self.next_sync) >= 0:
             self.synced = self.net.up() and self.net.sync_time(hal)
-            self.next_sync = hal.io_ms() + 60000
+            self.next_sync = hal.io_add(hal.io_ms(), 60000)
         self.uplink.step()
         now = hal.ticks_ms()
+        self._uptime(now)
         if self.cmdq:
             self._handle_cmds(now)
         self.outputs.tick(now)
@@ -400,16 +420,16 @@ class Board:
                 # the loop fell behind (or the clock jumped): one reading
                 # covers the whole time, none is made up
                 self.stats["missed_periods"] += late // self.period_ms
-                self.next_due = now + self.period_ms
+                self.next_due = hal.ticks_add(now, self.period_ms)
             else:
-                self.next_due += self.period_ms
+                self.next_due = hal.ticks_add(self.next_due, self.period_ms)
             self.reading(now, dt)
             self._heap()
         self.uplink.poll()
         self._send()
         if self.uplink.connected and self.next_status is not None \
                 and hal.ticks_diff(now, self.next_status) >= 0:
-            self.next_status = now + self.status_ms
+            self.next_status = hal.ticks_add(now, self.status_ms)
             self.uplink.publish(self.link.t_status, self._status(1), retain=True)
 
     def _heap(self):

@@ -67,6 +67,14 @@ def parse(text):
     b.setdefault("port", 1883)
     if not isinstance(cfg["period_s"], int) or not 1 <= cfg["period_s"] <= 3600:
         raise ConfigError("config: period_s must be 1..3600")
+    # timers on the board's tick clock must stay below 2^29 ms (6.2 days):
+    # a day at most
+    for k, lo in (("status_s", 1), ("cmd_timeout_s", 0), ("keepalive_s", 0)):
+        if not isinstance(cfg[k], int) or not lo <= cfg[k] <= 86400:
+            raise ConfigError("config: %s must be %d..86400" % (k, lo))
+    bo = cfg["backoff_s"]
+    if not isinstance(bo, list) or len(bo) != 2 or not all(isinstance(x, int) and 1 <= x <= 86400 for x in bo):
+        raise ConfigError("config: backoff_s must be [first, longest], 1..86400 s each")
     for r in cfg["relays"]:
         if r.get("failsafe", 0) not in (0, 1):
             raise ConfigError("config: a relay's failsafe is 0 (open) or 1 (closed)")

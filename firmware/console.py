@@ -54,13 +54,15 @@ def _hex(buf, start, n):
 
 class Console:
     """Reads frames from `port` (read-into without blocking, like machine.UART)
-    and answers them with `ops.call(request)`."""
+    and answers them with `ops.call(request)`. `clock` is the real-time
+    clock of the serial line (hal.IoClock: ticks_ms, ticks_add, ticks_diff)."""
 
-    def __init__(self, port, ops, ticks_ms, ticks_diff):
+    def __init__(self, port, ops, clock):
         self.port = port
         self.ops = ops
-        self.ticks_ms = ticks_ms
-        self.diff = ticks_diff
+        self.clock = clock
+        self.ticks_ms = clock.ticks_ms
+        self.diff = clock.ticks_diff
         self.buf = bytearray(MAX_PAYLOAD + HDR + TAIL)
         self.n = 0
         self.t_first = 0
@@ -239,12 +241,13 @@ class Ops:
             return {"ok": False, "err": "arg", "msg": "this board has relays 0..%d" % (len(rel) - 1)}
         if v not in (0, 1):
             return {"ok": False, "err": "arg", "msg": "a relay is 0 (open) or 1 (closed)"}
-        hold = req.get("hold_s", 60)
+        hold = int(req.get("hold_s", 60))
+        hold = 0 if hold < 0 else (86400 if hold > 86400 else hold)   # at most a day, like a lease
         now = self.hal.ticks_ms()
         r = rel[i]
         if r.set(v):
             b.outputs._changed("relay", i, r.value, "console")
-        r.until = now + int(hold) * 1000     # back to fail-safe afterwards, like a lease
+        r.until = self.hal.ticks_add(now, hold * 1000)   # back to fail-safe afterwards, like a lease
         b.next_due = now                     # measure now
         return {"ok": True, "i": i, "v": r.value}
 

@@ -55,6 +55,8 @@ from array import array
 
 import binascii
 
+from firmware.hal import ticks_diff as _ticks_diff
+
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -133,10 +135,6 @@ class Registers:
         return [self.get(ch) for ch in range(self.nch)]
 
 
-def _sub(a, b):
-    return a - b
-
-
 class RegisterStore:
     """Registers kept in rotating slots of a Flash region (see the top)."""
 
@@ -156,13 +154,20 @@ class RegisterStore:
         self.max_interval_ms = max_interval_ms
         self.max_w = max_w
         self.period_ms = period_ms
-        self.diff = diff or _sub            # pass hal.ticks_diff on a board
+        # tick arithmetic of the caller's clock (hal.ticks_diff); the default
+        # is a board's (period 2^30 ms)
+        self.diff = diff or _ticks_diff
         self._buf = bytearray(self.rec_len)
         self._last = Registers(nch)         # what the newest record holds
         self.seq = 0
         self.slot = self.nslots - 1         # so the first save goes to slot 0
         self.clean = False                  # newest record is a clean stop
-        self._t_save = None
+        # ms since the last save, accumulated from the tick differences
+        # between calls and held at its cap, so it stays right however long
+        # nothing changes (one difference of tick values would turn
+        # negative after 2^29 ms)
+        self._t_prev = None
+        self._since = 0
         self.found = False
         self.bad_slots = 0
         self.lost_wh_bound = 0
@@ -249,7 +254,8 @@ class RegisterStore:
         self.clean = clean
         self.saves += 1
         if now_ms is not None:
-            self._t_save = now_ms
+            self._t_prev = now_ms
+            self._since = 0
         self._snapshot()
 
     def _snapshot(self):
@@ -261,9 +267,17 @@ class RegisterStore:
     # -- policy ------------------------------------------------------------
 
     def maybe_save(self, now_ms):
-        """Save if the policy (see the top) says so. True if it saved."""
-        if self._t_save is None:
-            self._t_save = now_ms           # the clock starts at the first call
+        """Save if the policy (see the top) says so. True if it saved.
+        now_ms is a tick value; calls must come less than 2^29 ms apart."""
+        if self._t_prev is None:
+            self._t_prev = now_ms           # the clock starts at the first call
+        d = self.diff(now_ms, self._t_prev)
+        self._t_prev = now_ms
+        if d > 0:
+            cap = self.max_interval_ms if self.max_interval_ms > self.min_interval_ms \
+                else self.min_interval_ms
+            el = self._since + d
+            self._since = el if el < cap else cap
         regs = self.regs
         last = self._last
         changed = False
@@ -276,7 +290,7 @@ class RegisterStore:
                 changed = True
         if not changed:
             return False
-        el = self.diff(now_ms, self._t_save)
+        el = self._since
         if self.clean or el >= self.max_interval_ms or (big and el >= self.min_interval_ms):
             self.save(now_ms)
             return True

@@ -74,7 +74,7 @@ def main(root=""):
         hal = open_hal(board, wdt_ms=0)
         ops = Ops(hal, board, root or "", None, fboard.FW_VERSION, _fw_digest(root), str(e))
         ops.reboot = _reset
-        con = Console(port, ops, hal.ticks_ms, hal.ticks_diff)
+        con = Console(port, ops, IoClock(hal))
         while True:
             con.poll()
             hal.idle(20)
@@ -84,7 +84,7 @@ def main(root=""):
     b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
     ops = Ops(hal, board, root or "", b, fboard.FW_VERSION, _fw_digest(root))
     ops.reboot = _reset
-    con = Console(port, ops, hal.ticks_ms, hal.ticks_diff)
+    con = Console(port, ops, IoClock(hal))
     while True:
         b.step()
         con.poll()

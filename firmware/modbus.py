@@ -65,6 +65,8 @@ class ModbusError(Exception):
 class Master:
     def __init__(self, uart, clock, de=None, timeout_ms=200, retries=2, baud=9600,
                  backoff_ms=(1000, 60000)):
+        """clock: ticks_ms(), ticks_add(t, ms), ticks_diff(a, b), sleep_ms(ms)
+        with a board's tick arithmetic (hal.IoClock)."""
         self.uart = uart
         self.clock = clock
         self.de = de
@@ -89,7 +91,8 @@ class Master:
     def _failed(self, unit):
         d = self._down.get(unit)
         wait = self.backoff_ms[0] if d is None else d[1]
-        self._down[unit] = [self.clock.ticks_ms() + wait, min(wait * 2, self.backoff_ms[1])]
+        self._down[unit] = [self.clock.ticks_add(self.clock.ticks_ms(), wait),
+                            min(wait * 2, self.backoff_ms[1])]
 
     # -- one transaction ---------------------------------------------------
 

@@ -64,6 +64,7 @@ class Outputs:
         self.cmd_timeout_ms = cmd_timeout_s * 1000
         self.on_change = on_change
         self.last_valid = hal.ticks_ms()
+        self.quiet = False              # no valid command for cmd_timeout_s
         self.stats = {"applied": 0, "rejected": 0, "failsafe": 0}
 
     def _changed(self, kind, i, v, why):
@@ -119,15 +120,22 @@ class Outputs:
             except Exception:   # noqa: BLE001 - the battery did not take it
                 self.stats["rejected"] += 1
                 return E_TARGET, cur, left
-        out.until = now + lease_ms
+        out.until = self.hal.ticks_add(now, lease_ms)     # lease <= 86400 s (schema)
         self.last_valid = now
+        self.quiet = False
         self.stats["applied"] += 1
         return OK, out.value, cmd["lease"]
 
     def tick(self, now):
         """Expire leases; the gateway's silence also returns everything to
         fail-safe. Call every loop."""
-        quiet = self.cmd_timeout_ms and self.hal.ticks_diff(now, self.last_valid) >= self.cmd_timeout_ms
+        # latched: once the gateway has been quiet for cmd_timeout_s it stays
+        # quiet until the next valid command, however long that takes (the
+        # tick difference to last_valid would turn negative after 2^29 ms)
+        if self.cmd_timeout_ms and not self.quiet \
+                and self.hal.ticks_diff(now, self.last_valid) >= self.cmd_timeout_ms:
+            self.quiet = True
+        quiet = self.quiet
         for i in range(len(self.relays)):
             self._expire("relay", i, self.relays[i], now, quiet)
         for i in range(len(self.batteries)):

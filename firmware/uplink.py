@@ -160,7 +160,7 @@ class Uplink:
             # the broker may have moved: look its name up again
             self.addr = None
             self.resolve_failures = 0
-        self.next_try = self.hal.io_ms() + self.backoff
+        self.next_try = self.hal.io_add(self.hal.io_ms(), self.backoff)
         self.backoff = min(self.backoff * 2, self.backoff_max)
 
     def _drop(self, why):

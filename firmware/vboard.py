@@ -12,6 +12,9 @@
 # clock runs `speed` times faster than the wall clock. With a console pty
 # the commissioning console (firmware/console.py) answers on it; without a
 # valid config the board then waits for one (exit code 3: reboot asked).
+# sim "ticks0" / "io0": where the board clock and the I/O clock start (ms,
+# taken modulo 2^30; default 0, io0 defaults to ticks0): a test puts the
+# ticks wrap a few seconds ahead.
 #
 # Control, one JSON object per line on stdin; events, one per line on stdout:
 #   {"op": "state"}                 -> {"ev": "state", ...} everything a test checks
@@ -19,12 +22,13 @@
 #   {"op": "base", "w": [..]}       fixed powers without our relays' loads,
 #                                   which are added when their relay is on
 #   {"op": "profile"}               back to the day profile of config "sim"
-#   {"op": "advance", "s": N}       board clock jumps N seconds
+#   {"op": "advance", "s": N}       board clock jumps N seconds (less than 2^29 ms)
 #   {"op": "speed", "x": N}         clock speed factor
 #   {"op": "sync"}                  NTP answers now (the simulated date)
 #   {"op": "quit"}                  clean shutdown
-# Events: {"ev": "ready"}, {"ev": "relay"|"battery", "i", "v", "why"},
-# {"ev": "cmd", "ctr", "result"}, {"ev": "error", "msg"}.
+# Events: {"ev": "ready"}, {"ev": "relay"|"battery", "i", "v", "why", "ms"},
+# {"ev": "cmd", "ctr", "result", "ms"}, {"ev": "error", "msg"}; "ms" is the
+# board clock (ticks_ms) when the board reported it.
 import gc
 import json
 import math
@@ -118,7 +122,9 @@ def state(b, hal):
             "uplink": b.uplink.stats, "outputs": b.outputs.stats,
             "rejects": dict((str(k), v) for k, v in b.rejects.items()),
             "regs": regs, "synced": hal.time()[1], "unix": hal.time()[0],
-            "board_ms": hal.ticks_ms(), "heap_free": hal.mem_free(), "min_free": b.min_free,
+            "board_ms": hal.ticks_ms(), "elapsed_ms": hal.elapsed_ms(), "uptime_s": b.uptime_s(),
+            "io_ms": hal.io_ms(), "next_try_in": hal.io_diff(b.uplink.next_try, hal.io_ms()),
+            "heap_free": hal.mem_free(), "min_free": b.min_free,
             "heap_peak": b.heap_peak, "heap_live": b.heap_live, "heap_cycle": b.heap_cycle,
             "fed": hal.fed, "frame_len": b.frame_len, "inflight": b.inflight, "live_len": b.live_len,
             "next_replay_in": hal.io_diff(b.next_replay, hal.io_ms()),
@@ -149,7 +155,7 @@ def uncommissioned(hal, board, root, port, why, fw):
     """No valid config: only the console runs, waiting for one."""
     ops = Ops(hal, board, root, None, fw, _fw_digest(), why)
     ops.reboot = _reboot
-    con = Console(port, ops, hal.ticks_ms, hal.ticks_diff)
+    con = Console(port, ops, IoClock(hal))
     poll = select.poll()
     poll.register(sys.stdin, select.POLLIN)
     emit({"ev": "uncommissioned", "why": why})
@@ -187,6 +193,8 @@ def main(argv):
         from firmware.uart_posix import PosixUart
         port = PosixUart(con_path, 115200)
     hal = VirtualHal(board, root, speed=speed)
+    if sim is not None:
+        hal.start_clocks(sim.get("ticks0", 0), sim.get("io0"))
     try:
         cfg, digest = fconfig.load(root + "/config.json")
     except fconfig.ConfigError as e:
@@ -196,8 +204,9 @@ def main(argv):
         return uncommissioned(hal, board, root, port, str(e), fw)
     if sim is None:
         sim = cfg.get("sim") or {}
+        hal.start_clocks(sim.get("ticks0", 0), sim.get("io0"))
     start = sim.get("start", 1795000000)
-    net = HostNet(unix_now=lambda: start + hal.ticks_ms() // 1000)
+    net = HostNet(unix_now=lambda: start + hal.elapsed_ms() // 1000)
     ck = sim.get("clock")
     if ck:
         # a simulation with its own clock (make demo): Unix time = t0 + (wall - w0) * speed
@@ -214,12 +223,16 @@ def main(argv):
         de = hal.pin_out(rs["de"], 0) if "de" in rs else None
         master = Master(uart, IoClock(hal), de=de, baud=rs.get("baud", 9600), timeout_ms=sim.get("modbus_timeout_ms", 300),
                         retries=1)
-    b = Board(hal, board, cfg, digest, net, root, rs485=master, on_event=emit)
+    def event(e):
+        e["ms"] = hal.ticks_ms()
+        emit(e)
+
+    b = Board(hal, board, cfg, digest, net, root, rs485=master, on_event=event)
     con = None
     if port is not None:
         ops = Ops(hal, board, root, b, fw, _fw_digest())
         ops.reboot = _reboot
-        con = Console(port, ops, hal.ticks_ms, hal.ticks_diff)
+        con = Console(port, ops, IoClock(hal))
     scen = Scenario(sim, b.nch)
     src = hal.source
     poll = select.poll()
@@ -267,7 +280,7 @@ def main(argv):
             elif op == "speed":
                 hal.set_speed(float(req["x"]))
             elif op == "sync":
-                hal.set_time(start + hal.ticks_ms() // 1000)
+                hal.set_time(start + hal.elapsed_ms() // 1000)
             elif op == "gc":
                 gc.collect()
                 emit({"ev": "gc", "free": hal.mem_free()})

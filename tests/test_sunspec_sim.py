@@ -89,6 +89,7 @@ from firmware.modbus import Master
 from firmware import sunspec
 class Clock:
     def ticks_ms(self): return time.ticks_ms()
+    def ticks_add(self, t, d): return time.ticks_add(t, d)
     def ticks_diff(self, a, b): return time.ticks_diff(a, b)
     def sleep_ms(self, ms): time.sleep_ms(ms)
 m = Master(PosixUart(sys.argv[1]), Clock(), timeout_ms=300)

@@ -6,26 +6,31 @@
 # MicroPython cannot run that.)
 import struct
 
+from firmware.hal import ticks_add, ticks_diff
 from firmware.hal_sim import uart_pair
 from firmware.modbus import crc16
 
 
 class FakeClock:
     """Milliseconds that pass only when someone sleeps; sleepers let the
-    devices on the line act."""
+    devices on the line act. A board's tick arithmetic (period 2^30 ms),
+    starting at `start`."""
 
-    def __init__(self):
-        self.now = 0
+    def __init__(self, start=0):
+        self.now = start
         self.devices = []
 
     def ticks_ms(self):
         return self.now
 
+    def ticks_add(self, t, delta):
+        return ticks_add(t, delta)
+
     def ticks_diff(self, a, b):
-        return a - b
+        return ticks_diff(a, b)
 
     def sleep_ms(self, ms):
-        self.now += ms
+        self.now = ticks_add(self.now, ms)
         for d in self.devices:
             d.service()
 
@@ -65,7 +70,7 @@ class Slave:
             self.end.readinto(b)
             self._buf.extend(b)
             self._t = self.clock.now
-        if not self._buf or self.clock.now - self._t < self.delay_ms:
+        if not self._buf or ticks_diff(self.clock.now, self._t) < self.delay_ms:
             return
         req = bytes(self._buf)
         self._buf = bytearray()

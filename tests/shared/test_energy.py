@@ -266,6 +266,48 @@ def test_save_policy():
         _remove(p)
 
 
+def test_save_policy_across_the_tick_wrap():
+    # the board's clock (ticks_ms, period 2^30 ms) passes 2^29 and 2^30
+    # while nothing changes for 8 days; the first change afterwards is
+    # saved at once (the max interval passed long ago), and the intervals
+    # after that are measured right across the wrap
+    from firmware.hal import ticks_add
+    p = _path()
+    try:
+        flash, st = _store(p, save_wh=10, min_interval_ms=60000, max_interval_ms=900000)
+        st.load()
+        t = (1 << 29) - 7200000
+        assert not st.maybe_save(t)
+        for _ in range(8 * 24):
+            t = ticks_add(t, 3600000)
+            assert not st.maybe_save(t)     # no change: never writes
+        st.regs.add_mwh(0, 500)
+        t = ticks_add(t, 10000)
+        assert st.maybe_save(t) and st.saves == 1
+        # now 10 s readings with the clock starting 100 s before the wrap:
+        # a small change waits for the max interval (900 s), a big one for
+        # the min interval (60 s), both counted across the wrap
+        t = (1 << 30) - 100000
+        st.maybe_save(t)
+        st.save(t)
+        saves = st.saves
+        for i in range(1, 90):
+            st.regs.add_mwh(0, 1)
+            t = ticks_add(t, 10000)
+            assert not st.maybe_save(t), i
+        st.regs.add_mwh(0, 1)
+        t = ticks_add(t, 10000)
+        assert st.maybe_save(t) and st.saves == saves + 1       # at 900 s
+        st.regs.add_mwh(1, -20000)
+        for i in range(1, 6):
+            t = ticks_add(t, 10000)
+            assert not st.maybe_save(t), i
+        t = ticks_add(t, 10000)
+        assert st.maybe_save(t) and st.saves == saves + 2       # at 60 s
+    finally:
+        _remove(p)
+
+
 def test_clean_shutdown_and_lost_bound():
     p = _path()
     try:

@@ -7,8 +7,8 @@ from firmware.modbus import Master, ModbusError, crc16
 from modbus_slave import FakeClock, Pin, Slave
 
 
-def _setup(regs=None, retries=2, timeout_ms=100, backoff_ms=(1000, 8000)):
-    clock = FakeClock()
+def _setup(regs=None, retries=2, timeout_ms=100, backoff_ms=(1000, 8000), start=0):
+    clock = FakeClock(start)
     slave = Slave(clock, unit=1, regs=regs if regs is not None else dict((40000 + i, i * 3) for i in range(130)))
     de = Pin()
     m = Master(slave.master_end, clock, de=de, timeout_ms=timeout_ms, retries=retries, backoff_ms=backoff_ms)
@@ -70,7 +70,7 @@ def test_timeout_retries_then_backs_off():
     _raises("timeout", m.read_holding, 1, 40000, 2)
     assert slave.requests == 3                       # first try and two retries
     assert m.stats["timeouts"] == 3
-    assert 300 <= clock.now - t0 < 400               # bounded by the timeouts
+    assert 300 <= clock.ticks_diff(clock.now, t0) < 400     # bounded by the timeouts
     assert m.is_down(1)
     # while backing off, nothing goes on the bus and no time passes
     written = slave.master_end.written
@@ -85,17 +85,32 @@ def test_timeout_retries_then_backs_off():
     assert not m.is_down(1)
 
 
-def test_backoff_doubles_to_the_limit():
-    clock, slave, m, de = _setup(retries=0, timeout_ms=10, backoff_ms=(1000, 4000))
+def _backoff_waits(start):
+    clock, slave, m, de = _setup(retries=0, timeout_ms=10, backoff_ms=(1000, 4000), start=start)
     slave.fault = "silent"
     waits = []
     for _ in range(4):
         _raises("timeout", m.read_holding, 1, 40000, 1)
-        start = clock.now
+        t = clock.now
         while m.is_down(1):
             clock.sleep_ms(100)
-        waits.append(clock.now - start)
+            assert clock.ticks_diff(clock.now, t) <= 5000, "back-off never ends"
+        waits.append(clock.ticks_diff(clock.now, t))
+    return waits, clock
+
+
+def test_backoff_doubles_to_the_limit():
+    waits, _ = _backoff_waits(0)
     assert waits == [1000, 2000, 4000, 4000], waits
+
+
+def test_backoff_keeps_its_schedule_across_the_tick_wrap():
+    # the clock passes 2^29 (ticks_diff against 0 changes sign) and 2^30
+    # (ticks wrap to 0) during the back-off
+    for start in (2 ** 29 - 5000, 2 ** 30 - 5000):
+        waits, clock = _backoff_waits(start)
+        assert waits == [1000, 2000, 4000, 4000], (start, waits)
+        assert clock.ticks_diff(clock.now, start) >= 11000      # it did cross
 
 
 def test_bad_crc_retried_then_given_up():

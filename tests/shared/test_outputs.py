@@ -42,8 +42,8 @@ class FakeBattery:
         self.calls.append((w, revert_s))
 
 
-def _outputs(cmd_timeout_s=0):
-    hal = SimHal({"name": "t"})
+def _outputs(cmd_timeout_s=0, ticks0=0):
+    hal = SimHal({"name": "t"}, ticks0=ticks0)
     hal.unix = 1795000000
     hal.synced = True
     root = _root()
@@ -173,6 +173,75 @@ def test_gateway_silence_timeout():
     hal.advance(1000)
     o.tick(hal.ticks_ms())
     assert o.relays[0].value == 0 and events[-1][3] == "gateway quiet"
+
+
+# -- leases and gateway silence across the tick wrap ---------------------------
+# A board's ticks_ms wraps at 2^30 ms (12.4 days) and ticks_diff changes sign
+# against old values past 2^29 ms: a lease must last its length wherever the
+# clock stands.
+
+_WRAP = 1 << 30
+_HALF = 1 << 29
+
+
+def _lease_lasts(start, lease_s):
+    """Apply a relay lease with the clock at `start`; return the board ms
+    after which it ended (stepping 100 ms), and the lease left reported
+    half-way."""
+    hal, o, _, events, _ = _outputs(ticks0=start)
+    t0 = hal.ticks_ms()
+    assert t0 == start
+    assert o.handle(_cmd(1, value=1, lease=lease_s), t0) == (OK, 1, lease_s)
+    left_half = None
+    for step in range(1, (lease_s + 10) * 10 + 1):
+        hal.advance(100)
+        now = hal.ticks_ms()
+        if step == lease_s * 5:
+            # a replayed command is answered with the lease left
+            left_half = o.handle(_cmd(1, value=0), now)[2]
+        o.tick(now)
+        if o.relays[0].value == 0:
+            assert events[-1] == ("relay", 0, 0, "lease ended")
+            return step * 100, left_half
+    return None, left_half
+
+
+def test_lease_started_before_the_wrap_lasts_its_length():
+    # 300 s started 100 s before 2^30: ends at 300 s, not at once, not never
+    for start in (_WRAP - 100000, _HALF - 100000, _WRAP - 1, _HALF - 1):
+        ended, left = _lease_lasts(start, 300)
+        assert ended == 300000, (start, ended)
+        assert left == 150, (start, left)
+
+
+def test_gateway_silence_across_the_wrap():
+    for start in (_WRAP - 60000, _HALF - 60000):
+        hal, o, _, events, _ = _outputs(cmd_timeout_s=120, ticks0=start)
+        o.handle(_cmd(1, lease=86400), hal.ticks_ms())
+        hal.advance(119900)
+        o.tick(hal.ticks_ms())
+        assert o.relays[0].value == 1, start
+        hal.advance(100)
+        o.tick(hal.ticks_ms())
+        assert o.relays[0].value == 0 and events[-1][3] == "gateway quiet", start
+
+
+def test_gateway_silence_lasts_longer_than_half_a_tick_period():
+    # quiet for 8 days (past 2^29 and 2^30 ms): still quiet, so an output
+    # moved without a command (the commissioning console) goes back
+    hal, o, _, events, _ = _outputs(cmd_timeout_s=120, ticks0=_HALF - 3600000)
+    o.handle(_cmd(1, lease=600), hal.ticks_ms())
+    for _ in range(8 * 24):
+        hal.advance(3600000)
+        o.tick(hal.ticks_ms())
+    assert o.quiet and o.relays[0].value == 0
+    o.relays[0].set(1)
+    o.tick(hal.ticks_ms())
+    assert o.relays[0].value == 0 and events[-1][3] == "gateway quiet"
+    # a valid command ends the silence
+    assert o.handle(_cmd(2, lease=60, t=hal.time()[0]), hal.ticks_ms())[0] == OK
+    o.tick(hal.ticks_ms())
+    assert not o.quiet and o.relays[0].value == 1
 
 
 def test_counter_file_damaged_or_missing():
