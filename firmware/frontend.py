@@ -9,13 +9,42 @@
 #
 # AdcFrontEnd samples the ESP32 ADC (or the simulated one) through Meter;
 # AtmFrontEnd reads ATM90E32 metering ICs, which integrate energy themselves.
-from firmware.metering import Meter, Channel, Result
+# open_frontend() builds the one board.json's frontend.type names and imports
+# only the modules that one needs (firmware.metering and firmware.dsp for
+# the ADC, firmware.atm90e32 for the chips): code and data share ~110 KB of
+# heap on an ESP32.
+
+
+def open_frontend(hal, board, cal=None, frames=1000):
+    """The front end of a board definition, ready to measure: "adc" (the
+    default) or "atm90e32" (chips on one SPI bus, frontend.spi, one chip
+    select per entry of frontend.chips; they are reset and configured here,
+    so a missing or miswired chip raises ATM90E32Error at start)."""
+    fe = board.get("frontend") or {}
+    kind = fe.get("type", "adc")
+    if kind == "adc":
+        return AdcFrontEnd(hal, board, cal=cal, frames=frames)
+    if kind == "atm90e32":
+        from firmware.atm90e32 import ATM90E32, config_from_board
+        spi = hal.spi(fe["spi"])
+        chips = []
+        for i in range(len(fe["chips"])):
+            cs = hal.pin_out(fe["chips"][i]["cs"], 1)
+            chips.append(ATM90E32(spi, cs, delay_ms=hal.sleep_ms, **config_from_board(board, i)))
+        atm = AtmFrontEnd(chips, board)
+        atm.begin()
+        return atm
+    raise ValueError("board frontend.type %r: not adc or atm90e32" % (kind,))
 
 
 class AdcFrontEnd:
+    # open_frontend() under the name board.py imports: any board's front end
+    open_frontend = staticmethod(open_frontend)
+
     def __init__(self, hal, board, cal=None, frames=1000, lut=None):
         """cal: per channel name {"gain": g, "phase_deg": d} from the
         commissioning config (absent: 1 and 0)."""
+        from firmware.metering import Meter, Channel
         cal = cal or {}
         chans = []
         pins = []
@@ -44,6 +73,20 @@ class AdcFrontEnd:
         return rs
 
 
+class AtmResult:
+    """metering.Result's fields, without loading metering for an ATM board."""
+
+    def __init__(self):
+        self.vrms_dv = 0
+        self.irms_ma = 0
+        self.p_w = 0
+        self.s_va = 0
+        self.pf_permille = 0
+        self.freq_chz = 0
+        self.energy_mwh = 0
+        self.p_exact = 0
+
+
 class AtmFrontEnd:
     """ATM90E32 chips on one SPI bus; channel i is (chip, phase) from the board."""
 
@@ -52,7 +95,7 @@ class AtmFrontEnd:
         self.map = []
         for c in board["channels"]:
             self.map.append((c["chip"], "ABC".index(c["phase"])))
-        self.results = [Result() for _ in self.map]
+        self.results = [AtmResult() for _ in self.map]
         self.last = [[0, 0] for _ in self.map]
         self.has_vref = True
 

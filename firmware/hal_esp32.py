@@ -13,6 +13,22 @@ except ImportError:  # unix port or CPython: importable, unusable
 _ATTEN = {0: 0, 2: 1, 6: 2, 11: 3}
 
 
+_EPOCH_2000 = 946684800     # 2000-01-01T00:00:00Z in Unix seconds
+
+
+def _tick_cost():
+    """Microseconds between the timer reads of two back-to-back ticks_us()
+    calls, the least of a few tries (an interrupt can stretch one)."""
+    tick = time.ticks_us
+    best = None
+    for _ in range(8):
+        a = tick()
+        d = time.ticks_diff(tick(), a)
+        if best is None or d < best:
+            best = d
+    return best
+
+
 class PartitionFlash(Flash):
     """A data partition used as raw flash (esp32.Partition)."""
 
@@ -65,18 +81,40 @@ class Esp32Hal(Hal):
         # handled), so the timeout must exceed the reading period
         # (0: no watchdog, while the board waits for its commissioning config)
         self._wdt = machine.WDT(timeout=wdt_ms) if wdt_ms else None
+        self._pins = None
+        self._reads = None
+        self._tick_cost = _tick_cost()
+        # time.time() counts from the port's epoch: 2000-01-01 on the ESP32
+        # port, 1970-01-01 elsewhere. Asked once, never guessed from the value.
+        self._epoch = _EPOCH_2000 if time.gmtime(0)[0] == 2000 else 0
+        self._synced = False
 
     def adc_block(self, pins, buf, n):
-        adcs = [self._adc[p] for p in pins]
-        m = len(adcs)
-        t0 = time.ticks_us()
+        """Returns the frame period in microseconds as a float: the block's
+        length over n, not rounded. A frame of 4-5 inputs lasts ~50-60 us
+        and one read ~12 us, so a whole-us period (or a per-read period
+        rounded down) would be off by percent, i.e. by ~1 Hz at 50 Hz.
+        The cost of one ticks_us() call, measured at start-up, is taken off:
+        it lies between the two timestamps but not between samples."""
+        reads = self._reads
+        if pins is not self._pins:
+            # the bound read methods, once per pin list (Meter passes the
+            # same list every window): the loop below allocates nothing
+            reads = [self._adc[p].read_u16 for p in pins]
+            self._reads = reads
+            self._pins = pins
+        m = len(reads)
+        if not n or not m:
+            return 0
+        tick = time.ticks_us
+        t0 = tick()
         i = 0
         for _ in range(n):
             for j in range(m):
-                buf[i] = adcs[j].read_u16() >> 4
+                buf[i] = reads[j]() >> 4
                 i += 1
-        dt = time.ticks_diff(time.ticks_us(), t0)
-        return dt // (n * m) * m if n else 0
+        dt = time.ticks_diff(tick(), t0) - self._tick_cost
+        return dt / n
 
     def adc_calibration(self, n=800):
         """(code, microvolts) points of this chip's ADC from its eFuse
@@ -130,12 +168,20 @@ class Esp32Hal(Hal):
         time.sleep_ms(ms)
 
     def set_time(self, unix):
-        # ntptime.settime() already set the RTC; nothing to keep here
-        pass
+        """The clock is right from now on (NTP answered). ntptime.settime()
+        has normally set the RTC already; a time more than a second away
+        from the RTC's is written to it."""
+        now = time.time() + self._epoch
+        if unix - now > 1 or now - unix > 1:
+            tm = time.gmtime(unix - self._epoch)
+            machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
+        self._synced = True
 
     def time(self):
-        t = time.time()
-        return t + 946684800 if t < 946684800 else t, t > 1700000000 - 946684800
+        """(unix seconds, synced): synced once set_time() was called, which
+        the network does after NTP answered; until then the RTC counts from
+        whatever it held at boot (2000-01-01 after power-up)."""
+        return time.time() + self._epoch, self._synced
 
     def wdt_feed(self):
         if self._wdt is not None:

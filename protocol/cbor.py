@@ -16,7 +16,7 @@ from protocol.errors import (
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 _MAJ_UINT = const(0)
@@ -180,6 +180,51 @@ def dumps(obj, size=1024):
     return w.getvalue()
 
 
+def valid_utf8(buf, i, end):
+    """True when buf[i:end] is well-formed UTF-8 (RFC 3629): every sequence
+    complete, in its shortest form, no UTF-16 surrogate (U+D800..U+DFFF),
+    nothing above U+10FFFF. Reads the bytes in place and allocates nothing.
+    MicroPython's str(b, "utf-8") only checks the lead/continuation pattern,
+    so the decoder asks this first, on every interpreter alike."""
+    while i < end:
+        b = buf[i]
+        i += 1
+        if b < 0x80:
+            continue
+        # the lead byte gives the number of continuation bytes and the range
+        # the first of them must lie in; the tighter first ranges are what
+        # exclude overlong forms (E0, F0), surrogates (ED) and > U+10FFFF (F4)
+        if b < 0xC2:                # a stray continuation byte, or C0/C1 (overlong)
+            return False
+        if b < 0xE0:
+            n = 1
+            lo = 0x80
+            hi = 0xBF
+        elif b < 0xF0:
+            n = 2
+            lo = 0xA0 if b == 0xE0 else 0x80
+            hi = 0x9F if b == 0xED else 0xBF
+        elif b < 0xF5:
+            n = 3
+            lo = 0x90 if b == 0xF0 else 0x80
+            hi = 0x8F if b == 0xF4 else 0xBF
+        else:
+            return False
+        if i + n > end:
+            return False
+        c = buf[i]
+        if c < lo or c > hi:
+            return False
+        i += 1
+        n -= 1
+        while n:
+            if buf[i] & 0xC0 != 0x80:
+                return False
+            i += 1
+            n -= 1
+    return True
+
+
 def _key_cmp(buf, a0, a1, b0, b1):
     # Bytewise comparison of buf[a0:a1] and buf[b0:b1] without slicing.
     i = a0
@@ -271,13 +316,15 @@ class _Reader:
         if major == _MAJ_BSTR or major == _MAJ_TSTR:
             self._need(val)
             p = self.pos
+            if major == _MAJ_TSTR and not valid_utf8(self.buf, p, p + val):
+                raise ProtocolError(E_UTF8, "bad text at offset %d" % start)
             raw = bytes(self.buf[p:p + val])
             self.pos = p + val
             if major == _MAJ_BSTR:
                 return raw
             try:
                 return str(raw, "utf-8")
-            except UnicodeError:
+            except UnicodeError:    # not after valid_utf8; kept as a backstop
                 raise ProtocolError(E_UTF8, "bad text at offset %d" % start)
         if major == _MAJ_ARRAY or major == _MAJ_MAP:
             if depth >= self.max_depth:
