@@ -60,7 +60,7 @@ class Board:
             k = cal.get(c["name"]) or {}
             if "gain" not in k:
                 self.uncalibrated = True
-        self.fe = AdcFrontEnd(hal, board, cal=cal, frames=cfg["frames"])
+        self.fe = AdcFrontEnd.open_frontend(hal, board, cal=cal, frames=cfg["frames"])
         self.store = RegisterStore(hal.flash("energy", 16 * 4096), nch, max_w=23000,
                                    period_ms=cfg["period_s"] * 1000, diff=hal.ticks_diff)
         self.store.load()
