@@ -21,7 +21,7 @@ help:
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
 	@echo "make vboard       run the firmware as a virtual board (BROKER=host:port MQTT_USER= MQTT_PASSWORD= SPEED= DIR=)"
 
-$(VENV)/.stamp: pyproject.toml tools/setup.sh
+$(VENV)/.stamp: pyproject.toml tools/setup.sh tools/mp32/package-lock.json
 	bash tools/setup.sh
 
 setup: $(VENV)/.stamp

@@ -38,13 +38,16 @@ def broker(tmp_path_factory):
 def pytest_terminal_summary(terminalreporter) -> None:
     """Say how many tests ran under each interpreter."""
     stats = terminalreporter.stats
-    mpy = cpy = 0
+    mpy = mp32 = cpy = 0
     for rep in stats.get("passed", []):
-        if "test_under_micropython" in rep.nodeid:
+        if "test_under_micropython" in rep.nodeid and "mpy32" in rep.nodeid:
+            mp32 += 1
+        elif "test_under_micropython" in rep.nodeid:
             mpy += 1
         else:
             cpy += 1
     failed = len(stats.get("failed", []))
     terminalreporter.write_line(
-        f"interpreters: {cpy} passed under CPython, {mpy} passed under MicroPython "
-        f"(shared tests from source and from .mpy), {failed} failed")
+        f"interpreters: {cpy} passed under CPython, {mpy} under the 64-bit MicroPython unix port "
+        f"(shared tests from source and from .mpy), {mp32} under the 32-bit MicroPython (from .mpy), "
+        f"{failed} failed")

