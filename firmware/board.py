@@ -273,6 +273,11 @@ class Board:
         if (self.inv is not None and not self.inv_ok) or (self.bat is not None and not self.bat_ok):
             if self.hal.ticks_diff(now, self.next_discover) >= 0:
                 self.next_discover = self.hal.ticks_add(now, 6 * self.period_ms)
+        else:
+            # kept current while every device answers, so one that goes
+            # missing after days is looked for at once (a deadline left
+            # behind for 2^29 ms would read as far in the future)
+            self.next_discover = now
         return inv, bat, flags
 
     def _try(self, fn):
@@ -378,13 +383,20 @@ class Board:
                 self.inflight = [0, _LIVE, 0]
                 self._lost()
             return
-        if self.spool.count and self.hal.io_diff(self.hal.io_ms(), self.next_replay) >= 0:
+        if self.spool.count and self._replay_due():
             n = self.spool.peek(self.rbuf)
             if n:
                 pid = up.publish(self.link.t_reading, memoryview(self.rbuf)[:n])
                 if pid:
                     self.inflight = [pid, _SPOOLED, self.hal.io_ms()]
                     self.next_replay = self.hal.io_add(self.hal.io_ms(), self.replay_gap)
+
+    def _replay_due(self):
+        """The replay pacing allows the next one: next_replay is at most
+        replay_gap ahead, so a value further ahead is one left from long ago
+        (no backlog for 2^29 ms) and counts as due."""
+        ahead = self.hal.io_diff(self.next_replay, self.hal.io_ms())
+        return ahead <= 0 or ahead > self.replay_gap
 
     def _lost(self):
         """The session is gone: what was live goes to flash, exact bytes."""

@@ -85,8 +85,13 @@ class Master:
     # -- back-off ----------------------------------------------------------
 
     def is_down(self, unit):
+        # a back-off ends at most backoff_ms[1] ahead: an end further ahead is
+        # one left from long ago (unit not asked for 2^29 ms), i.e. over
         d = self._down.get(unit)
-        return d is not None and self.clock.ticks_diff(d[0], self.clock.ticks_ms()) > 0
+        if d is None:
+            return False
+        left = self.clock.ticks_diff(d[0], self.clock.ticks_ms())
+        return 0 < left <= self.backoff_ms[1]
 
     def _failed(self, unit):
         d = self._down.get(unit)

@@ -493,3 +493,111 @@ def test_a_day_within_an_esp32_heap(broker, board_factory, mpy_dir):
     assert st["stats"]["replayed"] >= 600
     assert st["min_free"] > 20_000
     assert st["dropped"] == 0 and st["stats"]["spool_errors"] == 0
+
+
+# -- the board clock across the tick wrap ----------------------------------
+# On a 32-bit MicroPython (the ESP32) ticks_ms() wraps at 2^30 ms (12.4 days)
+# and ticks_diff() changes sign against values 2^29 ms (6.2 days) away. The
+# virtual board's clocks have that period too and start where the test says
+# (sim ticks0 / io0), so both edges come within seconds.
+
+_WRAP = 1 << 30
+_HALF = 1 << 29
+
+
+def _tdiff(a: int, b: int) -> int:
+    """a - b for two board tick values (MicroPython's ticks_diff, period 2^30)."""
+    d = (a - b) & (_WRAP - 1)
+    return d - _WRAP if d >= _HALF else d
+
+
+@pytest.mark.parametrize("edge", [_HALF, _WRAP], ids=["2^29", "2^30"])
+def test_board_keeps_time_across_the_tick_wrap(broker, board_factory, edge):
+    dev = "vb-wrap%d" % (edge.bit_length() - 1)
+    at = edge & (_WRAP - 1)             # the edge as a tick value (2^30 is 0)
+    speed = 20                          # a 10 s period is 0.5 s of wall time
+    sim = dict(default_config(COMMUNITY, dev, b"", "", 0, None, None)["sim"],
+               ticks0=(edge - 60_000) & (_WRAP - 1),     # board clock: edge 3 s (wall) after the start
+               io0=(edge - 9_000) & (_WRAP - 1))         # I/O clock: edge 9 s after, in the outage
+    vb, secret = board_factory(dev, speed=speed, status_s=30, backoff_s=[1, 2], sim=sim)
+    gw = Gateway(broker, {dev: secret})
+    try:
+        vb.start()
+        st = vb.poll_state(lambda s: s["listening"] and s["synced"], 20)
+        assert _tdiff(at, st["board_ms"]) > 15_000, "board too slow to connect: the lease would not span the edge"
+
+        # a 60 s lease started before the edge lasts 60 s of board time
+        gw.command(dev, messages.OP_RELAY, 0, 1, lease=60, t=st["unix"])
+        on = vb.wait_for(lambda e: e.get("ev") == "relay" and e["i"] == 0 and e["v"] == 1, 10)
+        off = vb.wait_for(lambda e: e.get("ev") == "relay" and e["i"] == 0 and e["v"] == 0, 20)
+        assert off["why"] == "lease ended"
+        assert _tdiff(at, on["ms"]) > 0 and _tdiff(off["ms"], at) > 0, (on, off)   # it spans the edge
+        assert 59_500 <= _tdiff(off["ms"], on["ms"]) <= 63_000, (on, off)
+
+        # a broker outage while the I/O clock passes its edge: the back-off
+        # keeps its schedule (1 s, then 2 s), neither a storm nor silence
+        st = vb.state()
+        assert st["connected"] and _tdiff(at, st["io_ms"]) > 1000, "the outage must begin before the I/O edge"
+        broker.stop()
+        try:
+            st = vb.poll_state(lambda s: not s["connected"], 20)
+            f0 = st["uplink"]["failures"]
+            t0 = time.monotonic()
+            waits = []
+            while time.monotonic() - t0 < 6 or _tdiff(st["io_ms"], at) < 1500:
+                time.sleep(0.1)
+                st = vb.state()
+                waits.append(st["next_try_in"])
+            span = time.monotonic() - t0
+            fails = st["uplink"]["failures"] - f0
+            assert _tdiff(st["io_ms"], at) > 0          # the I/O clock passed the edge meanwhile
+            assert all(-500 <= w <= 2000 for w in waits), waits
+            assert 2 <= fails <= span / 2 + 2, (fails, span)
+            # restart right after a failed attempt: the next one is 2 s away,
+            # time for the gateway to subscribe again first
+            n = st["uplink"]["failures"]
+            vb.poll_state(lambda s: s["uplink"]["failures"] > n, 5, every=0.02)
+        finally:
+            broker.start()
+        t_up = time.monotonic()
+        gw.reconnect()
+        st = vb.poll_state(lambda s: s["connected"], 10, every=0.05)
+        assert time.monotonic() - t_up < 3.5
+        st = vb.poll_state(lambda s: s["connected"] and s["buffered"] == 0 and s["inflight"] is None, 20)
+
+        # readings: exactly one per period through both edges, none missed,
+        # none doubled, the outage's from flash
+        assert st["stats"]["missed_periods"] == 0, st["stats"]
+        made = st["stats"]["readings"]
+        assert abs(made - st["elapsed_ms"] // 10_000) <= 1, (made, st["elapsed_ms"])
+        gw.wait(lambda: len({m["seq"] for m in gw.readings(dev)}) >= made - 1, 10, "every reading")
+        rs = sorted({m["seq"]: m for m in gw.readings(dev)}.values(), key=lambda m: m["seq"])
+        assert any(m["flags"] & messages.F_BUFFERED for m in rs)
+        ts = [m["t"] for m in rs if not m["flags"] & messages.F_CLOCK_UNSYNCED]
+        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        assert len(gaps) >= 20 and all(9 <= g <= 11 for g in gaps), gaps
+
+        # status: valid (open_uplink checks the schema), uptime never negative
+        # and never going back, close to the board time elapsed
+        assert abs(st["uptime_s"] - st["elapsed_ms"] // 1000) <= 2, st
+
+        def statuses():
+            return sorted({m["seq"]: m for d, m, _ in gw.messages(topics.STATUS) if d == dev}.values(),
+                          key=lambda m: m["seq"])
+
+        ups = [m["uptime"] for m in statuses()]
+        assert len(ups) >= 4 and ups == sorted(ups) and ups[0] >= 0 and ups[-1] > ups[0], ups
+
+        # more than 2^29 ms of uptime (one tick difference since boot would be
+        # negative by now): the board clock jumps two days at a time
+        for _ in range(4):
+            vb.send(op="advance", s=2 * 86400)
+            vb.state()
+        gw.wait(lambda: statuses()[-1]["uptime"] >= 8 * 86400, 10, "a status after 8 days")
+        st = vb.state()
+        assert st["connected"] and vb.proc.poll() is None
+        assert 8 * 86400 <= st["uptime_s"] and abs(st["uptime_s"] - st["elapsed_ms"] // 1000) <= 2, st
+        ups = [m["uptime"] for m in statuses()]
+        assert ups == sorted(ups) and ups[-1] <= st["uptime_s"], ups
+    finally:
+        gw.close()

@@ -113,6 +113,20 @@ def test_backoff_keeps_its_schedule_across_the_tick_wrap():
         assert clock.ticks_diff(clock.now, start) >= 11000      # it did cross
 
 
+def test_back_off_left_from_days_ago_is_over():
+    # a unit that failed once and was not asked again for more than 2^29 ms
+    # (half the tick period): its old back-off end must not read as ahead
+    clock, slave, m, de = _setup(retries=0, timeout_ms=10, backoff_ms=(1000, 4000))
+    slave.fault = "silent"
+    _raises("timeout", m.read_holding, 1, 40000, 1)
+    assert m.is_down(1)
+    slave.fault = None
+    for _ in range(3):
+        clock.sleep_ms(1 << 28)
+    assert not m.is_down(1)
+    assert m.read_holding(1, 40000, 1) == [0]
+
+
 def test_bad_crc_retried_then_given_up():
     clock, slave, m, de = _setup(retries=1)
     slave.fault = "crc"
