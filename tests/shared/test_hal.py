@@ -3,7 +3,7 @@
 from firmware import hal as fhal
 from firmware.hal import IoClock, open_hal, ticks_add, ticks_diff
 from firmware.hal_sim import SimHal, FlashDied
-from util import ROOT, load_json
+from util import ROOT, Skip, load_json
 
 
 def _hal():
@@ -129,6 +129,32 @@ def test_ticks_add_refuses_what_ticks_diff_cannot_tell():
             raise AssertionError("ticks_add accepted delta %d" % d)
     ticks_add(0, _H - 1)
     ticks_add(0, -_H + 1)
+
+
+def test_tick_arithmetic_makes_no_long_ints():
+    # on a 32-bit port (31-bit small ints) an intermediate of 2^30 or more
+    # would be a long int, i.e. a heap allocation: with the heap locked that
+    # raises MemoryError
+    try:
+        import micropython
+        lock, unlock = micropython.heap_lock, micropython.heap_unlock
+    except (ImportError, AttributeError):
+        raise Skip("heap_lock exists on MicroPython only")
+    edges = tuple(_EDGES)
+    deltas = tuple(_DELTAS)
+    hal = SimHal({"mcu": "sim"}, root="/tmp/pg-test-hal")
+    n = 0
+    lock()
+    try:
+        for t in edges:
+            for d in deltas:
+                r = ticks_add(t, d)
+                if ticks_diff(r, t) != d or hal.ticks_diff(t, hal.ticks_add(r, 0)) != -d:
+                    n = -1000000
+                n += 1
+    finally:
+        unlock()
+    assert n == len(edges) * len(deltas), n
 
 
 def test_values_past_the_period_are_refused():
