@@ -60,7 +60,7 @@ from firmware.hal import ticks_diff as _ticks_diff
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
+    def const(x):  # type: ignore[misc]  # CPython's stand-in for micropython.const
         return x
 
 _WMS_PER_WH = const(3600000)    # W*ms in one Wh

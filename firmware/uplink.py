@@ -42,7 +42,7 @@ class Uplink:
         self.rx_seen = 0
         self.ping_out = False
         self.net_started = False
-        self.stats = {"connects": 0, "failures": 0, "drops": 0, "pings": 0, "last_error": ""}
+        self.stats = {"connects": 0, "failures": 0, "drops": 0, "pings": 0, "last_error": ""}  # type: dict
 
     @property
     def connected(self):
