@@ -38,8 +38,16 @@ def linear_lut(bits=12, full_scale_uv=3300000):
     """Table for an ideal converter (codes spread evenly over full scale)."""
     n = 1 << bits
     lut = zeros("H", n, 2)
-    for c in range(n):
-        lut[c] = (c * full_scale_uv // (n - 1)) // UNIT_UV
+    # c * full_scale_uv passes 2^30 (a long int on a 32-bit port: ~90 bytes
+    # of heap per code); in table units the product stays a small int and,
+    # with full scale a whole number of units, the result is the same
+    fs = full_scale_uv // UNIT_UV
+    if fs * UNIT_UV == full_scale_uv:
+        for c in range(n):
+            lut[c] = c * fs // (n - 1)
+    else:
+        for c in range(n):
+            lut[c] = (c * full_scale_uv // (n - 1)) // UNIT_UV
     return lut
 
 
