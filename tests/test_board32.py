@@ -1,0 +1,114 @@
+"""The board on the ESP32's terms: a simulated day of the real firmware on the
+32-bit MicroPython (tools/mp32: 31-bit small ints, ticks wrapping at 2^30,
+code and data in one capped heap) with the tick clock started 20 minutes
+before the wrap, a 3-hour broker outage and leased commands
+(tools/footprint.py, tools/mp32/board_soak.py). What the board published is
+opened with the gateway's own verification."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import footprint as fp  # noqa: E402
+
+E_EXPIRED = 44
+E_TARGET = 46
+
+
+@pytest.fixture(scope="module")
+def mpy32(tmp_path_factory) -> Path:
+    return fp.build_mpy(tmp_path_factory.mktemp("mpy32"))
+
+
+def _leases(events: list[dict]) -> list[tuple[int, int, int]]:
+    """(command counter, ms the relay went on, ms it went off) for relay 0."""
+    out = []
+    on = None
+    for ev in events:
+        if ev.get("ev") == "relay" and ev.get("i") == 0:
+            if ev["v"] == 1 and str(ev.get("why", "")).startswith("command"):
+                on = (int(ev["why"].split()[1]), ev["ms"])
+            elif ev["v"] == 0 and on is not None:
+                out.append((on[0], on[1], ev["ms"]))
+                on = None
+    return out
+
+
+def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> None:
+    board = "devkitc-3ct"
+    heap = fp.declared_heap(board)
+    r = fp.day(board, mpy32, heap, hours=24, outage_h=3, work=tmp_path)
+    assert r["rc"] == 0, r["error"]
+    # no MemoryError, and the board's measured footprint leaves 25 % free
+    assert r["fits"], r
+    # 24 h at one reading a minute: every one made, published once at least,
+    # none left in the spool, none dropped, no spool error, no period missed
+    assert r["readings_made"] == 24 * 60
+    assert r["readings_published"] == r["readings_made"], r
+    assert r["buffered_at_end"] == 0 and r["dropped"] == 0 and r["spool_errors"] == 0
+    assert r["missed_periods"] == 0
+    assert r["bad_frames"] == 0
+    # every command acknowledged: applied, except the one issued during the
+    # outage, which reaches the board hours after its lease and is refused
+    # as expired; each applied lease lasts exactly its length
+    assert r["acks"] == {1: 0, 2: 0, 3: E_EXPIRED, 4: 0}, r["acks"]
+    leases = _leases(r["events"])
+    want = {1: 300, 2: 300, 4: 900}
+    assert [c for c, _, _ in leases] == [1, 2, 4], leases
+    for ctr, on, off in leases:
+        assert off - on == want[ctr] * 1000, (ctr, on, off)
+    # the first lease spans the wrap of ticks_ms (20 minutes after the start)
+    assert leases[0][1] < 1_200_000 < leases[0][2]
+    # uptime kept from tick differences: the whole day, never negative
+    assert abs(r["uptime_s"] - r["elapsed_s"]) <= 1
+
+
+def test_atm90e32_board_runs_its_day_and_refuses_relay_commands(mpy32: Path, tmp_path: Path) -> None:
+    """circuitsetup-6ch measures with ATM90E32 chips and has no relays: it
+    starts on its own front end, publishes every reading and acknowledges
+    every relay command with E_TARGET (the one that arrives hours late
+    with E_EXPIRED, which is checked first)."""
+    board = "circuitsetup-6ch"
+    r = fp.day(board, mpy32, fp.declared_heap(board), hours=4, outage_h=1, work=tmp_path)
+    assert r["rc"] == 0, r["error"]
+    assert r["fits"], r
+    assert r["readings_made"] == 4 * 60 and r["readings_published"] == r["readings_made"]
+    assert r["buffered_at_end"] == 0 and r["missed_periods"] == 0 and r["bad_frames"] == 0
+    assert r["acks"] == {1: E_TARGET, 2: E_TARGET, 3: E_EXPIRED, 4: E_TARGET}, r["acks"]
+
+
+def test_a_heap_too_small_is_reported_not_hidden(mpy32: Path, tmp_path: Path) -> None:
+    """The cap is real: in 64 KB the firmware cannot even load, and the run
+    says so (MemoryError, not fitting) instead of passing."""
+    r = fp.day("devkitc-3ct", mpy32, 65_536, hours=0.5, outage_h=0.1, work=tmp_path)
+    assert r["rc"] != 0 and not r["fits"]
+    assert "MemoryError" in (r["error"] or ""), r["error"]
+
+
+def test_check_board_refuses_a_board_the_firmware_does_not_fit(tmp_path: Path) -> None:
+    """The same board on a WROOM module (no PSRAM: 111,936 bytes of heap for
+    code and data) passes the pin rules but not the footprint: check-board
+    --footprint refuses it with the measured figure, and accepts the WROVER
+    board it was made from."""
+    import json
+    import subprocess
+
+    wroom = tmp_path / "devkitc-3ct-wroom"
+    wroom.mkdir()
+    bdef = json.loads((ROOT / "boards" / "devkitc-3ct" / "board.json").read_text())
+    bdef.update(name="devkitc-3ct-wroom", module="ESP32-WROOM-32E", heap_bytes=fp.ESP32_HEAP, image="ESP32_GENERIC")
+    (wroom / "board.json").write_text(json.dumps(bdef))
+    peergrid = Path(sys.executable).parent / "peergrid"
+    r = subprocess.run([str(peergrid), "check-board", "--footprint", str(wroom)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "0 errors" in r.stdout                          # the definition itself is sound
+    assert "devkitc-3ct-wroom: REFUSED" in r.stderr and "111936 B heap" in r.stderr, r.stderr
+    r = subprocess.run([str(peergrid), "check-board", "--footprint", str(ROOT / "boards" / "devkitc-3ct")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "devkitc-3ct: ok" in r.stdout, r.stdout + r.stderr

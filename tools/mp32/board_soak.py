@@ -1,0 +1,214 @@
+# A board's day on a MicroPython interpreter, driven step by step: the real
+# firmware (firmware/board.py, built as firmware/main.py builds it) with the
+# simulated hardware of the virtual board on a simulated clock that starts
+# where the scenario says (just before the 2^30 wrap, say), and the network
+# of the runtime: on the 32-bit runtime (tools/mp32) the loopback broker of
+# tools/mp32/broker.mjs through tools/mp32/shim/usocket.py.
+#
+#   run.mjs --heap N --step --js loop=tools/mp32/broker.mjs ... tests/board_soak.py /soak
+#
+# /soak holds board.json, config.json and scenario.json:
+#   {"ticks0": N, "hours": H, "unix0": T, "step_ms": 1000, "powers": [W, ...]}
+# Prints one JSON object a line: {"ev": "relay"|"battery"|"cmd", "ms": board
+# ms since start, ...} as they happen, {"ev": "heap", ...} once the firmware
+# is loaded, and {"ev": "end", ...} with the board's counters and the heap
+# figures at the end. Heap: gc.mem_alloc() right after each collection (what
+# is live) and at the end of each step before it (live plus one step's
+# garbage: the least free heap the board saw).
+import gc
+import json
+import sys
+
+import loop
+
+_DIR = sys.argv[1] if len(sys.argv) > 1 else "/soak"
+
+
+def _load(name):
+    with open(_DIR + "/" + name) as f:
+        return json.load(f)
+
+
+S = {"phase": 0, "base": 0, "code": 0, "sim": 0, "live": 0, "peak": 0, "steps": 0, "iter": 0}
+
+
+def _emit(obj):
+    sys.stdout.write(json.dumps(obj))
+    sys.stdout.write("\n")
+
+
+def _load_firmware():
+    # what firmware/main.py loads on a board: main (board, config, console,
+    # hal, net), the ESP32 HAL, the MQTT client, and the front end and RS485
+    # modules this board and config use (imported lazily by the firmware)
+    from firmware import main, hal_esp32, mqtt, uplink    # noqa: F401
+    board = _load("board.json")
+    cfg = _load("config.json")
+    if (board.get("frontend") or {}).get("type") == "atm90e32":
+        from firmware import atm90e32    # noqa: F401
+    else:
+        from firmware import metering    # noqa: F401
+    if cfg.get("inverter") or cfg.get("battery"):
+        from firmware import modbus, sunspec    # noqa: F401
+
+
+def _make_hal():
+    board = _load("board.json")
+    scen = _load("scenario.json")
+    atm = (board.get("frontend") or {}).get("type") == "atm90e32"
+    if atm:
+        from firmware.hal_sim import SimHal as Base
+    else:
+        from firmware.hal_virtual import VirtualHal as Base
+
+    class SoakHal(Base):
+        """The simulated hardware on a clock that moves only when the board
+        waits: I/O time is board time, nothing sleeps for real."""
+
+        def elapsed_ms(self):
+            return Base.elapsed_ms(self) if not atm else self.now_us // 1000
+
+        def advance(self, ms):
+            Base.advance(self, ms)
+            for chip in getattr(self, "spi_devices", ()):
+                chip.advance(ms / 1000)
+
+        def io_ms(self):
+            return self.ticks_ms()
+
+        def io_diff(self, a, b):
+            return self.ticks_diff(a, b)
+
+        def io_add(self, t, d):
+            return self.ticks_add(t, d)
+
+        def io_sleep_ms(self, ms):
+            self.advance(ms)
+
+        def sleep_ms(self, ms):
+            self.advance(ms)
+
+        def idle(self, ms):
+            if ms > 0:
+                self.advance(ms)
+
+        def set_time(self, unix):
+            self.unix = unix - self.elapsed_ms() // 1000
+            self.unix0 = self.unix
+            self.synced = True
+
+        def time(self):
+            return (self.unix0 if not atm else self.unix) + self.elapsed_ms() // 1000, self.synced
+
+    powers = scen.get("powers") or [0.0] * len(board["channels"])
+    if atm:
+        from firmware.atm90e32_sim import SimATM90E32
+
+        hal = SoakHal(board, root="/flash", ticks0=scen["ticks0"])
+        hal.unix = scen["unix0"]
+
+        class Cs:
+            def __init__(self, n):
+                self.n = n
+
+            def value(self):
+                return hal.outputs.get(self.n, 1)
+
+        hal.spi_devices = [SimATM90E32(cs=Cs(c["cs"])) for c in board["frontend"]["chips"]]
+        for i in range(len(powers)):
+            chip = hal.spi_devices[i // 3] if i // 3 < len(hal.spi_devices) else None
+            if chip is not None:
+                chip.set_phase(i % 3, 230.0, abs(powers[i]) / 230.0, 1.0)
+    else:
+        hal = SoakHal(board, root="/flash", speed=0, unix0=scen["unix0"], ticks0=scen["ticks0"])
+        for i in range(len(powers)):
+            hal.source.set(i, powers[i])
+        # tabulate the simulated waveforms now, so that their one-off
+        # garbage is gone before the board starts
+        hal.source._build(len(board["channels"]) + (1 if "pin" in (board.get("vref") or {}) else 0))
+    S["hal"] = hal
+    S["scen"] = scen
+    S["step_ms"] = scen.get("step_ms", 1000)
+    S["end_ms"] = int(scen["hours"] * 3600000)
+
+
+def _start():
+    from firmware import config as fconfig
+    from firmware.board import Board
+    from firmware.net import HostNet
+
+    hal = S["hal"]
+    scen = S["scen"]
+    cfg, digest = fconfig.load(_DIR + "/config.json")
+    net = HostNet(lambda: scen["unix0"] + hal.elapsed_ms() // 1000)
+
+    def on_event(ev):
+        ev["ms"] = hal.elapsed_ms()
+        _emit(ev)
+
+    S["board"] = Board(hal, _load("board.json"), cfg, digest, net, "/flash", on_event=on_event)
+
+
+def _run():
+    """Board loop iterations until one reading was made (or a minute passed)."""
+    b = S["board"]
+    hal = S["hal"]
+    n0 = b.stats["readings"]
+    t0 = hal.elapsed_ms()
+    while b.stats["readings"] == n0 and hal.elapsed_ms() - t0 < 60000:
+        loop.clock(hal.elapsed_ms())
+        a = gc.mem_alloc()
+        b.step()
+        a = gc.mem_alloc() - a
+        if a > S["iter"]:
+            S["iter"] = a
+        if b.live_len or b.cmdq or (b.spool.count and b.uplink.connected):
+            hal.advance(5)      # something queued: the board's idle() returns at once
+        else:
+            # what the board's idle() waits for, in one jump: the next
+            # reading, or a lease ending first (so leases end on time)
+            now = hal.ticks_ms()
+            wait = hal.ticks_diff(b.next_due, now)
+            for out in b.outputs.relays + b.outputs.batteries:
+                if out.until is not None:
+                    w = hal.ticks_diff(out.until, now)
+                    if 0 <= w < wait:
+                        wait = w + 1
+            hal.advance(wait if 0 < wait < S["step_ms"] else (S["step_ms"] if wait > 0 else 1))
+    return hal.elapsed_ms() < S["end_ms"]
+
+
+def step():
+    live = gc.mem_alloc()       # the collector ran when the last step returned
+    phase = S["phase"]
+    if phase == 0:
+        S["base"] = live
+        _load_firmware()
+    elif phase == 1:
+        S["code"] = live - S["base"]
+        _make_hal()
+    elif phase == 2:
+        S["sim"] = live - S["base"] - S["code"]
+        _emit({"ev": "heap", "code": S["code"], "sim": S["sim"]})
+        _start()
+    else:
+        if live > S["live"]:
+            S["live"] = live
+        more = _run()
+        S["steps"] += 1
+        if not more:
+            b = S["board"]
+            _emit({"ev": "end", "ms": S["hal"].elapsed_ms(), "seq": b.seq, "stats": b.stats,
+                   "uplink": b.uplink.stats, "outputs": b.outputs.stats, "buffered": b.spool.count,
+                   "dropped": b.spool.dropped, "uptime": b.uptime_s(), "steps": S["steps"],
+                   "base": S["base"], "code": S["code"], "sim": S["sim"],
+                   "live": S["live"] - S["base"] - S["sim"], "peak": S["peak"] - S["base"] - S["sim"],
+                   "iteration": S["iter"], "broker": loop.counts()})
+            return False
+    if phase < 3:
+        S["phase"] = phase + 1
+    end = gc.mem_alloc()
+    if phase >= 2 and end > S["peak"]:
+        S["peak"] = end
+    gc.collect()                # on this runtime: collects when step() returns
+    return True
