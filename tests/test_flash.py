@@ -83,7 +83,7 @@ def port():
 
 def test_flash_erases_writes_micropython_and_copies_the_bundle(fakes, port, tmp_path) -> None:
     env, calls = fakes
-    img = tmp_path / "ESP32_GENERIC-v1.28.0.bin"
+    img = tmp_path / "ESP32_GENERIC-SPIRAM-v1.28.0.bin"       # devkitc-3ct is a WROVER board
     img.write_bytes(b"\xe9" + bytes(1000))
     r = make("flash", "BOARD=devkitc-3ct", f"PORT={port}", f"IMAGE={img}", env=env)
     assert r.returncode == 0, r.stderr
@@ -111,7 +111,7 @@ def test_flash_mistakes_each_get_their_message(fakes, port, tmp_path) -> None:
     import serial
 
     env, calls = fakes
-    img = tmp_path / "mp.bin"
+    img = tmp_path / "ESP32_GENERIC-SPIRAM-v1.28.0.bin"
     img.write_bytes(b"\xe9")
     r = make("flash", "BOARD=esp8266", f"PORT={port}", f"IMAGE={img}", env=env)
     assert r.returncode != 0 and "no board 'esp8266'; the boards are: circuitsetup-6ch" in r.stderr
@@ -121,6 +121,10 @@ def test_flash_mistakes_each_get_their_message(fakes, port, tmp_path) -> None:
     assert r.returncode != 0 and "no such port /dev/ttyUSB97" in r.stderr
     r = make("flash", "BOARD=devkitc-3ct", f"PORT={port}", f"IMAGE={tmp_path / 'none.bin'}", env=env)
     assert r.returncode != 0 and "MicroPython image" in r.stderr and "IMAGE=" in r.stderr
+    plain = tmp_path / "ESP32_GENERIC-v1.28.0.bin"            # no PSRAM: too small a heap for this board
+    plain.write_bytes(b"\xe9")
+    r = make("flash", "BOARD=devkitc-3ct", f"PORT={port}", f"IMAGE={plain}", env=env)
+    assert r.returncode != 0 and "needs the ESP32_GENERIC-SPIRAM image" in r.stderr
     held = serial.Serial(port, 115200, exclusive=True)
     try:
         r = make("flash", "BOARD=devkitc-3ct", f"PORT={port}", f"IMAGE={img}", env=env)

@@ -53,6 +53,13 @@ def main() -> int:
     if not (bdir / "board.json").exists():
         fail(f"no board {a.board!r}; the boards are: {', '.join(boards())}")
     bdef = json.loads((bdir / "board.json").read_text())
+    # the firmware must fit the board's heap (code and data together) with
+    # 25 % to spare, measured on the 32-bit MicroPython (tools/footprint.py)
+    sys.path.insert(0, str(ROOT / "tools"))
+    import footprint
+
+    if footprint.main([str(bdir)]) != 0:
+        fail(f"the firmware does not fit {a.board}'s heap (above); not built")
     umqtt = ROOT / "build" / "lib" / "umqtt_pinned"
     if not (umqtt / "simple.py").exists():
         fail("umqtt is missing in build/lib: run `make umqtt` (the Makefile does this first)")

@@ -13,6 +13,7 @@ Every failure says what to do. esptool and mpremote are found on PATH
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -90,11 +91,16 @@ def main() -> int:
     if a.what == "flash":
         if not (bundle / "partitions.bin").exists():
             fail(f"{a.board} is not an ESP32 board (no partition table in its bundle): nothing to flash")
-        img = Path(a.image) if a.image else None
-        if img is None or not img.exists():
-            fail(f"the MicroPython image {a.image or '(IMAGE not set)'} is missing: download the ESP32 image of "
-                 "MicroPython 1.28 (ESP32_GENERIC-v1.28.*.bin from micropython.org/download/ESP32_GENERIC) "
-                 "and give its path: make flash ... IMAGE=path/to/image.bin")
+        # the board's module decides the image: ESP32_GENERIC without PSRAM,
+        # ESP32_GENERIC-SPIRAM for a WROVER (the heap the firmware needs)
+        want = json.loads((bundle / "board.json").read_text()).get("image") or "ESP32_GENERIC"
+        img = Path(a.image) if a.image else ROOT / "build" / "micropython" / f"{want}.bin"
+        if not img.exists():
+            fail(f"the MicroPython image {img} is missing: download the {want} image of MicroPython 1.28 "
+                 f"({want}-v1.28.*.bin from micropython.org/download/ESP32_GENERIC) and give its path: "
+                 "make flash ... IMAGE=path/to/image.bin")
+        if not img.name.startswith(want) or ("SPIRAM" in img.name) != ("SPIRAM" in want):
+            fail(f"{a.board} needs the {want} image of MicroPython (its module's heap), not {img.name}")
         et = tool("esptool")
         hint = ("The board does not answer: check the cable, then hold its BOOT button while pressing EN/RESET "
                 "to put it into download mode and try again.")

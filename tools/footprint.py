@@ -239,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
             ok = r["fits"] and r["delivered_all"]
             if not ok:
                 bad += 1
-            why = "" if ok else (" (" + (r["error"] or ("leaves less than 25 % free" if not r["fits"]
-                                                        else "readings not all delivered")).strip() + ")")
-            print(f"footprint: {name}: {'ok' if ok else 'REFUSED'}: code {r['code_heap_bytes']} B + data = "
-                  f"{r['peak_live_heap_bytes']} B live at most of a {heap} B heap"
-                  f" ({r['min_free_heap_bytes']} B free){why}", file=sys.stderr if not ok else sys.stdout)
+            if r["rc"] != 0:
+                print(f"footprint: {name}: REFUSED: the firmware did not run its day in a {heap} B heap: "
+                      f"{(r['error'] or '').strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            why = "" if ok else (" (less than 25 % free)" if not r["fits"] else " (readings not all delivered)")
+            print(f"footprint: {name}: {'ok' if ok else 'REFUSED'}: code {r['code_heap_bytes']} B, code and data "
+                  f"{r['peak_live_heap_bytes']} B live at most, of a {heap} B heap: {r['min_free_heap_bytes']} B "
+                  f"free{why}", file=sys.stderr if not ok else sys.stdout)
     return 1 if bad else 0
 
 

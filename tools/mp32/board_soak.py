@@ -37,19 +37,27 @@ def _emit(obj):
     sys.stdout.write("\n")
 
 
-def _load_firmware():
-    # what firmware/main.py loads on a board: main (board, config, console,
-    # hal, net), the ESP32 HAL, the MQTT client, and the front end and RS485
-    # modules this board and config use (imported lazily by the firmware)
-    from firmware import main, hal_esp32, mqtt, uplink    # noqa: F401
+def _modules():
+    """What firmware/main.py loads on a board: main (board, config, console,
+    hal, net), the ESP32 HAL, the MQTT client, and the front end and RS485
+    modules this board and config use (the firmware imports those lazily).
+    One a step: on a board the collector runs whenever the heap fills, here
+    only between steps, so the garbage of loading one module is all a step
+    may leave."""
     board = _load("board.json")
     cfg = _load("config.json")
+    mods = ["protocol.errors", "protocol.cbor", "protocol.cose", "protocol.topics", "protocol.messages",
+            "protocol.link", "firmware.hal", "firmware.state", "firmware.config", "firmware.energy",
+            "firmware.spool", "firmware.outputs", "firmware.frontend"]
     if (board.get("frontend") or {}).get("type") == "atm90e32":
-        from firmware import atm90e32    # noqa: F401
+        mods.append("firmware.atm90e32")
     else:
-        from firmware import metering    # noqa: F401
+        mods += ["firmware.dsp", "firmware.metering"]
+    mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.board",
+             "firmware.console", "firmware.main", "firmware.hal_esp32"]
     if cfg.get("inverter") or cfg.get("battery"):
-        from firmware import modbus, sunspec    # noqa: F401
+        mods += ["firmware.modbus", "firmware.sunspec"]
+    return mods
 
 
 def _make_hal():
@@ -182,8 +190,16 @@ def step():
     live = gc.mem_alloc()       # the collector ran when the last step returned
     phase = S["phase"]
     if phase == 0:
-        S["base"] = live
-        _load_firmware()
+        if "mods" not in S:
+            S["base"] = live
+            S["mods"] = _modules()
+            S["loaded"] = 0
+        mods = S["mods"]
+        if S["loaded"] < len(mods):
+            __import__(mods[S["loaded"]])
+            S["loaded"] += 1
+            gc.collect()
+            return True
     elif phase == 1:
         S["code"] = live - S["base"]
         _make_hal()

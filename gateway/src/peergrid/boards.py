@@ -20,6 +20,21 @@ ADC2 = {0, 2, 4, 12, 13, 14, 15, 25, 26, 27}
 STRAPPING = {0, 2, 5, 12, 15}
 CONSOLE = {1, 3}
 FRONTENDS = {"adc", "atm90e32"}
+# The module decides the heap: on a stock MicroPython image the GC heap holds
+# the firmware's code (.mpy files loaded from the filesystem) and its data.
+# Without PSRAM it is 111,936 bytes once Wi-Fi runs (ESP32_GENERIC); the
+# -SPIRAM image puts the heap in the module's PSRAM, about 4 MB (MicroPython's
+# ESP32 docs), of which boards plan with half. On a WROVER module GPIO16 and
+# GPIO17 drive the PSRAM. tools/footprint.py measures what the firmware needs
+# on the 32-bit MicroPython and refuses a board that leaves less than 25 %.
+MODULES: dict[str, dict[str, Any]] = {
+    "ESP32-WROOM-32": {"heap": 111_936, "image": "ESP32_GENERIC", "psram": False},
+    "ESP32-WROOM-32E": {"heap": 111_936, "image": "ESP32_GENERIC", "psram": False},
+    "ESP32-WROVER-B": {"heap": 2_097_152, "image": "ESP32_GENERIC-SPIRAM", "psram": True},
+    "ESP32-WROVER-E": {"heap": 2_097_152, "image": "ESP32_GENERIC-SPIRAM", "psram": True},
+    "virtual": {"heap": 2_097_152, "image": None, "psram": False},
+}
+PSRAM_PINS = {16, 17}
 NETWORKS = {"wifi", "ethernet", "host"}
 MAX_CHANNELS = 12
 
@@ -58,6 +73,18 @@ def check(board: dict[str, Any]) -> list[Finding]:
     mcu = board["mcu"]
     if mcu not in ("esp32", "sim"):
         err(f"unknown mcu '{mcu}'")
+    module = MODULES.get(board.get("module", ""))
+    if module is None:
+        err(f"module must be one of {', '.join(sorted(MODULES))}, got {board.get('module')!r}")
+    else:
+        if (board["module"] == "virtual") != (mcu == "sim"):
+            err(f"module {board['module']} does not go with mcu {mcu}")
+        heap = board.get("heap_bytes")
+        if not isinstance(heap, int) or isinstance(heap, bool) or not 0 < heap <= module["heap"]:
+            err(f"heap_bytes must be a whole number of bytes up to the {module['heap']} the "
+                f"{board['module']} gives the firmware, got {heap!r}")
+        if module["image"] and board.get("image") != module["image"]:
+            err(f"image must be {module['image']} for a {board['module']} (got {board.get('image')!r})")
     net = board["network"].get("type")
     if net not in NETWORKS:
         err(f"unknown network type '{net}'")
@@ -166,6 +193,8 @@ def check(board: dict[str, Any]) -> list[Finding]:
     if mcu != "esp32":
         return out
     for pin, role, direction in uses:
+        if module is not None and module["psram"] and pin in PSRAM_PINS:
+            err(f"{role}: GPIO{pin} drives the PSRAM of the {board['module']}")
         if pin not in ESP32_GPIO:
             err(f"{role}: GPIO{pin} does not exist on the ESP32")
             continue

@@ -7,6 +7,23 @@ import sys
 from peergrid import __version__
 
 
+def _footprint(paths: list[str]) -> int:
+    """tools/footprint.py of this source tree (the measurement needs the
+    firmware, mpy-cross and the 32-bit MicroPython of a checkout)."""
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[3] / "tools" / "footprint.py"
+    if not tool.exists():
+        print(f"check-board --footprint: {tool} missing: run it from a PeerGrid checkout", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("peergrid_footprint", tool)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return int(mod.main(list(paths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="peergrid", description="PeerGrid gateway")
     p.add_argument("--version", action="version", version=f"peergrid {__version__}")
@@ -17,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--secret-hex", required=True)
     cb = sub.add_parser("check-board", help="check board definitions (boards/<name>)")
     cb.add_argument("paths", nargs="+")
+    cb.add_argument("--footprint", action="store_true",
+                    help="also run the firmware for each board on the 32-bit MicroPython in the board's heap "
+                         "(tools/footprint.py) and refuse a board that leaves less than 25 %% of it free")
     sub.add_parser("vboard", help="run the firmware as a virtual board (peergrid vboard --help)",
                    add_help=False)
     p.add_argument("--config", "-c", default="peergrid.toml", help="gateway config (TOML)")
@@ -197,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f, file=sys.stderr if f.level == "error" else sys.stdout)
         errors = sum(f.level == "error" for f in findings)
         print(f"{len(args.paths)} boards checked: {errors} errors, {len(findings) - errors} warnings")
-        return 1 if errors else 0
+        if errors:
+            return 1
+        if args.footprint:
+            return _footprint(args.paths)
+        return 0
     if args.cmd == "verify-frame":
         from peergrid.wire import UplinkVerifier
         from protocol.errors import ProtocolError
