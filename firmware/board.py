@@ -157,6 +157,8 @@ class Board:
             fields["dropped"] = self.spool.dropped
         if self.store.lost_wh_bound:
             fields["lost_wh"] = self.store.lost_wh_bound
+        if self.stats["spool_errors"]:
+            fields["spool_err"] = self.stats["spool_errors"]
         return self.link.status(fields)
 
     def _will(self):
@@ -343,7 +345,9 @@ class Board:
     def _spool(self, frame):
         try:
             self.spool.append(frame)
-        except Exception:  # noqa: BLE001 - flash failed: counted, loop goes on
+        except Exception:  # noqa: BLE001 - flash failed (or no memory): counted, loop goes on
+            # the reading is lost: counted here and reported in every status
+            # (spool_err), so the gateway knows why its sequence has a gap
             self.stats["spool_errors"] += 1
 
     # -- sending -----------------------------------------------------------

@@ -73,6 +73,7 @@ SCHEMAS = {
         (12, "board", _T, True, 0, 24),          # board definition name
         (13, "dropped", _U, False, 0, _U32),     # readings lost to a full buffer
         (14, "lost_wh", _U, False, 0, _U32),     # energy at risk after unclean reset, Wh
+        (15, "spool_err", _U, False, 0, _U32),   # readings lost to a failed flash write
     ),
     ACK: _COMMON + (
         (5, "ctr", _U, True, 1, _U32),           # counter of the command acknowledged

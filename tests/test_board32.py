@@ -112,3 +112,23 @@ def test_check_board_refuses_a_board_the_firmware_does_not_fit(tmp_path: Path) -
     r = subprocess.run([str(peergrid), "check-board", "--footprint", str(ROOT / "boards" / "devkitc-3ct")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "devkitc-3ct: ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_failed_spool_write_is_counted_and_reported(mpy32: Path, tmp_path: Path) -> None:
+    """During an outage the spool's flash refuses writes for ten minutes: the
+    ten readings made then are lost, and the board says so: counted, and in
+    every later status as spool_err, which the gateway accepts. Nothing else
+    is lost and nothing stops."""
+    folder = fp.prepare(tmp_path / "s", "devkitc-3ct", hours=2, ticks0=fp.WRAP - 600_000,
+                        outages=[(1800, 5400)], commands=[], spool_fail=(2400, 3000))
+    r = fp.run(folder, mpy32, fp.declared_heap("devkitc-3ct"))
+    assert r["rc"] == 0, r["stderr"]
+    got = fp.check(r)
+    stats = r["end"]["stats"]
+    assert stats["spool_errors"] == 10
+    assert stats["readings"] == 120 and got["readings"] == 120 - 10
+    assert got["bad_frames"] == 0 and r["end"]["buffered"] == 0
+    late = [s for s in got["statuses"] if s["online"] and s["uptime"] > 3000]
+    assert late and all(s.get("spool_err") == 10 for s in late), late
+    early = [s for s in got["statuses"] if s["uptime"] < 2400]
+    assert early and all("spool_err" not in s for s in early)

@@ -71,7 +71,8 @@ def build_mpy(out: Path) -> Path:
 
 def prepare(folder: Path, board: str | Path, *, hours: float, ticks0: int, outages: list[tuple[float, float]],
             commands: list[dict[str, Any]], period_s: int = 60, frames: int = 1000,
-            status_s: int = 600, powers: list[float] | None = None, step_ms: int = 10000) -> Path:
+            status_s: int = 600, powers: list[float] | None = None, step_ms: int = 10000,
+            spool_fail: tuple[float, float] | None = None) -> Path:
     """Lay out a soak folder for a board (a name in boards/ or its folder).
     outages: (start_s, end_s) of board time; commands: relay commands
     {"at_s", "target", "value", "lease"}, sealed here with counters 1, 2, ...
@@ -100,6 +101,7 @@ def prepare(folder: Path, board: str | Path, *, hours: float, ticks0: int, outag
     nch = len(bdef["channels"])
     (folder / "scenario.json").write_text(json.dumps({
         "ticks0": ticks0, "hours": hours, "unix0": UNIX0, "step_ms": step_ms,
+        "spool_fail": [int(spool_fail[0] * 1000), int(spool_fail[1] * 1000)] if spool_fail else None,
         "powers": powers if powers is not None else [1200.0] + [300.0] * (nch - 1)}))
     (folder / "broker.json").write_text(json.dumps({
         "out": str(folder / "published.jsonl"),

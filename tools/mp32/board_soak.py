@@ -134,6 +134,25 @@ def _make_hal():
         # tabulate the simulated waveforms now, so that their one-off
         # garbage is gone before the board starts
         hal.source._build(len(board["channels"]) + (1 if "pin" in (board.get("vref") or {}) else 0))
+    fail = scen.get("spool_fail")
+    if fail:
+        # the spool's flash refuses writes for a while (a worn or full chip)
+        flash = hal.flash
+
+        def failing(name, size):
+            f = flash(name, size)
+            if name == "spool":
+                write = f.write
+
+                def w(off, data):
+                    if fail[0] <= hal.elapsed_ms() < fail[1]:
+                        raise OSError(5)        # EIO
+                    return write(off, data)
+
+                f.write = w
+            return f
+
+        hal.flash = failing
     S["hal"] = hal
     S["scen"] = scen
     S["step_ms"] = scen.get("step_ms", 1000)
