@@ -11,9 +11,10 @@ import sys
 from firmware import board as fboard
 from firmware import config as fconfig
 from firmware.board import Board
-from firmware.console import Console, Ops
 from firmware.hal import IoClock, open_hal
 from firmware.net import open_net
+
+_STX = 2
 
 
 class StdioPort:
@@ -24,9 +25,14 @@ class StdioPort:
         self.out = sys.stdout.buffer
         self.p = select.poll()
         self.p.register(sys.stdin, select.POLLIN)
+        self.back = -1              # one byte given back (the STX that woke the console)
 
     def readinto(self, buf):
         n = 0
+        if self.back >= 0 and len(buf):
+            buf[0] = self.back
+            self.back = -1
+            n = 1
         while n < len(buf) and self.p.poll(0):
             b = self.inp.read(1)
             if not b:
@@ -37,6 +43,29 @@ class StdioPort:
 
     def write(self, data):
         return self.out.write(data)
+
+
+class LazyConsole:
+    """The commissioning console, loaded only when a frame starts on the
+    serial port: a board at work never needs its code in the heap (about
+    5 KB of the ~110 KB an ESP32 without PSRAM has). Bytes before the first
+    STX are not frames and are dropped, as the console would drop them."""
+
+    def __init__(self, port, make):
+        self.port = port
+        self.make = make            # () -> Console
+        self.con = None
+        self.one = bytearray(1)
+
+    def poll(self):
+        if self.con is not None:
+            return self.con.poll()
+        while self.port.readinto(self.one):
+            if self.one[0] == _STX:
+                self.port.back = _STX
+                self.con = self.make()
+                return self.con.poll()
+        return None
 
 
 def _fw_digest(root):
@@ -71,6 +100,7 @@ def main(root=""):
         cfg, digest = fconfig.load(root + "/config.json")
     except fconfig.ConfigError as e:
         # never commissioned (or a broken config): wait for one on the console
+        from firmware.console import Console, Ops
         hal = open_hal(board, wdt_ms=0)
         ops = Ops(hal, board, root or "", None, fboard.FW_VERSION, _fw_digest(root), str(e))
         ops.reboot = _reset
@@ -82,9 +112,14 @@ def main(root=""):
     net = open_net(board, cfg)
     master = _rs485(hal, board) if (cfg.get("inverter") or cfg.get("battery")) else None
     b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
-    ops = Ops(hal, board, root or "", b, fboard.FW_VERSION, _fw_digest(root))
-    ops.reboot = _reset
-    con = Console(port, ops, IoClock(hal))
+
+    def console():
+        from firmware.console import Console, Ops
+        ops = Ops(hal, board, root or "", b, fboard.FW_VERSION, _fw_digest(root))
+        ops.reboot = _reset
+        return Console(port, ops, IoClock(hal))
+
+    con = LazyConsole(port, console)
     while True:
         b.step()
         con.poll()

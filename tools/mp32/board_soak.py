@@ -38,8 +38,8 @@ def _emit(obj):
 
 
 def _modules():
-    """What firmware/main.py loads on a board: main (board, config, console,
-    hal, net), the ESP32 HAL, the MQTT client, and the front end and RS485
+    """What firmware/main.py loads on a board: main (board, config, hal,
+    net; the console only when a frame arrives), the ESP32 HAL, the MQTT client, and the front end and RS485
     modules this board and config use (the firmware imports those lazily).
     One a step: on a board the collector runs whenever the heap fills, here
     only between steps, so the garbage of loading one module is all a step
@@ -54,7 +54,7 @@ def _modules():
     else:
         mods += ["firmware.dsp", "firmware.metering"]
     mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.board",
-             "firmware.console", "firmware.main", "firmware.hal_esp32"]
+             "firmware.main", "firmware.hal_esp32"]
     if cfg.get("inverter") or cfg.get("battery"):
         mods += ["firmware.modbus", "firmware.sunspec"]
     return mods
