@@ -40,7 +40,6 @@ class PartitionFlash(Flash):
         self.part = found[0]
         self.block = self.part.ioctl(5, 0)          # block size
         self.size = min(size, self.part.ioctl(4, 0) * self.block)
-        self._buf = bytearray(self.block)
 
     def read(self, off, n):
         out = bytearray(n)

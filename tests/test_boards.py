@@ -135,3 +135,7 @@ def test_psram_pins_rejected_on_a_wrover_module() -> None:
     b["rs485"]["tx"], b["rs485"]["rx"] = 17, 16
     errs = _errors(b)
     assert any("GPIO17 drives the PSRAM" in m for m in errs) and any("GPIO16 drives the PSRAM" in m for m in errs)
+    olimex = copy.deepcopy(load(ROOT / "boards" / "olimex-esp32-poe-iso"))
+    assert _errors(olimex) == []
+    olimex["network"]["clock"] = "gpio17_out"       # the WROOM variant's clock pin
+    assert any("Ethernet clock: GPIO17 drives the PSRAM" in m for m in _errors(olimex))

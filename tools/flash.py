@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,9 +98,10 @@ def main() -> int:
         img = Path(a.image) if a.image else ROOT / "build" / "micropython" / f"{want}.bin"
         if not img.exists():
             fail(f"the MicroPython image {img} is missing: download the {want} image of MicroPython 1.28 "
-                 f"({want}-v1.28.*.bin from micropython.org/download/ESP32_GENERIC) and give its path: "
-                 "make flash ... IMAGE=path/to/image.bin")
-        if not img.name.startswith(want) or ("SPIRAM" in img.name) != ("SPIRAM" in want):
+                 f"({want}-<date>-v1.28.<n>.bin from micropython.org/download/ESP32_GENERIC) and give its "
+                 "path: make flash ... IMAGE=path/to/image.bin")
+        rest = img.name[len(want):] if img.name.startswith(want) else None
+        if rest is None or re.match(r"-(SPIRAM|D2WD|OTA|UNICORE)", rest):
             fail(f"{a.board} needs the {want} image of MicroPython (its module's heap), not {img.name}")
         et = tool("esptool")
         hint = ("The board does not answer: check the cable, then hold its BOOT button while pressing EN/RESET "

@@ -149,7 +149,11 @@ def check(res: dict[str, Any]) -> dict[str, Any]:
     acks: dict[int, int] = {}
     bad = 0
     statuses = []
+    broker_errors = 0
     for rec in res["published"]:
+        if "error" in rec:
+            broker_errors += 1      # the board sent the broker something it does not speak
+            continue
         if "topic" not in rec:
             continue
         try:
@@ -165,7 +169,8 @@ def check(res: dict[str, Any]) -> dict[str, Any]:
             statuses.append(msg)
     dup = sum(len(s) - len(set(s)) for s in seqs.values())
     return {"readings": sum(len(set(s)) for s in seqs.values()), "boots": sorted(seqs), "duplicates": dup,
-            "acks": acks, "bad_frames": bad, "statuses": statuses}
+            "acks": acks, "bad_frames": bad, "statuses": statuses, "broker_errors": broker_errors,
+            "reading_seqs": {b: sorted(set(s)) for b, s in seqs.items()}}
 
 
 def declared_heap(board: str | Path) -> int:
@@ -210,9 +215,43 @@ def day(board: str | Path, mpy_dir: Path, heap: int, *, hours: float = 24.0, out
            "error": None if res["rc"] == 0 else (res["stderr"] or res["stdout"])[-800:]}
     fits = (res["rc"] == 0 and live is not None and live <= heap * (1 - FREE_SHARE))
     out["fits"] = bool(fits)
-    out["delivered_all"] = (res["rc"] == 0 and got["readings"] == stats.get("readings") and not end.get("buffered")
-                            and not end.get("dropped") and got["bad_frames"] == 0)
+    # every reading of the day made (one a minute, none missed), each one
+    # published, nothing left in the spool or dropped, every command
+    # acknowledged, nothing the broker or the gateway's check refused
+    expected = int(hours * 3600) // 60
+    made = stats.get("readings")
+    out["readings_expected"] = expected
+    out["delivered_all"] = bool(res["rc"] == 0 and made is not None and expected <= made <= expected + 1
+                                and not stats.get("missed_periods") and got["readings"] == made
+                                and not end.get("buffered") and not end.get("dropped")
+                                and got["bad_frames"] == 0 and got["broker_errors"] == 0
+                                and sorted(got["acks"]) == list(range(1, len(commands) + 1)))
     return out
+
+
+def _inputs_digest(bdir: Path) -> str:
+    """What a footprint depends on: the firmware, the protocol, umqtt, the
+    board definition and the measurement itself."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted((ROOT / "firmware").glob("*.py")) + sorted((ROOT / "protocol").glob("*.py"))
+    files += sorted((ROOT / "build" / "lib" / "umqtt_pinned").glob("*.py"))
+    files += [bdir / "board.json", MP32 / "board_soak.py", MP32 / "run.mjs", MP32 / "broker.mjs", Path(__file__)]
+    for f in files:
+        if f.exists():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stamp(bdir: Path) -> Path:
+    return ROOT / "build" / "footprint" / f"{bdir.name}-{_inputs_digest(bdir)}.ok"
+
+
+def passed_before(bdir: Path) -> bool:
+    """The same firmware and board passed before (the measurement is
+    deterministic): `make firmware` need not run it again."""
+    return _stamp(Path(bdir)).exists()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = r["fits"] and r["delivered_all"]
             if not ok:
                 bad += 1
+            elif not a.heap:
+                stamp = _stamp(Path(b))
+                stamp.parent.mkdir(parents=True, exist_ok=True)
+                stamp.write_text(json.dumps(r) + "\n")
             if r["rc"] != 0:
                 print(f"footprint: {name}: REFUSED: the firmware did not run its day in a {heap} B heap: "
                       f"{(r['error'] or '').strip().splitlines()[-1:]}", file=sys.stderr)

@@ -199,8 +199,8 @@ def _run():
             for out in b.outputs.relays + b.outputs.batteries:
                 if out.until is not None:
                     w = hal.ticks_diff(out.until, now)
-                    if 0 <= w < wait:
-                        wait = w + 1
+                    if 0 < w < wait:
+                        wait = w        # the firmware ends a lease when its time is reached
             hal.advance(wait if 0 < wait < S["step_ms"] else (S["step_ms"] if wait > 0 else 1))
     return hal.elapsed_ms() < S["end_ms"]
 

@@ -26,9 +26,8 @@
 //              function (runtime) -> object) under the Python name N
 // --step       after the script ran, call its global step() until it returns
 //              a false value; each call is a top-level call, so the collector
-//              runs between calls. After every call the runner asks the
-//              script's global heap_probe() (if any) nothing: the script does
-//              its own accounting with gc.mem_alloc().
+//              runs between calls (the script measures its heap itself, with
+//              gc.mem_alloc() at the start of a step)
 // Exit code: 0, the SystemExit code, or 1 on an uncaught exception.
 import fs from "node:fs";
 import path from "node:path";
@@ -88,11 +87,16 @@ function heapTotal(mp) {
 // (< 32 KB) serves the runtime's own small allocations.
 function capHeap(mp) {
     const M = mp._module;
-    for (const sz of [1 << 24, 1 << 20, 1 << 16, 1 << 15]) {
+    const reserve = M._malloc(64 << 10);
+    for (const sz of [1 << 24, 1 << 20, 1 << 16, 1 << 15, 1 << 12]) {
         while (M._malloc(sz)) {
             // keep it: the GC heap must not be able to grow into it
         }
     }
+    // 64 KB back for the runtime's own small allocations (strings handed
+    // between JS and Python): less than the GC heap, which only ever grows
+    // by at least its own size, so it still cannot grow
+    if (reserve) M._free(reserve);
 }
 
 function copyTree(FS, host, dest) {
@@ -153,8 +157,14 @@ _mp32 = [0, None, {"__name__": "__main__"}]
 def _mp32_fail(e):
     _mp32[2].clear()
     if isinstance(e, SystemExit):
-        c = e.args[0] if e.args else 0
-        _mp32[0] = c if isinstance(c, int) else 1
+        c = e.args[0] if e.args else None
+        if c is None:
+            _mp32[0] = 0
+        elif isinstance(c, int):
+            _mp32[0] = c
+        else:
+            _mp32[0] = 1
+            sys.stderr.write(str(c) + "\\n")
     else:
         _mp32[0] = 1
         _mp32[1] = e
@@ -180,7 +190,7 @@ def _mp32_step():
 
 def _mp32_report():
     if _mp32[1] is not None:
-        sys.print_exception(_mp32[1])
+        sys.print_exception(_mp32[1], sys.stderr)
     return _mp32[0]
 `;
 

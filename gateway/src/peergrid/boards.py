@@ -192,6 +192,11 @@ def check(board: dict[str, Any]) -> list[Finding]:
             err(f"GPIO{pin} used twice: {', '.join(roles)}")
     if mcu != "esp32":
         return out
+    clock = str(board["network"].get("clock", "")) if net == "ethernet" else ""
+    if module is not None and module["psram"] and clock.startswith("gpio"):
+        num = clock[4:].split("_")[0]
+        if num.isdigit() and int(num) in PSRAM_PINS:
+            err(f"Ethernet clock: GPIO{num} drives the PSRAM of the {board['module']}")
     for pin, role, direction in uses:
         if module is not None and module["psram"] and pin in PSRAM_PINS:
             err(f"{role}: GPIO{pin} drives the PSRAM of the {board['module']}")
