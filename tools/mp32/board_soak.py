@@ -29,7 +29,7 @@ def _load(name):
         return json.load(f)
 
 
-S = {"phase": 0, "base": 0, "code": 0, "sim": 0, "live": 0, "peak": 0, "steps": 0, "iter": 0}
+S = {"phase": 0, "base": 0, "code": 0, "sim": 0, "live": 0, "peak": 0, "steps": 0, "iter": 0, "hours_live": []}
 
 
 def _emit(obj):
@@ -177,12 +177,16 @@ def _start():
 
 
 def _run():
-    """Board loop iterations until one reading was made (or a minute passed)."""
+    """Board loop iterations until one reading was made, a minute passed or
+    100 iterations ran (a replay after an outage runs many short ones; the
+    collector must get its turn between steps)."""
     b = S["board"]
     hal = S["hal"]
     n0 = b.stats["readings"]
     t0 = hal.elapsed_ms()
-    while b.stats["readings"] == n0 and hal.elapsed_ms() - t0 < 60000:
+    n = 0
+    while b.stats["readings"] == n0 and hal.elapsed_ms() - t0 < 60000 and n < 100:
+        n += 1
         loop.clock(hal.elapsed_ms())
         a = gc.mem_alloc()
         b.step()
@@ -229,6 +233,13 @@ def step():
     else:
         if live > S["live"]:
             S["live"] = live
+        # the live heap by hour of board time: a leak shows as growth
+        h = S["hal"].elapsed_ms() // 3600000
+        hours = S["hours_live"]
+        while len(hours) <= h:
+            hours.append(0)
+        if live > hours[h]:
+            hours[h] = live
         more = _run()
         S["steps"] += 1
         if not more:
@@ -238,7 +249,8 @@ def step():
                    "dropped": b.spool.dropped, "uptime": b.uptime_s(), "steps": S["steps"],
                    "base": S["base"], "code": S["code"], "sim": S["sim"],
                    "live": S["live"] - S["base"] - S["sim"], "peak": S["peak"] - S["base"] - S["sim"],
-                   "iteration": S["iter"], "broker": loop.counts()})
+                   "iteration": S["iter"], "broker": loop.counts(),
+                   "live_by_hour": [x - S["base"] - S["sim"] if x else 0 for x in S["hours_live"]]})
             return False
     if phase < 3:
         S["phase"] = phase + 1
