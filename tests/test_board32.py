@@ -69,6 +69,10 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     assert leases[0][1] < 1_200_000 < leases[0][2]
     # uptime kept from tick differences: the whole day, never negative
     assert abs(r["uptime_s"] - r["elapsed_s"]) <= 1
+    # no leak: the live heap of the last six hours is what it was in the six
+    # hours after the outage (the reconnect and the replay included)
+    by_hour = r["live_by_hour"]
+    assert len(by_hour) >= 24 and max(by_hour[18:24]) <= max(by_hour[11:17]) + 256, by_hour
 
 
 def test_atm90e32_board_runs_its_day_and_refuses_relay_commands(mpy32: Path, tmp_path: Path) -> None:

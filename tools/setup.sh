@@ -4,15 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+# apt_need PACKAGE... : install Debian packages (as root), or say the command
+apt_need() {
   if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: mosquitto is missing; install it with: sudo apt-get install mosquitto" >&2
+    echo "setup: $* missing; install with: sudo apt-get install $*" >&2
     exit 1
   fi
-  echo "setup: installing mosquitto with apt-get"
+  echo "setup: installing $* with apt-get"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  apt_need mosquitto
 fi
 # the tests start their own broker; a packaged service is not needed
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
@@ -31,14 +36,7 @@ echo "setup: installing pinned packages into .venv"
 # The 32-bit MicroPython of the tests (tools/mp32): the WebAssembly port from
 # the npm registry, run by Debian's Node.js.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: Node.js is missing; install it with: sudo apt-get install nodejs npm" >&2
-    exit 1
-  fi
-  echo "setup: installing Node.js with apt-get"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  apt_need nodejs npm
 fi
 if [ ! -d tools/mp32/node_modules/@micropython/micropython-webassembly-pyscript ]; then
   echo "setup: installing the 32-bit MicroPython (npm ci in tools/mp32)"
