@@ -74,9 +74,10 @@ class VirtualBoard:
         instead of a SunSpec simulator of its own."""
         """heap: MicroPython's -X heapsize for the whole process. data_heap:
         bytes left for the firmware's data once its code is loaded; the
-        heap is then the code's measured footprint plus data_heap (on an
-        ESP32 the modules are frozen into flash, so its ~110 KB heap holds
-        data only, while the unix port keeps the bytecode in the heap)."""
+        heap is then the code's measured footprint plus data_heap. This is
+        the 64-bit unix port's view, for tests of behaviour: on an ESP32 the
+        code shares the heap with the data (nothing of ours is frozen), which
+        tools/footprint.py measures on the 32-bit MicroPython."""
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
