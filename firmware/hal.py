@@ -5,7 +5,7 @@
 # The interface, by object:
 #   Hal.adc_block(pins, buf, n)   sample len(pins) inputs n times, interleaved,
 #                                 into buf (array 'H' of raw codes); returns the
-#                                 sample period in us. No allocation per sample.
+#                                 frame period in us (int or float). No allocation per sample.
 #   Hal.adc_uv(code)              calibrated microvolts for a raw code
 #   Hal.spi(cfg) -> Spi           write_readinto(wbuf, rbuf), select(cs, on)
 #   Hal.uart(cfg) -> Uart         write(b), readinto(buf) -> n or None, any()
