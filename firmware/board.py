@@ -22,7 +22,6 @@ from protocol import link as plink
 from protocol import messages
 from protocol.topics import CMD
 from protocol.errors import ProtocolError, OK
-from firmware import config as fconfig
 from firmware.energy import RegisterStore
 from firmware.frontend import AdcFrontEnd
 from firmware.outputs import Outputs, Relay, BatteryOut
@@ -51,7 +50,8 @@ class Board:
         self.up_last = hal.ticks_ms()
         self.boot = Counter(fsroot, "boot").bump()      # before anything is sent
         self.seq = 0
-        self.link = plink.DeviceLink(cfg["community"], cfg["device"], fconfig.secret(cfg))
+        from firmware.config import secret     # config.py is needed at boot only (main.unload)
+        self.link = plink.DeviceLink(cfg["community"], cfg["device"], secret(cfg))
         nch = len(board["channels"])
         self.nch = nch
         cal = cfg.get("channels") or {}

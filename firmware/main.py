@@ -9,7 +9,6 @@ import select
 import sys
 
 from firmware import board as fboard
-from firmware import config as fconfig
 from firmware.board import Board
 from firmware.hal import IoClock, open_hal
 from firmware.net import open_net
@@ -92,10 +91,21 @@ def _reset():
     machine.reset()
 
 
+def unload(name):
+    """Drop a module needed at boot only (its code and tables leave the
+    heap once nothing refers to them; an import loads it again)."""
+    sys.modules.pop(name, None)
+    pkg, _, attr = name.rpartition(".")
+    mod = sys.modules.get(pkg)
+    if mod is not None and hasattr(mod, attr):
+        delattr(mod, attr)
+
+
 def main(root=""):
     with open(root + "/board.json") as f:
         board = json.load(f)
     port = StdioPort()
+    from firmware import config as fconfig
     try:
         cfg, digest = fconfig.load(root + "/config.json")
     except fconfig.ConfigError as e:
@@ -112,6 +122,8 @@ def main(root=""):
     net = open_net(board, cfg)
     master = _rs485(hal, board) if (cfg.get("inverter") or cfg.get("battery")) else None
     b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
+    del fconfig
+    unload("firmware.config")      # 3.2 KB of code the board at work never calls
 
     def console():
         from firmware.console import Console, Ops

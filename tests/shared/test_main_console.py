@@ -111,3 +111,13 @@ def test_first_frame_loads_the_console_and_is_answered():
     lazy.poll()
     assert made == [1] and [c["seq"] for c in ops.calls] == [7, 8]
 
+
+
+def test_unload_drops_a_boot_only_module_and_it_comes_back():
+    import firmware
+    from firmware import config   # noqa: F401  (what main unloads after boot)
+    assert "firmware.config" in sys.modules
+    fmain.unload("firmware.config")
+    assert "firmware.config" not in sys.modules and not hasattr(firmware, "config")
+    from firmware import config as again     # the console loads it again when it needs it
+    assert hasattr(again, "load") and "firmware.config" in sys.modules

@@ -174,6 +174,9 @@ def _start():
         _emit(ev)
 
     S["board"] = Board(hal, _load("board.json"), cfg, digest, net, "/flash", on_event=on_event)
+    # as firmware/main.py does once the board is built
+    from firmware.main import unload
+    unload("firmware.config")
 
 
 def _run():
