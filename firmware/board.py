@@ -125,6 +125,7 @@ class Board:
         self.heap_cycle = 0             # most allocated between two collections
         self.frame_len = 0
         self.last_rs = None             # the last measurement's results (console)
+        self.spool_failure = None       # the last exception a spool write raised
 
     # -- messages ---------------------------------------------------------
 
@@ -345,10 +346,12 @@ class Board:
     def _spool(self, frame):
         try:
             self.spool.append(frame)
-        except Exception:  # noqa: BLE001 - flash failed (or no memory): counted, loop goes on
+        except Exception as e:  # noqa: BLE001 - flash failed (or no memory): counted, loop goes on
             # the reading is lost: counted here and reported in every status
-            # (spool_err), so the gateway knows why its sequence has a gap
+            # (spool_err), so the gateway knows why its sequence has a gap;
+            # the kind of the last failure for the console and the logs
             self.stats["spool_errors"] += 1
+            self.spool_failure = e
 
     # -- sending -----------------------------------------------------------
 

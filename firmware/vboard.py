@@ -119,6 +119,7 @@ def state(b, hal):
             "relays": [r.value for r in b.outputs.relays],
             "batteries": [x.value for x in b.outputs.batteries],
             "buffered": b.spool.count, "dropped": b.spool.dropped, "stats": b.stats,
+            "spool_failure": repr(b.spool_failure) if b.spool_failure is not None else None,
             "uplink": b.uplink.stats, "outputs": b.outputs.stats,
             "rejects": dict((str(k), v) for k, v in b.rejects.items()),
             "regs": regs, "synced": hal.time()[1], "unix": hal.time()[0],

@@ -155,6 +155,8 @@ class VirtualBoard:
         env["MICROPYPATH"] = firmware_path(self.mpy_dir)
         r = subprocess.run([micropython(), "-X", "heapsize=4M", "-c",
                             "import gc\ngc.collect()\na=gc.mem_alloc()\nimport firmware.vboard\n"
+                            # loaded lazily once the board runs: code too, not data
+                            "import firmware.metering, firmware.mqtt\n"
                             + ("import firmware.modbus, firmware.sunspec, firmware.uart_posix\n"
                                if self.want_rs485 else "")
                             + "gc.collect()\nprint(gc.mem_alloc()-a)"],
