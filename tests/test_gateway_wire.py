@@ -268,3 +268,27 @@ def test_open_uplink_takes_any_bytes_like_topic() -> None:
     f = bytes(dl.reading(1, 1, 1, 0, None, None, [0, 0, 0, 0], 1))
     for t in (dl.t_reading, dl.t_reading.encode(), memoryview(dl.t_reading.encode())):
         assert link.open_uplink(t, f, lambda c, d: SECRET)[2] == "reading"
+
+
+@pytest.mark.parametrize("value,err", [(0, None), (125, None), (0xFFFFFFFF, None), (1 << 32, "range"), (-1, "range"),
+                                       ("125", "schema"), (1.5, "type"), (True, "schema"), (None, "schema")])
+def test_status_spool_err_from_an_authentic_board_is_bounded(value: object, err: str | None) -> None:
+    """A member's own board, with its real key, seals a status whose spool_err
+    is out of range or of the wrong type: both gateway paths refuse it with
+    the same error; in range it arrives as the number the board counted."""
+    from protocol import cose
+
+    body = {1: 7, 2: 5, 3: 1795000000, 5: "0.4.0", 6: b"\x00" * 8, 7: 1, 8: 90000, 9: 60, 10: 0, 11: 1,
+            12: "sim", 15: value}
+    payload = cbor2.dumps(body, canonical=True)
+    topic = "pg/oak/d3f9a2/status"
+    frame = bytes(cose.Sealer(cose.derive_keys(SECRET)[0], b"d3f9a2", 5).seal(payload, topic.encode()))
+    ver = UplinkVerifier(lambda c, d: SECRET)
+    if err is None:
+        assert ver.open(topic, frame).fields["spool_err"] == value
+        assert link.open_uplink(topic, frame, lambda c, d: SECRET)[3]["spool_err"] == value
+        return
+    for open_ in (lambda: ver.open(topic, frame), lambda: link.open_uplink(topic, frame, lambda c, d: SECRET)):
+        with pytest.raises(ProtocolError) as ei:
+            open_()
+        assert ei.value.name() == err, ei.value.name()
