@@ -73,8 +73,9 @@ class AdcFrontEnd:
         return rs
 
 
-class AtmResult:
-    """metering.Result's fields, without loading metering for an ATM board."""
+class Result:
+    """Measured values of one channel in protocol units (integers), whichever
+    front end measured them (metering.py's ADC path or the ATM90E32)."""
 
     def __init__(self):
         self.vrms_dv = 0
@@ -83,8 +84,8 @@ class AtmResult:
         self.s_va = 0
         self.pf_permille = 0
         self.freq_chz = 0
-        self.energy_mwh = 0
-        self.p_exact = 0
+        self.energy_mwh = 0         # signed: positive import, negative export
+        self.p_exact = 0.0          # real power before rounding, W
 
 
 class AtmFrontEnd:
@@ -95,7 +96,7 @@ class AtmFrontEnd:
         self.map = []
         for c in board["channels"]:
             self.map.append((c["chip"], "ABC".index(c["phase"])))
-        self.results = [AtmResult() for _ in self.map]
+        self.results = [Result() for _ in self.map]
         self.last = [[0, 0] for _ in self.map]
         self.has_vref = True
 

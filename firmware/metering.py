@@ -15,6 +15,7 @@ import math
 from array import array
 
 from firmware import dsp
+from firmware.frontend import Result
 
 try:
     from micropython import const
@@ -110,20 +111,6 @@ class Channel:
         self.gain = gain
         self.phase_deg = phase_deg     # positive: the CT's output leads the current
         self.rating_a = rating_a
-
-
-class Result:
-    """Measured values of one channel in protocol units (integers)."""
-
-    def __init__(self):
-        self.vrms_dv = 0
-        self.irms_ma = 0
-        self.p_w = 0
-        self.s_va = 0
-        self.pf_permille = 0
-        self.freq_chz = 0
-        self.energy_mwh = 0         # signed: positive import, negative export
-        self.p_exact = 0.0          # real power before rounding, W
 
 
 class Meter:
