@@ -70,7 +70,12 @@ def test_timeout_retries_then_backs_off():
     _raises("timeout", m.read_holding, 1, 40000, 2)
     assert slave.requests == 3                       # first try and two retries
     assert m.stats["timeouts"] == 3
-    assert 300 <= clock.ticks_diff(clock.now, t0) < 400     # bounded by the timeouts
+    # bounded: three first-byte timeouts, each after the inter-frame
+    # silence and with the DE pin held for the frame
+    first, rest = m.timeouts(1, 8, 9)
+    assert first == 100 and rest == m.chars_ms(9) + m.slack_ms
+    most = 3 * (first + m.t35_ms + 2 + 1 + m.chars_ms(8))
+    assert 3 * first <= clock.ticks_diff(clock.now, t0) <= most, clock.now
     assert m.is_down(1)
     # while backing off, nothing goes on the bus and no time passes
     written = slave.master_end.written

@@ -5,7 +5,9 @@ and the reference meter (peergrid.refmeter) both answer through it.
 `action(start_address, address, current, set_values)` is called for every
 request, as pymodbus's simulator calls it: `current` holds the registers
 about to be returned (change them in place), `set_values` what a write
-brings (None for reads)."""
+brings (None for reads). `delay_s()`, when given, is how long the device
+takes to answer this request (s): the answer really leaves that much later,
+as a slow inverter's does."""
 from __future__ import annotations
 
 import asyncio
@@ -18,13 +20,14 @@ log = logging.getLogger("peergrid.rtuserver")
 
 class RtuServer:
     def __init__(self, unit: int, first: int, values: list[int], action: Callable[..., None], path: str,
-                 baud: int = 9600) -> None:
+                 baud: int = 9600, delay_s: Callable[[], float] | None = None) -> None:
         self.unit = unit
         self.first = first
         self.values = values
         self.action = action
         self.path = path
         self.baud = baud
+        self.delay_s = delay_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -43,8 +46,13 @@ class RtuServer:
         from pymodbus.simulator.simdata import DataType
 
         act = self.action
+        delay = self.delay_s
 
         async def action(function_code, start_address, address, n, current, set_values):
+            if delay is not None:
+                d = delay()
+                if d > 0:
+                    await asyncio.sleep(d)
             act(start_address, address, current, set_values)
             return None
 

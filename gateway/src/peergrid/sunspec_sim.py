@@ -236,11 +236,19 @@ class SunSpecDevice:
 
 
 class SunSpecSim:
-    """pymodbus RTU server for a SunSpecDevice on a virtual RS485 cable."""
+    """pymodbus RTU server for a SunSpecDevice on a virtual RS485 cable.
 
-    def __init__(self, device: SunSpecDevice, baud: int = 9600) -> None:
+    throttle: the cable carries the bytes at `baud` (11 bits a character),
+    as a real line does; latency_ms: the device starts its answer that long
+    after the request (settable while it runs); mute(): it hears requests
+    but no longer answers."""
+
+    def __init__(self, device: SunSpecDevice, baud: int = 9600, throttle: bool = False,
+                 latency_ms: float = 0) -> None:
         self.device = device
         self.baud = baud
+        self.throttle = throttle
+        self.latency_ms = latency_ms
         self.requests = 0
         self.cable: Any = None
         self.board_path: str | None = None
@@ -259,7 +267,7 @@ class SunSpecSim:
         the board's end (a path)."""
         from peergrid.ptycable import PtyCable
 
-        self.cable = PtyCable()
+        self.cable = PtyCable(self.baud if self.throttle else None)
         self.serve_on(self.cable.b_path)
         self.board_path = self.cable.a_path
         return self.board_path
@@ -284,12 +292,17 @@ class SunSpecSim:
                         current[i] = dev.regs[a]
 
         self._rtu = RtuServer(dev.unit, dev.base, [dev.regs[a] for a in range(dev.base, dev.end)], action, path,
-                              self.baud)
+                              self.baud, delay_s=lambda: self.latency_ms / 1000.0)
         self._rtu.start()
 
     def unplug(self) -> None:
         if self.cable is not None:
             self.cable.unplug()
+
+    def mute(self, on: bool = True) -> None:
+        """The device goes on hearing requests but no longer answers."""
+        if self.cable is not None:
+            self.cable.tamper_b = (lambda data: b"") if on else None
 
     def plug(self) -> None:
         if self.cable is not None:
