@@ -69,6 +69,9 @@ LENGTHS = {1: 66, 101: 50, 102: 50, 103: 50, 111: 60, 112: 60, 113: 60, 120: 26,
            201: 105, 202: 105, 203: 105, 204: 105, 802: 62}
 
 INVERTERS = (101, 102, 103, 111, 112, 113)
+# exception codes that say "no such register here" (2, illegal data address;
+# some devices answer 3, illegal data value, for a count that runs past)
+_REFUSED = (2, 3)
 CHA_CHARGING = const(4)
 CHA_DISCHARGING = const(3)
 
@@ -163,6 +166,8 @@ class Device:
         self.models = {}        # model id -> (first register, L)
         self.serial = None
         self._regs = [0] * 125
+        self._tmp = [0] * 125
+        self._split = {}        # models read run by run (a block read was refused)
 
     def _discover(self):
         base = find_base(self.master, self.unit)
@@ -178,23 +183,84 @@ class Device:
             found[mid] = (start, length)
         self.base = base
         self.models = found
+        self._split = {}
         if 1 in found:
             self.serial = self.read(1).get("SN")
         return found
 
     def read(self, model):
-        """{point name: value} of the points the board uses in `model`."""
+        """{point name: value} of the points the board uses in `model`;
+        None for a point the device does not implement."""
         start, length = self.models[model]
         pts = layout(model)
-        last = 0
-        for name, off, typ, size in pts:
-            if off + size > last:
-                last = off + size
         regs = self._regs
-        self.master.read_holding_into(self.unit, start, last, regs)
+        if model not in self._split:
+            last = 0
+            for name, off, typ, size in pts:
+                if off + size > last:
+                    last = off + size
+            try:
+                self.master.read_holding_into(self.unit, start, last, regs)
+            except ModbusError as e:
+                if e.kind != "exception" or e.code not in _REFUSED:
+                    raise
+                # a register in the block is not there: from now on this
+                # model is read in runs of adjacent points, point by point
+                # where a run is refused
+                self._split[model] = True
+            else:
+                out = {}
+                for name, off, typ, size in pts:
+                    out[name] = decode(regs, off, typ, size)
+                return out
+        return self._read_runs(start, pts)
+
+    def _read_runs(self, start, pts):
+        m = self.master
+        regs = self._regs
+        tmp = self._tmp
         out = {}
-        for name, off, typ, size in pts:
-            out[name] = decode(regs, off, typ, size)
+        refused = None
+        i = 0
+        n = len(pts)
+        while i < n:
+            # a run: points that follow each other without a gap
+            j = i + 1
+            while j < n and pts[j][1] == pts[j - 1][1] + pts[j - 1][3]:
+                j += 1
+            off0 = pts[i][1]
+            try:
+                m.read_holding_into(self.unit, start + off0, pts[j - 1][1] + pts[j - 1][3] - off0, tmp)
+                for k in range(pts[j - 1][1] + pts[j - 1][3] - off0):
+                    regs[off0 + k] = tmp[k]
+                for k in range(i, j):
+                    name, off, typ, size = pts[k]
+                    out[name] = decode(regs, off, typ, size)
+            except ModbusError as e:
+                if e.kind != "exception" or e.code not in _REFUSED:
+                    raise
+                refused = e
+                for k in range(i, j):
+                    name, off, typ, size = pts[k]
+                    if j - i == 1:
+                        out[name] = None
+                        continue
+                    try:
+                        m.read_holding_into(self.unit, start + off, size, tmp)
+                    except ModbusError as e2:
+                        if e2.kind != "exception" or e2.code not in _REFUSED:
+                            raise
+                        out[name] = None
+                        continue
+                    for q in range(size):
+                        regs[off + q] = tmp[q]
+                    out[name] = decode(regs, off, typ, size)
+            i = j
+        if refused is not None:
+            for name in out:
+                if out[name] is not None:
+                    return out
+            raise refused       # nothing of the model could be read
         return out
 
 
@@ -226,26 +292,49 @@ class Inverter(Device):
 
 
 class Battery(Device):
+    no802 = False               # 802 refused: the battery is read from 124
+
     def discover(self):
         found = self._discover()
         if 802 not in found and 124 not in found:
             raise ValueError("no battery model (802 or 124) on unit %d" % self.unit)
+        self.no802 = False
         self.max_w = None
         if 124 in found:
-            p = Device.read(self, 124)
-            self.max_w = scaled(p["WChaMax"], p["WChaMax_SF"])
+            try:
+                p = Device.read(self, 124)
+            except ModbusError as e:
+                if e.kind != "exception" or 802 not in found:
+                    raise
+            else:
+                self.max_w = scaled(p["WChaMax"], p["WChaMax_SF"])
         if self.max_w is None and 802 in found:
-            p = Device.read(self, 802)
-            self.max_w = scaled(p["WChaRteMax"], p["WChaDisChaMax_SF"])
+            try:
+                p = Device.read(self, 802)
+            except ModbusError as e:
+                if e.kind != "exception" or 124 not in found:
+                    raise
+                self.no802 = True
+            else:
+                self.max_w = scaled(p["WChaRteMax"], p["WChaDisChaMax_SF"])
         return True
 
     def read(self, model=None):
         """(charge status, W positive while charging, state of charge in
-        permille)."""
+        permille); None for what the battery does not say. From model 802,
+        or from 124 (basic storage: no power) when 802 is absent or its
+        registers are refused."""
         if model is not None:
             return Device.read(self, model)
-        if 802 in self.models:
-            p = Device.read(self, 802)
+        p = None
+        if 802 in self.models and not self.no802:
+            try:
+                p = Device.read(self, 802)
+            except ModbusError as e:
+                if e.kind != "exception" or 124 not in self.models:
+                    raise
+                self.no802 = True
+        if p is not None:
             st = p["ChaSt"]
             w = scaled(p["W"], p["W_SF"])
             soc = p["SoC"]
@@ -257,10 +346,13 @@ class Battery(Device):
             soc = p["ChaState"]
             sf = p["ChaState_SF"]
         if w is not None:
-            # the sign follows the charge status: SunSpec leaves it to the device
-            w = abs(w)
+            # the charge status, where the battery gives one, decides the
+            # sign (SunSpec does not say which way 802's W counts); without
+            # it, the sign is the battery's own, positive while charging
             if st == CHA_DISCHARGING:
-                w = -w
+                w = -abs(w)
+            elif st == CHA_CHARGING:
+                w = abs(w)
         permille = scaled(soc, (sf or 0) + 1) if soc is not None else None
         if permille is not None:
             permille = 0 if permille < 0 else (1000 if permille > 1000 else permille)

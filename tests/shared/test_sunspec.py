@@ -183,3 +183,87 @@ def test_unplugged_inverter_raises_timeout():
     else:
         raise AssertionError("silent device read")
     assert m.is_down(1)
+
+
+BAT = {(802, 2): 5000, (802, 3): 5000, (802, 52): 0, (802, 9): 734, (802, 54): _s(-1),
+       (802, 14): 4, (802, 45): 1500, (802, 61): 0,
+       (124, 0): 5000, (124, 16): 0, (124, 6): 700, (124, 20): _s(-1), (124, 9): 6,
+       (124, 23): _s(-2), (124, 3): 0, (124, 10): 0, (124, 11): 0, (124, 13): 0}
+
+
+def test_a_refused_register_inside_the_block_loses_only_itself():
+    regs, starts = _image(values=INV103)
+    m, slave = _master(regs)
+    inv = sunspec.Inverter(m, 1)
+    inv.discover()
+    s = starts[103]
+    del regs[s + 30]                 # not a point the board uses: every value still read
+    assert inv.read() == (4, 2890, 6012345)
+    n = slave.requests
+    assert inv.read() == (4, 2890, 6012345)
+    # the refused block is not asked again: runs of adjacent points only
+    runs = slave.requests - n
+    assert 1 < runs <= len(sunspec.layout(103))
+    assert m.stats["exceptions"] == 1
+    del regs[s + 12]                 # W itself: unknown, the rest still read
+    assert inv.read() == (4, None, 6012345)
+    p = inv.read(103)
+    assert p["Hz"] == 5001 and p["W"] is None and p["W_SF"] == 0
+    # nothing of the model there at all: the refusal is raised
+    for k in list(regs):
+        if s <= k < s + 50:
+            del regs[k]
+    try:
+        inv.read()
+    except ModbusError as e:
+        assert e.kind == "exception" and e.code == 2
+    else:
+        raise AssertionError("a model with no register read")
+
+
+def test_battery_falls_back_to_124_when_802_is_refused():
+    regs, starts = _image(values=BAT)
+    m, slave = _master(regs)
+    bat = sunspec.Battery(m, 1)
+    assert bat.discover() and bat.max_w == 5000
+    assert bat.read() == (4, 1500, 734)
+    for k in range(starts[802], starts[802] + 62):
+        del regs[k]
+    # 124 has no measured power: unknown, not 0
+    assert bat.read() == (6, None, 700)
+    assert bat.no802
+    n = slave.requests
+    assert bat.read() == (6, None, 700) and slave.requests == n + 1     # 802 not asked again
+    # found from scratch: 802 refused at discovery already
+    regs2, starts2 = _image(models=(1, 802, 124), values=BAT)
+    for k in range(starts2[802], starts2[802] + 62):
+        del regs2[k]
+    m2, slave2 = _master(regs2)
+    bat2 = sunspec.Battery(m2, 1)
+    assert bat2.discover() and bat2.max_w == 5000 and bat2.read() == (6, None, 700)
+
+
+def test_battery_sign_from_measured_power_without_a_charge_status():
+    vals = dict(BAT)
+    vals[(802, 14)] = 0xFFFF         # ChaSt not implemented
+    vals[(802, 45)] = _s(-1500)      # the battery's own sign: discharging
+    regs, starts = _image(values=vals)
+    m, slave = _master(regs)
+    bat = sunspec.Battery(m, 1)
+    bat.discover()
+    assert bat.read() == (None, -1500, 734)
+    regs[starts[802] + 45] = 1200
+    assert bat.read() == (None, 1200, 734)
+    # a status that says which way wins over the sign of W
+    regs[starts[802] + 14] = 3
+    assert bat.read() == (3, -1200, 734)
+    regs[starts[802] + 14] = 4
+    regs[starts[802] + 45] = _s(-900)
+    assert bat.read() == (4, 900, 734)
+    # a status that does not say (holding): the measured sign
+    regs[starts[802] + 14] = 6
+    assert bat.read() == (6, -900, 734)
+    # SoC and W not implemented: unknown, never 0
+    regs[starts[802] + 9] = 0xFFFF
+    regs[starts[802] + 45] = 0x8000
+    assert bat.read() == (6, None, None)
