@@ -22,11 +22,14 @@ DEFAULTS = {
     "keepalive_s": 30,
     "spool_kb": 1536,           # flash ring buffer for readings
     "frames": 1000,             # ADC frames per measurement window
-    "inverter": None,           # {"unit": 1}
-    "battery": None,            # {"unit": 1, "max_w": 5000}
+    "inverter": None,           # {"unit": 1, "latency_ms": 500}
+    "battery": None,            # {"unit": 1, "max_w": 5000, "latency_ms": 500}
     "relays": [],               # [{"failsafe": 0, "load": "water heater"}]
     "channels": {},             # name -> {"role", "gain", "phase_deg"}
 }
+
+
+MAX_LATENCY_MS = 5000           # a device's answer latency (board.json rs485 too)
 
 
 class ConfigError(ValueError):
@@ -75,6 +78,19 @@ def parse(text):
     bo = cfg["backoff_s"]
     if not isinstance(bo, list) or len(bo) != 2 or not all(isinstance(x, int) and 1 <= x <= 86400 for x in bo):
         raise ConfigError("config: backoff_s must be [first, longest], 1..86400 s each")
+    for k in ("inverter", "battery"):
+        d = cfg[k]
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            raise ConfigError("config: %s must be an object" % k)
+        u = d.get("unit", 1)
+        if not isinstance(u, int) or not 1 <= u <= 247:
+            raise ConfigError("config: %s.unit must be a Modbus address 1..247" % k)
+        lat = d.get("latency_ms")
+        if lat is not None and (not isinstance(lat, int) or not 0 <= lat <= MAX_LATENCY_MS):
+            raise ConfigError("config: %s.latency_ms (how long the device takes to answer) must be 0..%d"
+                              % (k, MAX_LATENCY_MS))
     for r in cfg["relays"]:
         if r.get("failsafe", 0) not in (0, 1):
             raise ConfigError("config: a relay's failsafe is 0 (open) or 1 (closed)")

@@ -75,15 +75,17 @@ def _fw_digest(root):
         return ""
 
 
-def _rs485(hal, board):
+def _rs485(hal, board, cfg):
+    """The Modbus master: timeouts from board.json's rs485 (baud, the
+    devices' latency_ms) and each device's latency_ms in the config."""
     rs = board.get("rs485")
     if not rs:
         return None
-    from firmware.modbus import Master
+    from firmware.modbus import master_for
 
     uart = hal.uart(rs)
     de = hal.pin_out(rs["de"], 0) if "de" in rs else None
-    return Master(uart, IoClock(hal), de=de, baud=rs.get("baud", 9600))
+    return master_for(uart, IoClock(hal), rs, cfg, de=de)
 
 
 def _reset():
@@ -120,7 +122,7 @@ def main(root=""):
             hal.idle(20)
     hal = open_hal(board, wdt_ms=max(30000, 3 * cfg["period_s"] * 1000))
     net = open_net(board, cfg)
-    master = _rs485(hal, board) if (cfg.get("inverter") or cfg.get("battery")) else None
+    master = _rs485(hal, board, cfg) if (cfg.get("inverter") or cfg.get("battery")) else None
     b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
     del fconfig
     unload("firmware.config")      # 3.2 KB of code the board at work never calls

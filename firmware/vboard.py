@@ -217,13 +217,13 @@ def main(argv):
         net = HostNet(None)
     master = None
     if pty:
-        from firmware.modbus import Master
+        from firmware.modbus import master_for
         from firmware.uart_posix import PosixUart
         rs = board.get("rs485") or {}
         uart = PosixUart(pty, rs.get("baud", 9600))
         de = hal.pin_out(rs["de"], 0) if "de" in rs else None
-        master = Master(uart, IoClock(hal), de=de, baud=rs.get("baud", 9600), timeout_ms=sim.get("modbus_timeout_ms", 300),
-                        retries=1)
+        # the timeouts the board computes (board.json rs485, the config's devices)
+        master = master_for(uart, IoClock(hal), rs, cfg, de=de, retries=1)
     def event(e):
         e["ms"] = hal.ticks_ms()
         emit(e)

@@ -45,6 +45,16 @@ def test_output_on_input_only_pin_rejected() -> None:
     assert any("input-only" in m for m in errs)
 
 
+def test_rs485_baud_and_latency_checked() -> None:
+    b = _devkit()
+    assert b["rs485"]["latency_ms"] == 500 and not _errors(b)
+    for key, bad in (("latency_ms", -1), ("latency_ms", 5001), ("latency_ms", "300"), ("baud", 600),
+                     ("baud", 9600.0)):
+        b = _devkit()
+        b["rs485"][key] = bad
+        assert any(f"rs485: {key}" in m for m in _errors(b)), (key, bad)
+
+
 def test_adc2_with_wifi_rejected_but_fine_on_ethernet() -> None:
     b = _devkit()
     b["channels"][0]["pin"] = 25

@@ -433,8 +433,14 @@ def test_inverter_unplugged_is_flagged_and_found_again(broker, board_factory):
         n0 = len(gw.readings("vb-inv"))
         gw.wait(lambda: any(r["flags"] & messages.F_INV_MISSING and "inv" not in r
                             for r in gw.readings("vb-inv")[n0:]), 30, "a reading flagged inverter missing")
-        missing = [r for r in gw.readings("vb-inv")[n0:] if r["flags"] & messages.F_INV_MISSING]
+        after = gw.readings("vb-inv")[n0:]
+        missing = [r for r in after if r["flags"] & messages.F_INV_MISSING]
         assert all(r["flags"] & messages.F_BAT_MISSING and "bat" not in r for r in missing)
+        # marked missing within three readings of the device going silent
+        # (the first may have been measured before the cable was pulled)
+        first = min(i for i, r in enumerate(after) if r["flags"] & messages.F_INV_MISSING)
+        assert first < 3, [r["flags"] for r in after]
+        assert all(r["flags"] & messages.F_INV_MISSING for r in after[first:]), [r["flags"] for r in after]
         st = vb.state()
         assert st["modbus"]["timeouts"] >= 1 and st["stats"]["readings"] > 0
         vb.sim.device.set_inverter(3000, 6012400, 4)

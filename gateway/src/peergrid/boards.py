@@ -171,6 +171,12 @@ def check(board: dict[str, Any]) -> list[Finding]:
         use(rs.get("tx"), "RS485 TX", "out")
         use(rs.get("rx"), "RS485 RX", "in")
         use(rs.get("de"), "RS485 DE/RE", "out")
+        baud = rs.get("baud", 9600)
+        if not isinstance(baud, int) or isinstance(baud, bool) or not 1200 <= baud <= 115200:
+            err("rs485: baud must be 1200..115200")
+        lat = rs.get("latency_ms")
+        if lat is not None and (not isinstance(lat, int) or isinstance(lat, bool) or not 0 <= lat <= 5000):
+            err("rs485: latency_ms (how long the devices take to start answering) must be 0..5000")
     if board.get("led"):
         use(board["led"].get("pin"), "LED", "out")
     if board.get("button"):
