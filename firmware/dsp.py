@@ -140,3 +140,22 @@ def rising_crossings(buf, lut, m, jv, frames, level, out):
         k += 1
         i += m
     return n
+
+
+def extremes(buf, m, j, k0, k1, out):
+    """out[0], out[1] <- the lowest and highest raw code of input j over
+    frames k0..k1-1 (raw codes: the table is monotonic, so the caller looks
+    the two up instead of every sample)."""
+    i = k0 * m + j
+    end = k1 * m + j
+    lo = 65535
+    hi = 0
+    while i < end:
+        x = buf[i]
+        if x < lo:
+            lo = x
+        if x > hi:
+            hi = x
+        i += m
+    out[0] = lo
+    out[1] = hi

@@ -113,11 +113,26 @@ class Channel:
         self.rating_a = rating_a
 
 
+# Result.fault bits (per channel, per window)
+FAULT_CLIP = const(1)       # a sample at or beyond the end of the converter's linear range
+FAULT_CT = const(2)         # the input sits far from its bias: CT open, shorted or not plugged
+# a voltage reference below this share of the nominal voltage is dead
+# (adapter unplugged): its "crossings" are noise
+VREF_DEAD_RATIO = 0.3
+FREQ_MIN = 40.0
+FREQ_MAX = 70.0
+BIAS_TOL_UNITS = const(2000)    # 400 mV: a CT's output has no DC of its own
+
+
 class Meter:
-    """Measures one window at a time; every buffer is allocated here, once."""
+    """Measures one window at a time; every buffer is allocated here, once.
+
+    linear_mv: the converter's linear range at the pin (board.json
+    frontend.linear_mv); a sample outside it flags the channel as clipped.
+    bias_mv: where a CT input rests with no current (frontend.bias_mv)."""
 
     def __init__(self, hal, vref_pin, ct_pins, channels, volts_per_volt=None, nominal_v=230,
-                 frames=1000, lut=None, mains_hz=50):
+                 frames=1000, lut=None, mains_hz=50, linear_mv=None, bias_mv=None):
         self.hal = hal
         self.has_vref = vref_pin is not None
         self.pins = ([vref_pin] if self.has_vref else []) + list(ct_pins)
@@ -133,9 +148,18 @@ class Meter:
         self.acc = array("i", bytes(4 * 2 * dsp.N_SLOTS))
         self.vacc = array("i", bytes(4 * 4))
         self.zc = array("i", bytes(4 * 64))
+        self.ext = array("i", bytes(4 * 2))
+        lin = linear_mv or (0, 3300)
+        self.lin_lo = lin[0] * 1000 // UNIT_UV
+        self.lin_hi = lin[1] * 1000 // UNIT_UV
+        self.bias = bias_mv * 1000 // UNIT_UV if bias_mv is not None else -1
         self.results = [Result() for _ in channels]
         self.window_us = 0
+        self.block_us = 0
         self.cycles = 0
+        self.vref_dead = False          # the last window: reference present but dead
+        self.vclip = False              # the last window: the reference clipped
+        self.freq_ok = False            # the last window: a frequency within range
 
     def sample(self):
         """Fill the buffer; returns the frame period in microseconds."""
@@ -147,71 +171,101 @@ class Meter:
         return self.compute(period_us)
 
     def _cut(self, mean_v):
-        """Whole cycles. Among the numbers of cycles the window holds, take
-        the one whose length in frames is closest to an integer (at 60 Hz and
-        5 kHz a cycle is 83.33 frames, so 3 cycles fit exactly), and start at
-        the first rising zero crossing."""
+        """Whole cycles. Among the numbers of cycles the window holds after
+        its first rising zero crossing, take the one whose length in frames
+        is closest to an integer (at 60 Hz and 5 kHz a cycle is 83.33
+        frames, so 3 cycles fit exactly); a cut is never clamped at the end
+        of the buffer (that would no longer be whole cycles)."""
         n = dsp.rising_crossings(self.buf, self.lut, self.m, self.jv, self.frames, int(mean_v), self.zc)
         if n < 2:
             return 1, self.frames - 1, 0, 0
         span = self.zc[n - 1] - self.zc[0]
         per = span / (256 * (n - 1))          # frames per cycle
-        best = n - 1
+        k0 = (self.zc[0] + 128) // 256 + 1
+        if k0 < 1:
+            k0 = 1
+        room = self.frames - 1 - k0
+        best = 0
         best_res = 1.0
         c = n - 1
         while c >= 1 and c * 2 >= n - 1:
             x = c * per
-            res = abs(x - int(x + 0.5))
-            if res < best_res - 0.02:
-                best, best_res = c, res
+            if int(x + 0.5) <= room:
+                res = abs(x - int(x + 0.5))
+                if best == 0 or res < best_res - 0.02:
+                    best, best_res = c, res
             c -= 1
-        k0 = (self.zc[0] + 128) // 256 + 1
-        if k0 < 1:
-            k0 = 1
+        if best == 0:
+            return 1, self.frames - 1, 0, 0
         k1 = k0 + int(best * per + 0.5)
-        if k1 > self.frames - 1:
-            k1 = self.frames - 1
         return k0, k1, best, int(best * per * 256)
+
+    def _clipped(self, j, k0, k1):
+        dsp.extremes(self.buf, self.m, j, k0, k1, self.ext)
+        lut = self.lut
+        return lut[self.ext[0]] <= self.lin_lo or lut[self.ext[1]] >= self.lin_hi
 
     def compute(self, period_us):
         m = self.m
         frames = self.frames
         lut = self.lut
         buf = self.buf
-        if self.has_vref:
+        vref = self.has_vref
+        mv = 0.0
+        vrms = 0.0
+        cycles = 0
+        span256 = 0
+        k0, k1 = 1, frames - 1
+        scale_v = UNIT_UV * 1e-6        # volts at the pin per unit
+        if vref:
             dsp.clear(self.vacc)
             dsp.sum_sq(buf, lut, m, self.jv, 0, frames, self.vacc)
-            mean_v = dsp.value(self.vacc, 0) / frames
-            k0, k1, cycles, span256 = self._cut(mean_v)
-            if k1 - k0 < frames // 4:
-                k0, k1 = 1, frames - 1
+            mv = dsp.value(self.vacc, 0) / frames
+            var = dsp.value(self.vacc, 1) / frames - mv * mv
+            vrms = math.sqrt(var if var > 0 else 0) * scale_v * self.vpv
+            # a dead reference (adapter unplugged) is noise: no crossings
+            # to trust, no phase to measure against; powers fall back to
+            # apparent at the nominal voltage and the reading says so
+            self.vref_dead = vrms < VREF_DEAD_RATIO * self.nominal_v
+            if self.vref_dead:
+                vref = False
+            else:
+                k0, k1, cycles, span256 = self._cut(mv)
+                if k1 - k0 < frames // 4:
+                    k0, k1, cycles, span256 = 1, frames - 1, 0, 0
         else:
-            k0, k1, cycles, span256 = 1, frames - 1, 0, 0
+            self.vref_dead = False
         n = k1 - k0
         self.cycles = cycles
-        self.window_us = n * period_us
-        scale_v = UNIT_UV * 1e-6        # volts at the pin per unit
+        self.window_us = n * period_us      # the whole cycles the values come from
+        self.block_us = frames * period_us  # the time the converter sampled
+        freq = 0.0
         if span256 and cycles:
             freq = cycles * 256 * 1e6 / (span256 * period_us)
-        else:
-            freq = float(self.mains_hz)
-        vrms = 0.0
-        mv = 0.0
-        if self.has_vref:
+        self.freq_ok = FREQ_MIN <= freq <= FREQ_MAX
+        fcalc = freq if self.freq_ok else float(self.mains_hz)
+        self.vclip = self.has_vref and self._clipped(0, k0, k1)
+        if vref:
             dsp.clear(self.vacc)
             dsp.sum_sq(buf, lut, m, self.jv, k0, k1, self.vacc)
             mv = dsp.value(self.vacc, 0) / n
             var = dsp.value(self.vacc, 1) / n - mv * mv
             vrms = math.sqrt(var if var > 0 else 0) * scale_v * self.vpv
-        omega_per_frame = 2 * math.pi * freq * period_us * 1e-6
+        else:
+            vrms = self.nominal_v
+        bias = self.bias
+        if bias < 0:
+            bias = int(mv) if self.has_vref else LUT_MAX // 2
+        omega_per_frame = 2 * math.pi * fcalc * period_us * 1e-6
+        off = 1 if self.has_vref else 0
         for ci in range(len(self.channels)):
             ch = self.channels[ci]
             r = self.results[ci]
-            ji = ci + (1 if self.has_vref else 0)
+            ji = ci + off
             acc = self.acc
             dsp.clear(acc)
             ia = ch.amps_per_volt * ch.gain * scale_v
-            if self.has_vref:
+            if vref:
                 # The voltage is wanted at the instant the current sample
                 # stands for: the current input was sampled ji/m of a frame
                 # after the voltage, and the CT's output runs phase_deg ahead
@@ -225,12 +279,13 @@ class Meter:
                 dsp.cross(buf, lut, m, self.jv, ji, q, a, b, acc)
                 nn = b - a
             else:
+                a, b = k0, k1
                 dsp.sum_sq(buf, lut, m, ji, k0, k1, acc)
                 nn = n
             mi = dsp.value(acc, dsp.S_I) / nn
             var_i = dsp.value(acc, dsp.S_II) / nn - mi * mi
             irms = math.sqrt(var_i if var_i > 0 else 0) * ia
-            if self.has_vref:
+            if vref:
                 svi = dsp.value(acc, dsp.S_VI) / nn
                 svn = dsp.value(acc, dsp.S_VNI) / nn
                 cross_sum = svi + f * (svn - svi)
@@ -244,19 +299,25 @@ class Meter:
                 if shrink > 0:
                     p /= shrink
             else:
+                # apparent power at the nominal voltage, booked as import:
+                # without a voltage the direction is unknown, and a fault
+                # must never pay its owner (the reading is flagged)
                 s = self.nominal_v * irms
-                p = s                   # apparent power, flagged by the caller
-                vrms = self.nominal_v
+                p = s
+            # an input resting far from its bias is a CT fault (it may sit
+            # at a rail, which is then not a clipped current)
+            if mi - bias > BIAS_TOL_UNITS or bias - mi > BIAS_TOL_UNITS:
+                fault = FAULT_CT
+            else:
+                fault = FAULT_CLIP if self._clipped(ji, a, b) else 0
+            r.fault = fault
             r.vrms_dv = int(vrms * 10 + 0.5)
             r.irms_ma = int(irms * 1000 + 0.5)
             r.p_exact = p
             r.p_w = int(p + 0.5) if p >= 0 else -int(-p + 0.5)
             r.s_va = int(s + 0.5)
-            r.pf_permille = int(1000 * p / s) if s > 0 else 0
-            if r.pf_permille > 1000:
-                r.pf_permille = 1000
-            elif r.pf_permille < -1000:
-                r.pf_permille = -1000
-            r.freq_chz = int(freq * 100 + 0.5)
-            r.energy_mwh = int(p * self.window_us / 3600000.0)
+            pf = 1000 * p / s if s > 0 else 0.0
+            pf = int(pf + 0.5) if pf >= 0 else -int(-pf + 0.5)
+            r.pf_permille = 1000 if pf > 1000 else (-1000 if pf < -1000 else pf)
+            r.freq_chz = int(freq * 100 + 0.5) if self.freq_ok else 0
         return self.results

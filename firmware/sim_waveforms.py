@@ -64,7 +64,10 @@ class MainsSource:
 
     channels: list of dicts with irms (A, fundamental), pf (cos phi, signed:
     negative exports), lead (True: capacitive), harmonics [(order, ratio)],
-    ct_lead_deg, amps_per_volt (A in the wire per V on the burden)."""
+    ct_lead_deg, amps_per_volt (A in the wire per V on the burden), bias_v
+    (where the input rests, if not the common bias: 0 for a CT input that a
+    pull-down holds when its CT is unplugged). vrms 0: the voltage input
+    carries no mains (its adapter unplugged)."""
 
     def __init__(self, adc, channels, freq=50.0, vrms=230.0, volts_per_volt=None, bias_v=1.62,
                  v_harmonics=(), has_vref=True):
@@ -102,7 +105,7 @@ class MainsSource:
                     cur = a * math.sin(tt)
                     for order, ratio in c.get("harmonics", ()):
                         cur += a * ratio * math.sin(order * tt)
-                    buf[i] = adc.code(self.bias + cur / c["amps_per_volt"])
+                    buf[i] = adc.code(c.get("bias_v", self.bias) + cur / c["amps_per_volt"])
                 i += 1
 
     def true_power(self, ci):

@@ -2,7 +2,7 @@
 # simulated converter, under CPython and MicroPython.
 from array import array
 
-from firmware import dsp
+from firmware import dsp, metering
 from firmware.hal_sim import SimHal
 from firmware.metering import Meter, Channel, lut_from_points, linear_lut
 from firmware.sim_waveforms import AdcModel, MainsSource
@@ -160,3 +160,58 @@ def test_calibration_points_from_measured_pairs():
         pass
     else:
         raise AssertionError("one bin accepted")
+
+
+# -- faults: flagged, never silently wrong ------------------------------------
+
+def test_a_current_beyond_the_converter_range_is_flagged_clipped():
+    # 2000 turns on 17 ohm: 130 % of 100 A peaks at 1.56 V, beyond the
+    # 1.62 V bias's room to 3.3 V on a converter linear to 3.1 V
+    hal, m = _meter([{"irms": 130.0, "pf": 1.0, "amps_per_volt": APV},
+                     {"irms": 50.0, "pf": 1.0, "amps_per_volt": APV}])
+    m.lin_lo, m.lin_hi = 200 * 1000 // 200, 3100 * 1000 // 200
+    rs = m.measure()
+    assert rs[0].fault & metering.FAULT_CLIP and not rs[1].fault, (rs[0].fault, rs[1].fault)
+    assert not m.vclip and not m.vref_dead and m.freq_ok
+
+
+def test_a_dead_voltage_input_is_flagged_and_gives_no_frequency():
+    hal, m = _meter([{"irms": 20.0, "pf": 1.0, "amps_per_volt": APV}])
+    hal.source.vrms = 0.0            # the adapter unplugged: the input rests at its bias, noise only
+    r = m.measure()[0]
+    assert m.vref_dead and not m.freq_ok and r.freq_chz == 0
+    # powers fall back to apparent at the nominal voltage, booked as import
+    assert _close(r.p_exact, 230 * 20.0, 1.0) and r.fault == 0, (r.p_exact, r.fault)
+    hal.source.vrms = 230.0
+    m.measure()
+    assert not m.vref_dead and m.freq_ok
+
+
+def test_an_unplugged_ct_whose_input_leaves_its_bias_is_flagged():
+    hal, m = _meter([{"irms": 0.0, "pf": 1.0, "amps_per_volt": APV, "bias_v": 0.0},
+                     {"irms": 0.0, "pf": 1.0, "amps_per_volt": APV}])
+    rs = m.measure()
+    assert rs[0].fault & metering.FAULT_CT and not rs[1].fault & metering.FAULT_CT, (rs[0].fault, rs[1].fault)
+    # a CT at rest (no current) is not a fault
+    assert rs[1].irms_ma < 200
+
+
+def test_a_frequency_outside_the_range_is_not_reported():
+    hal, m = _meter([{"irms": 20.0, "pf": 1.0, "amps_per_volt": APV}], freq=80.0)
+    r = m.measure()[0]
+    assert not m.freq_ok and r.freq_chz == 0
+
+
+def test_whole_cycles_are_never_clamped_at_the_buffer_end():
+    # exactly 50 Hz at 5 kHz: 10 cycles fill the 1000 frames; the cut takes
+    # whole cycles that fit after the first crossing
+    for start_us in (0, 37, 150, 9990):
+        hal, m = _meter([{"irms": 40.0, "pf": 1.0, "amps_per_volt": APV}])
+        hal.now_us = start_us
+        m.measure()
+        assert m.cycles >= 8 and m.window_us == 200 * 100 * m.cycles, (start_us, m.cycles, m.window_us)
+
+
+def test_unity_power_factor_reads_1000():
+    hal, m = _meter([{"irms": 40.0, "pf": 1.0, "amps_per_volt": APV}], noise=0.0)
+    assert m.measure()[0].pf_permille == 1000
