@@ -29,11 +29,12 @@ class DeviceLink:
         self._w = cbor.Writer(messages.MAX_PAYLOAD)
         self.cmd_guard = None
 
-    def reading(self, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv=None, bat=None):
+    def reading(self, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv=None, bat=None, meas=None, clip=0,
+                ctf=0):
         """Frame for a reading (memoryview into a reused buffer)."""
         w = self._w
         w.reset()
-        messages.encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat)
+        messages.encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat, meas, clip, ctf)
         return self._reading.seal(w.mv[:w.pos], self._aad_reading)
 
     def _seal_fields(self, kind, fields, aad):

@@ -24,7 +24,12 @@ F_BUFFERED = const(4)         # replayed from the flash buffer, not live
 F_INV_MISSING = const(8)      # inverter configured but not answering
 F_BAT_MISSING = const(16)     # battery configured but not answering
 F_ENERGY_LOSS = const(32)     # registers restored after an unclean reset (see status lost_wh)
-F_UNCALIBRATED = const(64)    # a channel runs on default calibration
+F_UNCALIBRATED = const(64)    # a channel runs on default calibration (CT gain, or the ADC's own)
+F_CLIPPED = const(128)        # a signal reached the end of the converter's range (key 11 says which)
+F_VREF_FAULT = const(256)     # the voltage input is dead: powers are apparent at the nominal voltage
+F_CT_FAULT = const(512)       # a CT input sits far from its bias: open, shorted, unplugged (key 12)
+F_FREQ_RANGE = const(1024)    # mains frequency outside 40-70 Hz: freq_chz is absent
+CLIP_VREF = const(0x1000)     # key 11: the voltage reference clipped (bits 0-11: channels)
 
 # command operations
 OP_RELAY = const(1)           # value 0 = open (off), 1 = closed (on)
@@ -61,6 +66,9 @@ SCHEMAS = {
         (7, "ch", _CH, True, 1, MAX_CHANNELS),  # per channel
         (8, "inv", _INV, False, 0, 0),
         (9, "bat", _BAT, False, 0, 0),
+        (10, "meas", _U, False, 0, 1000),        # share of the period measured, permille
+        (11, "clip", _U, False, 1, 0x1FFF),      # clipped: bit i channel i, CLIP_VREF the reference
+        (12, "ctf", _U, False, 1, 0xFFF),        # CT input faults: bit i channel i
     ),
     STATUS: _COMMON + (
         (5, "fw", _T, True, 0, 24),              # firmware version
@@ -74,6 +82,7 @@ SCHEMAS = {
         (13, "dropped", _U, False, 0, _U32),     # readings lost to a full buffer
         (14, "lost_wh", _U, False, 0, _U32),     # energy at risk after unclean reset, Wh
         (15, "spool_err", _U, False, 0, _U32),   # readings lost to a failed flash write
+        (16, "meas", _U, False, 0, 1000),        # share of the time measured since the last status, permille
     ),
     ACK: _COMMON + (
         (5, "ctr", _U, True, 1, _U32),           # counter of the command acknowledged
@@ -227,12 +236,19 @@ def encode(w, kind, fields):
             w.value(v)
 
 
-def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat):
+def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat, meas=None, clip=0, ctf=0):
     """Encode a reading into Writer `w` without allocating.
 
     ch: flat sequence of 4*nch integers (W, import Wh, export Wh, mA per channel);
-    inv, bat: 3-item sequences or None; vrms_dv, freq_chz: int or None."""
+    inv, bat: 3-item sequences or None; vrms_dv, freq_chz, meas: int or None;
+    clip, ctf: channel bit masks (0: absent)."""
     n = 4
+    if meas is not None:
+        n += 1
+    if clip:
+        n += 1
+    if ctf:
+        n += 1
     if flags:
         n += 1
     if vrms_dv is not None:
@@ -275,3 +291,12 @@ def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat)
         w.int(bat[0])
         w.int(bat[1])
         w.int(bat[2])
+    if meas is not None:
+        w.head(0, 10)
+        w.int(meas)
+    if clip:
+        w.head(0, 11)
+        w.int(clip)
+    if ctf:
+        w.head(0, 12)
+        w.int(ctf)
