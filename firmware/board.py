@@ -60,7 +60,10 @@ class Board:
             k = cal.get(c["name"]) or {}
             if "gain" not in k:
                 self.uncalibrated = True
-        self.fe = AdcFrontEnd.open_frontend(hal, board, cal=cal, frames=cfg["frames"])
+        self.adc_cal = None             # where the ADC's linearisation came from
+        lut = self._adc_lut(fsroot)
+        self.fe = AdcFrontEnd.open_frontend(hal, board, cal=cal, frames=cfg["frames"], lut=lut)
+        lut = None
         self.store = RegisterStore(hal.flash("energy", 16 * 4096), nch, max_w=23000,
                                    period_ms=cfg["period_s"] * 1000, diff=hal.ticks_diff)
         self.store.load()
@@ -126,6 +129,53 @@ class Board:
         self.frame_len = 0
         self.last_rs = None             # the last measurement's results (console)
         self.spool_failure = None       # the last exception a spool write raised
+        self.clip = 0                   # the last reading's clipped and faulty CTs (bit masks)
+        self.ctf = 0
+
+    def _adc_lut(self, fsroot):
+        """The converter's per-chip linearisation table: from calibration
+        points cached in flash (adc_cal.bin), else measured now from the
+        chip's eFuse calibration (hal.adc_calibration(): read_uv against the
+        raw code while the mains wave sweeps the voltage input) and cached.
+        None (an ideal converter, the reading flagged uncalibrated) when
+        neither is possible, e.g. no mains at the first boot: the next boot
+        tries again."""
+        if (self.board.get("frontend") or {}).get("type", "adc") != "adc":
+            return None
+        from array import array
+        path = fsroot.rstrip("/") + "/adc_cal.bin"
+        pts = None
+        try:
+            with open(path, "rb") as f:
+                raw = array("i", f.read())
+            if len(raw) >= 4 and not len(raw) % 2:
+                pts = [(raw[i], raw[i + 1]) for i in range(0, len(raw), 2)]
+                self.adc_cal = "flash"
+        except OSError:
+            pass
+        if pts is None:
+            try:
+                pts = self.hal.adc_calibration()
+            except (ValueError, OSError):
+                pts = None
+            if pts:
+                self.adc_cal = "efuse"
+                try:
+                    raw = array("i", bytes(8 * len(pts)))
+                    for i in range(len(pts)):
+                        raw[2 * i] = pts[i][0]
+                        raw[2 * i + 1] = pts[i][1]
+                    with open(path + ".new", "wb") as f:
+                        f.write(raw)
+                    import os
+                    os.rename(path + ".new", path)
+                except OSError:
+                    pass        # used now, measured again at the next boot
+        if not pts:
+            self.uncalibrated = True
+            return None
+        from firmware.metering import lut_from_points
+        return lut_from_points(pts)
 
     # -- messages ---------------------------------------------------------
 
@@ -160,6 +210,9 @@ class Board:
             fields["lost_wh"] = self.store.lost_wh_bound
         if self.stats["spool_errors"]:
             fields["spool_err"] = self.stats["spool_errors"]
+        meas = self.fe.take_fraction()
+        if meas is not None:
+            fields["meas"] = meas
         return self.link.status(fields)
 
     def _will(self):
@@ -308,9 +361,33 @@ class Board:
             ch[4 * i + 3] = r.irms_ma
         inv, bat, flags = self._rs485(now)
         self.store_save(now)
+        fe = self.fe
+        clip = 0
+        ctf = 0
+        for i in range(self.nch):
+            f = rs[i].fault
+            if f & 1:
+                clip |= 1 << i
+            if f & 2:
+                ctf |= 1 << i
+        ff = fe.fault
+        if ff & 2:
+            clip |= messages.CLIP_VREF
+        if clip:
+            flags |= messages.F_CLIPPED
+        if ctf:
+            flags |= messages.F_CT_FAULT
+        if ff & 1:
+            flags |= messages.F_VREF_FAULT
+        if ff & 4:
+            flags |= messages.F_FREQ_RANGE
+        self.clip = clip
+        self.ctf = ctf
         r0 = rs[0]
-        vrms = r0.vrms_dv if self.fe.has_vref else None
-        freq = r0.freq_chz if self.fe.has_vref and r0.freq_chz else None
+        # a dead reference in the last window: no voltage, no frequency
+        live = fe.has_vref and not ff & 1
+        vrms = r0.vrms_dv if live else None
+        freq = r0.freq_chz if live and r0.freq_chz else None
         return vrms, freq, self._clean3(inv), self._clean3(bat), flags
 
     def store_save(self, now):
@@ -327,7 +404,7 @@ class Board:
             flags |= messages.F_BUFFERED
         unix = self.hal.time()[0]
         frame = self.link.reading(self.boot, self._next_seq(), unix, flags, vrms, freq,
-                                  self.ch, self.nch, inv, bat)
+                                  self.ch, self.nch, inv, bat, self.fe.meas_permille, self.clip, self.ctf)
         self.stats["readings"] += 1
         self.frame_len = len(frame)
         if online:
@@ -475,9 +552,15 @@ class Board:
             self.min_free = f
 
     def idle(self):
-        """Wait a little: until the next reading, at most 50 ms of board time
-        (less when something is queued)."""
-        if self.live_len or self.cmdq or (self.spool.count and self.uplink.connected):
+        """Nothing urgent to do: measure one more window (a front end that
+        samples, so the windows follow each other back to back), or wait a
+        little, until the next reading, at most 50 ms of board time."""
+        if self.live_len or self.cmdq:
+            return
+        if self.fe.continuous and self.hal.continuous:
+            self.fe.window(self.regs)
+            return
+        if self.spool.count and self.uplink.connected:
             return
         wait = self.hal.ticks_diff(self.next_due, self.hal.ticks_ms())
         self.hal.idle(wait if wait < 50 else 50)

@@ -95,6 +95,10 @@ class Flash:
 class Hal:
     name = "abstract"
 
+    # the board may measure in every idle moment (a virtual board whose
+    # clock runs faster than real time cannot: its CPU does not speed up)
+    continuous = True
+
     def adc_block(self, pins, buf, n):
         raise NotImplementedError
 

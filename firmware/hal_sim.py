@@ -185,10 +185,13 @@ class SimHal(Hal):
         return code * 3300000 // 4095
 
     def adc_calibration(self):
-        """(code, microvolts) points of this ADC's transfer curve, if the
-        source models one (the per-chip calibration a board reads with read_uv)."""
+        """(code, microvolts) points of this ADC's transfer curve (the
+        per-chip calibration a board reads with read_uv): the source's model
+        if it has one, else the ideal converter."""
         adc = getattr(self.source, "adc", None)
-        return adc.calibration_points() if adc is not None else None
+        if adc is not None:
+            return adc.calibration_points()
+        return [(0, 0), (4095, 3300000)]     # the ideal converter of adc_uv()
 
     def spi(self, cfg):
         """The simulated SPI bus: tests attach devices (e.g. SimATM90E32) to

@@ -180,8 +180,20 @@ class VirtualHal(SimHal):
         real = int(ms / self.speed) if self.speed > 0 else ms
         _sleep_ms(real if real < 5 else 5)
 
+    @property
+    def continuous(self):
+        """At more than real time the host's CPU would spend all its time on
+        windows and still cover a sliver of the board's time: the board then
+        measures one window per reading (its readings' meas says so)."""
+        return self.speed <= 1
+
     def adc_block(self, pins, buf, n):
-        self.source.fill(pins, buf, n, self.elapsed_ms() * 1000, self.period_us)
+        t0 = self.elapsed_ms()
+        self.source.fill(pins, buf, n, t0 * 1000, self.period_us)
+        # a converter takes its block's length of board time
+        left = t0 + n * self.period_us // 1000 - self.elapsed_ms()
+        if left > 0 and self.speed > 0 and left / self.speed >= 1:
+            _sleep_ms(int(left / self.speed))
         return self.period_us
 
     def time(self):
