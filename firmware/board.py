@@ -150,9 +150,15 @@ class Board:
                 raw = array("i", f.read())
             if len(raw) >= 4 and not len(raw) % 2:
                 pts = [(raw[i], raw[i + 1]) for i in range(0, len(raw), 2)]
-                self.adc_cal = "flash"
-        except OSError:
-            pass
+                for i in range(1, len(pts)):
+                    # a damaged cache: codes and voltages must both rise
+                    if not (0 <= pts[i - 1][0] < pts[i][0] <= 4095 and pts[i - 1][1] <= pts[i][1]):
+                        pts = None
+                        break
+                if pts:
+                    self.adc_cal = "flash"
+        except (OSError, ValueError):
+            pts = None
         if pts is None:
             try:
                 pts = self.hal.adc_calibration()

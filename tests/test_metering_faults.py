@@ -13,7 +13,7 @@ import pytest
 
 from harness import ROOT, micropython_cmd, mpy_env
 from peergrid.registry import Device
-from peergrid.validate import Validator
+from peergrid.validate import Validator, fault_warnings
 from protocol import messages, topics
 
 SIM_CHANNELS = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 100},
@@ -47,6 +47,8 @@ def test_a_fault_arrives_flagged_and_accepted(tmp_path: Path, scenario: str) -> 
     assert r["windows"] >= 2 * 2000 // 200, r
     assert m["meas"] == 0 if scenario == "vref" else m["meas"] >= 900, m
     w = [c[0] for c in m["ch"]]
+    # counted per device by the gateway (metrics warnings)
+    assert fault_warnings(m) == {"ok": [], "clip": ["clipped"], "ctf": ["ct_fault"], "vref": ["vref_fault"]}[scenario]
     if scenario == "ok":
         assert not flags & fault_bits and "clip" not in m and "ctf" not in m
         assert abs(w[0] - 4600) < 25 and abs(w[1] + 1150) < 10 and m["freq_chz"] == 5000, m
@@ -63,3 +65,21 @@ def test_a_fault_arrives_flagged_and_accepted(tmp_path: Path, scenario: str) -> 
         # apparent power at the nominal voltage, booked as import even for
         # the exporting channel: a dead reference never pays its owner
         assert abs(w[0] - 4600) < 50 and abs(w[1] - 1150) < 15 and m["ch"][1][1] >= 0, m
+
+
+def test_the_adc_calibration_is_cached_in_flash_and_a_damaged_cache_is_measured_again(tmp_path: Path) -> None:
+    _, r = readings(tmp_path, "ok")
+    assert r["adc_cal"] == "efuse" and (tmp_path / "adc_cal.bin").stat().st_size >= 16
+    cached = (tmp_path / "adc_cal.bin").read_bytes()
+    _, r = readings(tmp_path, "ok")          # the next boot: from flash, the same points
+    assert r["adc_cal"] == "flash" and (tmp_path / "adc_cal.bin").read_bytes() == cached
+    (tmp_path / "adc_cal.bin").write_bytes(cached[:13])     # torn write: not whole points
+    _, r = readings(tmp_path, "ok")
+    assert r["adc_cal"] == "efuse" and (tmp_path / "adc_cal.bin").read_bytes() == cached
+
+
+def test_a_cache_with_falling_points_is_not_trusted(tmp_path: Path) -> None:
+    import struct
+    (tmp_path / "adc_cal.bin").write_bytes(struct.pack("<6i", 0, 0, 4000, 3000000, 2000, 100))
+    _, r = readings(tmp_path, "ok")
+    assert r["adc_cal"] == "efuse"

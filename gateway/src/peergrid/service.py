@@ -29,7 +29,7 @@ from peergrid import registry as reg
 from peergrid.metrics import Metrics
 from peergrid.mqttsock import Client as BufferedClient
 from peergrid.store import Store
-from peergrid.validate import Accepted, Duplicate, Rejected, Validator
+from peergrid.validate import Accepted, Duplicate, Rejected, Validator, fault_warnings
 from protocol import topics
 
 log = logging.getLogger("peergrid.gateway")
@@ -167,6 +167,8 @@ class Gateway:
         self.metrics.accept(r.kind)
         for w in r.warnings:
             self.metrics.warn("clock", r.device)
+        for name in fault_warnings(r.msg):
+            self.metrics.warn(name, r.device)
         if self.control is not None:
             if r.kind == topics.READING:
                 self.control.on_reading(r.device, r.msg, self._grid_index(r.community, r.device), r.t_recv)

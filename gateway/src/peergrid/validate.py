@@ -208,6 +208,19 @@ class Validator:
                 del st.last_regs[min(st.last_regs)]
 
 
+# reading flags that say a measurement is not to be trusted as it stands;
+# each accepted reading carrying one is counted per device (metrics warnings)
+FAULT_FLAGS = ((messages.F_CLIPPED, "clipped"), (messages.F_VREF_FAULT, "vref_fault"),
+               (messages.F_CT_FAULT, "ct_fault"), (messages.F_FREQ_RANGE, "freq_range"),
+               (messages.F_UNCALIBRATED, "uncalibrated"))
+
+
+def fault_warnings(msg: dict[str, Any]) -> list[str]:
+    """The measurement faults a reading reports (empty for other kinds)."""
+    flags = msg.get("flags", 0) if "ch" in msg else 0
+    return [name for bit, name in FAULT_FLAGS if flags & bit]
+
+
 def _device_of(topic: str | bytes) -> str | None:
     try:
         return topics.parse(topic)[1]
