@@ -19,7 +19,7 @@
 # echo) of the question, or it is refused ("frame") and the request retried.
 #
 # Every wait is bounded by the clock, so an unplugged device costs at most
-# (retries + 1) x (2 x timeout), and after that the unit is left alone for a
+# (retries + 2) x timeout, and after that the unit is left alone for a
 # back-off that doubles from backoff_ms[0] to backoff_ms[1] while it keeps
 # failing: a dead inverter cannot slow the board's loop down for long.
 #
@@ -181,9 +181,11 @@ class Master:
                 n = u.readinto(buf)
                 if n:
                     self.stats["drained"] += n
-                    self._busy = now
-                    if self._gunit is not None:
+                    # a frame that starts after a silence, not the tail of
+                    # one refused a moment ago
+                    if self._gunit is not None and c.ticks_diff(now, self._busy) >= self.t35_ms:
                         self._late(now)
+                    self._busy = now
                     g = c.ticks_diff(self._guard, now)
                     if 0 < g <= _GUARD_MAX:
                         # one late answer: the other tries' may follow
@@ -266,7 +268,7 @@ class Master:
             raise ModbusError("frame", 0, "echo differs")
         return want
 
-    def _guard_after(self, unit, sent, ms):
+    def _guard_after(self, unit, sent, ms, timed_out):
         # a retry asks the same question, so a late answer to one try is a
         # right answer to the next; but once a request that had to be
         # retried is over, no other may go out until an answer still on its
@@ -276,7 +278,7 @@ class Master:
         self._guard = c.ticks_add(c.ticks_ms(), ms)
         self._gspan = ms
         self._gsent = sent
-        self._gunit = unit
+        self._gunit = unit if timed_out else None    # only a timeout has a late answer
 
     def _transact(self, unit, fc, n, want):
         if self.is_down(unit):
@@ -291,6 +293,7 @@ class Master:
         c = self.clock
         err = None
         troubled = False
+        timed_out = False
         for _ in range(self.retries + 1):
             self.stats["requests"] += 1
             self._send(n)
@@ -304,23 +307,27 @@ class Master:
                     self.stats["exceptions"] += 1
                     self._down.pop(unit, None)     # it answered: it is alive
                     if troubled:
-                        self._guard_after(unit, t0, first_ms + rest_ms)
+                        self._guard_after(unit, t0, first_ms + rest_ms, timed_out)
                     raise
                 troubled = True
                 if e.kind == "crc":
                     self.stats["crc_errors"] += 1
                 elif e.kind == "timeout":
                     self.stats["timeouts"] += 1
+                    timed_out = True
                 else:
                     self.stats["frame_errors"] += 1
                 continue
             self._down.pop(unit, None)
             self.stats["ok"] += 1
             if troubled:
-                self._guard_after(unit, t0, first_ms + rest_ms)
+                self._guard_after(unit, t0, first_ms + rest_ms, timed_out)
             return got
-        self._guard_after(unit, t0, first_ms + rest_ms)
+        self._guard_after(unit, t0, first_ms + rest_ms, timed_out)
         if err.kind == "timeout":  # type: ignore[union-attr]  # set: the loop runs at least once
+            # the unit is left alone now: wait its guard out here, where a
+            # late answer shows how slow the device really is
+            self._settle()
             self._failed(unit)
         raise err  # type: ignore[misc]  # a ModbusError, as above
 
