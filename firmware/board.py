@@ -349,10 +349,11 @@ class Board:
             return False
 
     def _clean3(self, v):
-        # None (not implemented on the device) becomes 0 on the wire
+        # an item the device does not say (SunSpec "not implemented") stays
+        # None: null on the wire, unknown, never 0
         if v is None:
             return None
-        return [0 if x is None else int(x) for x in v]
+        return [None if x is None else int(x) for x in v]
 
     def measure(self, now, dt_ms):
         rs = self.fe.update(self.regs, dt_ms)

@@ -112,6 +112,10 @@ def _int_in(v, lo, hi, name):
     return v
 
 
+def _or_null(v, lo, hi, name):
+    return None if v is None else _int_in(v, lo, hi, name)
+
+
 def _check(typ, v, lo, hi, name):
     if typ == _U:
         return _int_in(v, max(lo, 0), hi, name)
@@ -149,9 +153,10 @@ def _check(typ, v, lo, hi, name):
         if not isinstance(v, list) or len(v) != 3:
             raise ProtocolError(E_SCHEMA, "%s must be [state, W, %s]"
                                 % (name, "Wh" if typ == _INV else "permille"))
-        third = _int_in(v[2], 0, _E_MAX if typ == _INV else 1000, name)
-        return [_int_in(v[0], 0, 0xFFFF, name + " state"),
-                _int_in(v[1], -_P_MAX, _P_MAX, name + " W"), third]
+        # null: the device does not say (SunSpec "not implemented"), never 0
+        third = _or_null(v[2], 0, _E_MAX if typ == _INV else 1000, name)
+        return [_or_null(v[0], 0, 0xFFFF, name + " state"),
+                _or_null(v[1], -_P_MAX, _P_MAX, name + " W"), third]
     raise ProtocolError(E_SCHEMA, "unknown field type")
 
 
@@ -236,6 +241,13 @@ def encode(w, kind, fields):
             w.value(v)
 
 
+def _int_or_null(w, v):
+    if v is None:
+        w.simple(None)          # unknown (the device does not say)
+    else:
+        w.int(v)
+
+
 def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat, meas=None, clip=0, ctf=0):
     """Encode a reading into Writer `w` without allocating.
 
@@ -282,15 +294,15 @@ def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat,
     if inv is not None:
         w.head(0, 8)
         w.array(3)
-        w.int(inv[0])
-        w.int(inv[1])
-        w.int(inv[2])
+        _int_or_null(w, inv[0])
+        _int_or_null(w, inv[1])
+        _int_or_null(w, inv[2])
     if bat is not None:
         w.head(0, 9)
         w.array(3)
-        w.int(bat[0])
-        w.int(bat[1])
-        w.int(bat[2])
+        _int_or_null(w, bat[0])
+        _int_or_null(w, bat[1])
+        _int_or_null(w, bat[2])
     if meas is not None:
         w.head(0, 10)
         w.int(meas)

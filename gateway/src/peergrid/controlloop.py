@@ -153,7 +153,7 @@ class ControlLoop:
         with self.lock:
             self.readings[device] = (float(ch[grid_index][0]), t_recv)
             bat = msg.get("bat")
-            if bat:
+            if bat and bat[2] is not None:          # null: the battery does not say
                 self.soc[device] = int(bat[2])
         self.wake.set()
 
