@@ -48,7 +48,9 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     assert r["fits"], r
     # the budget the firmware keeps to (README, "The board's heap"): a change
     # that loads more code or keeps more data has to say so here
-    assert r["code_heap_bytes"] <= 80_000 and r["peak_live_heap_bytes"] <= 112_000, r
+    # (84,000 and 116,000: continuous metering, fault flags and the ADC calibration at
+    # boot added about 4 KB of code in issue 16)
+    assert r["code_heap_bytes"] <= 84_000 and r["peak_live_heap_bytes"] <= 116_000, r
     # 24 h at one reading a minute: every one made, published once at least,
     # none left in the spool, none dropped, no spool error, no period missed
     assert r["readings_made"] == 24 * 60
