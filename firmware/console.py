@@ -14,8 +14,8 @@
 # does not match is answered with err "crc" when its seq can be read, otherwise
 # dropped; a frame that stays incomplete for 2 s is dropped.
 #
-# Operations (see Ops): hello, status, measure, read_config, write_config,
-# relay, probe_inverter, reboot. Writing the config is atomic: the new file is
+# Operations (see Ops): hello, status, measure, cal_measure, read_config,
+# write_config, relay, probe_inverter, reboot. Writing the config is atomic: the new file is
 # written beside the old one, checked by reading it back, then renamed over it,
 # so a board that loses power half-way still has the old config (or none).
 import binascii
@@ -200,6 +200,39 @@ class Ops:
             out["vrms_v"] = r0.vrms_dv / 10
             out["freq_hz"] = r0.freq_chz / 100 if r0.freq_chz else None
         return out
+
+    def op_cal_measure(self, req):
+        """Every channel's power as a phasor against the voltage, at gain 1,
+        averaged over `windows` new windows (firmware/calibrate.py): the
+        commissioning takes it with the test load off and on and finds each
+        CT's phase and gain from the difference. a_w, b_w: the channel
+        measures a_w cos t + b_w sin t with a phase correction of t degrees;
+        sd_w: the spread of one window; gain, phase_deg: what it runs with."""
+        b = self.board
+        meter = getattr(b.fe, "meter", None)
+        if meter is None:
+            return {"ok": False, "err": "unsupported",
+                    "msg": "this board's metering chip (ATM90E32) keeps the CT phase in its own registers, "
+                           "which the commissioning does not set"}
+        if not meter.has_vref:
+            return {"ok": False, "err": "novref",
+                    "msg": "this board has no voltage input: without it neither real power nor a CT's phase "
+                           "can be measured"}
+        n = req.get("windows", 8)
+        if not isinstance(n, int) or not 1 <= n <= 16:
+            return {"ok": False, "err": "arg", "msg": "windows is 1..16"}
+        from firmware import calibrate
+        got = calibrate.measure(meter, n)
+        roles = b.cfg.get("channels") or {}
+        ch = []
+        for i in range(len(got)):
+            a, bb, sd = got[i]
+            c = meter.channels[i]
+            ch.append({"name": c.name, "role": (roles.get(c.name) or {}).get("role", ""),
+                       "a_w": round(a, 2), "b_w": round(bb, 2), "sd_w": round(sd, 2),
+                       "gain": c.gain, "phase_deg": c.phase_deg})
+        r0 = meter.results[0] if meter.results else None
+        return {"ok": True, "windows": n, "ch": ch, "vrms_v": r0.vrms_dv / 10 if r0 is not None else None}
 
     def op_read_config(self, req):
         try:
