@@ -35,7 +35,8 @@ class ScenarioSource:
     """Fills the ADC buffer from per-channel powers (W, import positive) and
     power factors, through an ideal 12-bit converter. One mains cycle is
     tabulated per input whenever the powers change, so a window costs one
-    table look-up per sample."""
+    table look-up per sample. lead_deg[i]: how far CT i's output runs ahead
+    of the current in its wire (a real CT's phase error; set_lead)."""
 
     def __init__(self, board, vrms=230.0, freq=50.0, period_us=250):
         fe = board.get("frontend", {})
@@ -50,6 +51,7 @@ class ScenarioSource:
         n = len(self.apv)
         self.w = [0.0] * n
         self.pf = [1.0] * n
+        self.lead_deg = [0.0] * n
         self.cycle = int(1000000 / freq / period_us + 0.5)
         self.tables = None
 
@@ -57,6 +59,11 @@ class ScenarioSource:
         if self.w[i] != w or self.pf[i] != pf:
             self.w[i] = w
             self.pf[i] = pf
+            self.tables = None
+
+    def set_lead(self, i, deg):
+        if self.lead_deg[i] != deg:
+            self.lead_deg[i] = deg
             self.tables = None
 
     def _code(self, volts):
@@ -86,6 +93,7 @@ class ScenarioSource:
                     phi = math.acos(apf if apf <= 1 else 1.0)
                     if pf < 0:
                         phi = -phi      # negative pf: current leads
+                    phi -= self.lead_deg[ci] * math.pi / 180
                     cur = sign * irms * _SQRT2 * math.sin(wt * t - phi)
                     v = self.bias_v + cur / self.apv[ci]
                 c = self._code(v)

@@ -14,13 +14,17 @@
 # valid config the board then waits for one (exit code 3: reboot asked).
 # sim "ticks0" / "io0": where the board clock and the I/O clock start (ms,
 # taken modulo 2^30; default 0, io0 defaults to ticks0): a test puts the
-# ticks wrap a few seconds ahead.
+# ticks wrap a few seconds ahead. sim "ct_lead_deg": per channel, how far
+# the CT's output leads the current (a CT's phase error, for commissioning).
 #
 # Control, one JSON object per line on stdin; events, one per line on stdout:
 #   {"op": "state"}                 -> {"ev": "state", ...} everything a test checks
 #   {"op": "power", "w": [..], "pf": [..]}   fixed channel powers (W, import +)
-#   {"op": "base", "w": [..]}       fixed powers without our relays' loads,
-#                                   which are added when their relay is on
+#   {"op": "base", "w": [..], "q": [..]}   fixed powers without our relays' loads,
+#                                   which are added when their relay is on;
+#                                   q: the reactive power (var, + inductive) of
+#                                   those fixed loads (sim "base_var"), the
+#                                   relays' loads being resistive
 #   {"op": "profile"}               back to the day profile of config "sim"
 #   {"op": "advance", "s": N}       board clock jumps N seconds (less than 2^29 ms)
 #   {"op": "speed", "x": N}         clock speed factor
@@ -64,14 +68,35 @@ class Scenario:
         self.nch = nch
         self.fixed = None
         self.base = sim.get("base")         # a fixed house load from the start (sim.json)
+        self.q = sim.get("base_var")        # its reactive power per channel, var
         self.pf = None
+        self.pf_now = None                  # power factors of the last powers()
 
     def powers(self, unix, relays):
         w = self._powers(unix, relays)
+        self.pf_now = self._pf(w)
         sign = self.sim.get("ct_sign")      # a clamp fitted the wrong way round: -1
         if sign:
             w = [w[i] * (sign[i] if i < len(sign) else 1) for i in range(len(w))]
         return w
+
+    def _pf(self, w):
+        # per channel: the fixed loads' vars with everything else resistive
+        if self.fixed is not None:
+            return self.pf
+        q = self.q
+        if not q or self.base is None:
+            return None
+        out = []
+        for i in range(len(w)):
+            qi = float(q[i]) if i < len(q) else 0.0
+            s = math.sqrt(w[i] * w[i] + qi * qi)
+            if qi == 0 or s == 0:
+                out.append(1.0)
+            else:
+                apf = abs(w[i]) / s
+                out.append(apf if (qi > 0) == (w[i] >= 0) else -apf)
+        return out
 
     def _powers(self, unix, relays):
         if self.fixed is not None:
@@ -236,14 +261,18 @@ def main(argv):
         con = Console(port, ops, IoClock(hal))
     scen = Scenario(sim, b.nch)
     src = hal.source
+    lead = sim.get("ct_lead_deg") or []
+    for i in range(min(len(lead), b.nch)):
+        src.set_lead(i, float(lead[i]))
     poll = select.poll()
     poll.register(sys.stdin, select.POLLIN)
     emit({"ev": "ready", "boot": b.boot, "buffered": b.spool.count, "lost_wh": b.store.lost_wh_bound})
     while True:
         if hal.ticks_diff(hal.ticks_ms(), b.next_due) >= 0:
             w = scen.powers(hal.time()[0], b.outputs.relays)
+            pf = scen.pf_now
             for i in range(b.nch):
-                src.set(i, w[i], scen.pf[i] if scen.pf else 1.0)
+                src.set(i, w[i], pf[i] if pf else 1.0)
         b.step()
         if con is not None:
             try:
@@ -272,6 +301,8 @@ def main(argv):
             elif op == "base":
                 scen.fixed = None
                 scen.base = [float(x) for x in req["w"]]
+                if "q" in req:
+                    scen.q = req["q"]
                 b.next_due = hal.ticks_ms()
             elif op == "profile":
                 scen.fixed = None

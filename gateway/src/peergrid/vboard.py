@@ -104,6 +104,7 @@ class VirtualBoard:
             self.cable = PtyCable()
             self.console_path = self.cable.b_path     # what the commissioning laptop opens
         self.auto_restart = True                      # a reboot asked on the console restarts the process
+        self.house: dict[str, Any] | None = None      # the last power/base/profile control sent
         self.sim: Any = None
         self.proc: subprocess.Popen[str] | None = None
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -190,6 +191,8 @@ class VirtualBoard:
             q.put(ev)
             try:
                 self.start(fresh=False)
+                if self.house is not None:
+                    self.send(**self.house)      # the house's loads do not stop when its board restarts
             except (RuntimeError, TimeoutError) as e:
                 q.put({"ev": "exit", "rc": rc, "msg": str(e)})
             return
@@ -208,6 +211,8 @@ class VirtualBoard:
             raise RuntimeError(f"virtual board not running: {self.tail()}")
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
+        if req.get("op") in ("power", "base", "profile"):
+            self.house = req
 
     def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
