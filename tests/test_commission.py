@@ -7,6 +7,7 @@ words; old firmware is refused; a cable pulled half-way resumes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from harness import free_port, registry_broker, stop_process
 from peergrid import registry as reg
-from peergrid.commission import REQUIRED_FW, Operator, main, verify_report
+from peergrid.commission import REQUIRED_FW, Operator, fit_ct, main, residual, verify_report
 
 pytestmark = pytest.mark.broker
 C = "oak"
@@ -30,9 +31,11 @@ class Script(Operator):
     house, answers questions from a list, says yes to fixes."""
 
     def __init__(self, vb: Any, base: list[float], answers: dict[str, str] | None = None,
-                 on_act: Any = None) -> None:
+                 on_act: Any = None, q: list[float] | None = None, kettle_w: float = 2000) -> None:
         self.vb = vb
         self.base = base
+        self.q = q                           # the base loads' reactive power, var
+        self.kettle_w = kettle_w             # what switching the kettle on draws (0: it is broken)
         self.answers = answers or {}
         self.lines: list[str] = []
         self.on_act = on_act
@@ -57,11 +60,53 @@ class Script(Operator):
             self.on_act(instruction)
         w = list(self.base)
         if "Switch ON" in instruction:
-            w[0] += 2000                     # the kettle, on the incoming line
-        self.vb.send(op="base", w=w)
+            w[0] += self.kettle_w            # the kettle, on the incoming line
+        if self.q is not None:
+            self.vb.send(op="base", w=w, q=self.q)
+        else:
+            self.vb.send(op="base", w=w)
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def write_sheet(folder: Path, device: str, unit: int = 1) -> Path:
+    p = folder / f"{device}.toml"
+    p.write_text(f'''electrician = "A. Sparks"
+[house]
+member = "Miller, Oak Lane 3"
+device = "{device}"
+board = "sim"
+[board_settings]
+period_s = 1
+[network]
+wifi_ssid = "home"
+wifi_password = "secret-wifi"
+[[ct]]
+name = "ct1"
+role = "grid"
+rating_a = 100
+[[ct]]
+name = "ct2"
+role = "pv"
+rating_a = 32
+[[relay]]
+index = 0
+load = "water heater"
+rated_w = 2000
+failsafe = 0
+[[relay]]
+index = 1
+load = "heat pump"
+rated_w = 1500
+failsafe = 0
+[inverter]
+unit = {unit}
+[test_load]
+w = 2000
+what = "kettle"
+''')
+    return p
 
 
 class Site:
@@ -107,42 +152,7 @@ class Site:
         return vb
 
     def sheet(self, device: str, unit: int = 1) -> Path:
-        p = self.tmp / f"{device}.toml"
-        p.write_text(f'''electrician = "A. Sparks"
-[house]
-member = "Miller, Oak Lane 3"
-device = "{device}"
-board = "sim"
-[board_settings]
-period_s = 1
-[network]
-wifi_ssid = "home"
-wifi_password = "secret-wifi"
-[[ct]]
-name = "ct1"
-role = "grid"
-rating_a = 100
-[[ct]]
-name = "ct2"
-role = "pv"
-rating_a = 32
-[[relay]]
-index = 0
-load = "water heater"
-rated_w = 2000
-failsafe = 0
-[[relay]]
-index = 1
-load = "heat pump"
-rated_w = 1500
-failsafe = 0
-[inverter]
-unit = {unit}
-[test_load]
-w = 2000
-what = "kettle"
-''')
-        return p
+        return write_sheet(self.tmp, device, unit)
 
     def run(self, op: Operator, *args: str) -> int:
         return main([*args, "--gateway", f"http://127.0.0.1:{self.http}", "--token", self.token], operator=op)
@@ -162,11 +172,42 @@ def site(tmp_path, monkeypatch):
     s.close()
 
 
+def _measured(con: Any, n: int = 2) -> dict[str, Any]:
+    """The board's measurement at least n readings from now."""
+    first = con.call("measure")["readings"]
+    deadline = time.monotonic() + 20
+    while True:
+        time.sleep(0.3)
+        m = con.call("measure")
+        if m["readings"] >= first + n:
+            return m
+        assert time.monotonic() < deadline, m
+
+
 def test_a_good_house_passes_with_a_signed_report(site) -> None:
-    vb = site.board("h1")
-    op = Script(vb, [300, 0, 0, 0])
+    # the grid CT's output leads the current by 2 degrees (+6 % on a PF 0.5 load
+    # uncorrected); a fridge and a pump, 800 W at PF 0.7, run all through
+    q = [800 * math.tan(math.acos(0.7)), 0, 0, 0]
+    vb = site.board("h1", ct_lead_deg=[2.0, 0, 0, 0], base=[800, 0, 0, 0], base_var=q)
+    op = Script(vb, [800, 0, 0, 0], q=q)
+    t0 = time.monotonic()
     rc = site.run(op, "--sheet", str(site.sheet("oak3")), "--port", vb.console_path)
+    took = time.monotonic() - t0
     assert rc == 0, op.text()
+    # the CT's phase and gain found with the kettle, written, and what is left of the error reported
+    from peergrid.console import BoardConsole
+
+    con = BoardConsole(vb.console_path)
+    try:
+        ch = con.call("read_config")["config"]["channels"]
+        assert abs(ch["ct1"]["phase_deg"] - 2.0) < 0.3 and abs(ch["ct1"]["gain"] - 1) < 0.01, ch
+        assert "phase_deg" not in ch["ct2"]                 # the pv CT does not see the kettle
+        # a PF 0.5 load now measures right through the board (it read +6 % before)
+        vb.send(op="power", w=[2300, 0, 0, 0], pf=[0.5, 1, 1, 1])
+        w = _measured(con)["ch"][0]["w"]
+        assert abs(w / 2300 - 1) < 0.005, w
+    finally:
+        con.close()
     signed = json.loads((site.tmp / "report-oak3.json").read_text())
     rep = signed["report"]
     assert rep["passed"] and set(rep["checks"]) == {"first_reading", "ct", "voltage", "inverter", "relay1", "relay2"}
@@ -177,6 +218,13 @@ def test_a_good_house_passes_with_a_signed_report(site) -> None:
     assert not verify_report(signed)
     html = (site.tmp / "report-oak3.html").read_text()
     assert "PASSED" in html and "water heater" in html
+    ct = rep["checks"]["ct"]
+    assert rep["configured"]["phase_deg"] == {"ct1": ch["ct1"]["phase_deg"]} == {"ct1": ct["phase_deg"]}
+    left = ct["residual"]["ct1"]
+    assert left["pf05_error_pct"] < 0.5 and abs(left["phase_residual_deg"]) < 0.3 and abs(left["error_pct"]) < 0.5
+    assert "error at PF 0.5" in ct["msg"] and f"{left['pf05_error_pct']:.2f} % at PF 0.5" in html
+    print(f"commissioning took {took:.1f} s; ct1 phase {ch['ct1']['phase_deg']} deg, gain {ch['ct1']['gain']}, "
+          f"PF 0.5 load {w} W for 2300 W, residual {left}")
     assert "secret-wifi" not in json.dumps(rep) and "secret-wifi" not in html
     # the gateway knows the house and keeps the report; no secret went into the state file
     db = sqlite3.connect(str(site.tmp / "gw.db"))
@@ -203,12 +251,14 @@ def test_reversed_ct_is_found_and_flipped(site) -> None:
     assert rc == 0, op.text()
     assert "wrong way round" in op.text()
     rep = json.loads((site.tmp / "report-oak4.json").read_text())["report"]
-    assert rep["configured"]["gain"] == {"ct1": -1.0}
+    assert list(rep["configured"]["gain"]) == ["ct1"] and abs(rep["configured"]["gain"]["ct1"] + 1) < 0.01
+    assert abs(rep["configured"]["phase_deg"]["ct1"]) < 0.3
     assert rep["checks"]["ct"]["ok"] and rep["checks"]["ct"]["measured_w"] > 1700
 
 
 def test_wrong_inverter_address_and_a_dead_relay_fail_with_their_reasons(site) -> None:
-    vb = site.board("h3", dead_relays=[1])
+    # and a grid CT 14 degrees off: no CT does that (a clamp not closed, another phase)
+    vb = site.board("h3", dead_relays=[1], ct_lead_deg=[14.0, 0, 0, 0])
     op = Script(vb, [300, 0, 0, 0])
     rc = site.run(op, "--sheet", str(site.sheet("oak5", unit=3)), "--port", vb.console_path)
     assert rc == 1, op.text()
@@ -219,6 +269,12 @@ def test_wrong_inverter_address_and_a_dead_relay_fail_with_their_reasons(site) -
     assert rep["checks"]["relay1"]["ok"]
     assert not rep["checks"]["relay2"]["ok"] and "heat pump" in rep["checks"]["relay2"]["msg"]
     assert "check the contactor" in rep["checks"]["relay2"]["msg"]
+    ct = rep["checks"]["ct"]
+    assert not ct["ok"] and "phase would be corrected by +14.0 degrees" in ct["msg"], ct
+    assert "config was not changed" in ct["msg"] and rep["configured"]["phase_deg"] == {}
+    assert rep["configured"]["gain"] == {}
+    cfg = json.loads((site.tmp / "h3" / "config.json").read_text())
+    assert cfg["channels"]["ct1"]["gain"] == 1.0 and "phase_deg" not in cfg["channels"]["ct1"]
     assert "FAILED" in (site.tmp / "report-oak5.html").read_text()
 
 
@@ -294,3 +350,52 @@ def test_console_config_writes_are_atomic_and_checked(tmp_path) -> None:
         con.close()
     finally:
         vb.close()
+
+
+def test_a_test_load_that_does_not_show_up_is_refused_and_nothing_written(tmp_path) -> None:
+    """No broker needed: the CT step alone on a commissioned board, whose
+    kettle does not heat (or is in another house). Nothing is written."""
+    from peergrid.commission import Commissioning
+    from peergrid.vboard import VirtualBoard, default_config
+
+    cfg = default_config(C, "oak8", os.urandom(32), "127.0.0.1", free_port(), "u", "p", period_s=1)
+    vb = VirtualBoard(tmp_path / "b", cfg, console=True, sim={"start": int(time.time()), "base": [300, 0, 0, 0],
+                                                              "ct_lead_deg": [2.0, 0, 0, 0]})
+    try:
+        vb.start()
+        before = (tmp_path / "b" / "config.json").read_text()
+        op = Script(vb, [300, 0, 0, 0], kettle_w=0)
+        c = Commissioning(tmp_path / "state.json", op, None, vb.console_path, write_sheet(tmp_path, "oak8"),
+                          settle_s=0.4)
+        c._connect()
+        try:
+            c.step_ct()
+        finally:
+            assert c.con is not None
+            c.con.close()
+        ct = c.st["checks"]["ct"]
+        assert not ct["ok"] and "kettle did not show up: 0 W seen for 2000 W" in ct["msg"], ct
+        assert "config was not changed" in ct["msg"] and "Switch OFF the kettle" in op.text()
+        assert (tmp_path / "b" / "config.json").read_text() == before
+        assert "gain" not in c.st and "phase_deg" not in c.st
+    finally:
+        vb.close()
+
+
+def test_ct_figures_guard_rails_and_residual() -> None:
+    """The commissioning's arithmetic on the test load's phasor (no board)."""
+    c, s = math.cos(math.radians(2)), math.sin(math.radians(2))
+    # a CT leading 2 degrees, uncorrected: +6.0 % on a PF 0.5 lagging load, -6.1 % leading
+    assert abs(residual(2000 * c, 2000 * s, 1.0, 0.0, 2000)["pf05_error_pct"] - 6.1) < 0.05
+    f = fit_ct(1960 * c, 1960 * s, 2000)
+    assert f["problem"] is None and abs(f["phase_deg"] - 2) < 1e-3 and abs(f["gain"] - 2000 / 1960) < 1e-4
+    left = residual(1960 * c, 1960 * s, f["gain"], f["phase_deg"], 2000)
+    assert left["pf05_error_pct"] < 0.01 and abs(left["phase_residual_deg"]) < 1e-3
+    f = fit_ct(-2000 * c, -2000 * s, 2000)                       # the wrong way round
+    assert f["problem"] is None and abs(f["phase_deg"] - 2) < 1e-3 and abs(f["gain"] + 1) < 1e-4
+    assert residual(-2000 * c, -2000 * s, f["gain"], f["phase_deg"], 2000)["pf05_error_pct"] < 0.01
+    assert "gain of 2.86" in fit_ct(700, 0, 2000)["problem"]     # a 100 A clamp entered as 35 A?
+    assert "gain of 0.40" in fit_ct(5000, 0, 2000)["problem"]
+    assert "did not show up" in fit_ct(300, 200, 2000)["problem"]
+    far = fit_ct(2000 * math.cos(math.radians(-12)), 2000 * math.sin(math.radians(-12)), 2000)["problem"]
+    assert "-12.0 degrees" in far

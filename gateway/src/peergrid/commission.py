@@ -17,8 +17,11 @@ that file):
      account and ACL
   5. write the commissioning config to the board (atomic on the board)
   6. reboot it and see it come back with that config
-  7. checks: first authenticated reading at the gateway; CT polarity and
-     magnitude with a known load (offers to flip or recalibrate); voltage
+  7. checks: first authenticated reading at the gateway; each CT's gain and
+     phase found with the test load (off, on: other loads drop out of the
+     difference), a reversed CT flipped, written to the board and measured
+     again for the residual error (boards that cannot measure the phase: the
+     load's power checked, gain fixed when asked); voltage
      and frequency; the inverter found and its serial number read; each relay
      clicked and its load seen
   8. the report: everything configured and measured, pass/fail per check,
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import sys
 import time
@@ -43,6 +47,7 @@ from peergrid.console import BoardConsole, BoardRefused, ConsoleError
 REQUIRED_FW = "0.4.0"            # the firmware this tool was built with (firmware/board.py FW_VERSION)
 BOARDS = Path(__file__).resolve().parents[3] / "boards"
 USB_VIDS = {0x10C4: "CP210x", 0x1A86: "CH340", 0x303A: "Espressif", 0x0403: "FTDI"}
+PF05_LIMIT_PCT = 1.0            # the CT check passes when the residual error at PF 0.5 is within this
 STEPS = ("identify", "sheet", "register", "write", "reboot", "first_reading", "ct", "voltage", "inverter", "relays",
          "report")
 
@@ -122,12 +127,15 @@ class Gateway:
 
 class Commissioning:
     def __init__(self, state_path: Path, op: Operator, gateway: Gateway | None, port: str | None,
-                 sheet_path: Path | None = None, settle_s: float = 1.0, reading_wait_s: float = 60) -> None:
+                 sheet_path: Path | None = None, settle_s: float = 1.0, reading_wait_s: float = 60,
+                 cal_windows: int = 8) -> None:
         self.state_path = state_path
         self.op = op
         self.gw = gateway
         self.port = port
         self.settle_s = settle_s
+        self.cal_windows = cal_windows      # windows the board averages for each CT measurement
+        self.no_phase = ""                  # why this board cannot calibrate the CT phase
         self.reading_wait_s = reading_wait_s
         self.st: dict[str, Any] = {"done": [], "checks": {}, "started": time.time()}
         if state_path.exists():
@@ -297,7 +305,9 @@ class Commissioning:
             "broker": {"host": c["broker_host"], "port": c["broker_port"], "user": c["broker_user"],
                        "password": c["broker_password"]},
             "channels": {x["name"]: {"role": x["role"], "gain": float(self.st.get("gain", {}).get(x["name"], 1.0)),
-                                     "rating_a": x["rating_a"], **({"phase": x["phase"]} if "phase" in x else {})}
+                                     "rating_a": x["rating_a"], **({"phase": x["phase"]} if "phase" in x else {}),
+                                     **({"phase_deg": float(self.st["phase_deg"][x["name"]])}
+                                        if x["name"] in self.st.get("phase_deg", {}) else {})}
                          for x in sh["ct"]},
             "relays": [{"failsafe": 0, "load": ""} for _ in range(max([r["index"] for r in sh.get("relay", [])] or [-1]) + 1)],
         }
@@ -383,9 +393,131 @@ class Commissioning:
         raise Stop("No CT has the role 'grid' in the sheet")
 
     def step_ct(self) -> None:
+        """Gain and phase of the CTs from the test load (a resistive one of
+        known power, on the sheet): the board measures every channel's power
+        phasor (console op cal_measure, firmware/calibrate.py) with the load
+        off and on; what the house's other loads draw, whatever their power
+        factor, is the same in both and drops out of the difference. Written
+        to the config, then checked again with the board running it."""
         tl = self.st["sheet"].get("test_load") or {"w": 2000, "what": "kettle"}
+        for attempt in range(2):
+            if not self._ct_round(tl) or attempt == 1:
+                return
+            if not self.op.confirm("Measure the CTs again (with the other loads as steady as they can be)?"):
+                return
+
+    def _ct_round(self, tl: dict[str, Any]) -> bool:
+        """One calibration of the CTs with the test load; True when it was
+        written but the check afterwards did not agree (worth another go)."""
         expect = int(tl["w"])
-        self.op.act(f"Make sure the {tl.get('what', 'test load')} and other large loads are OFF")
+        what = tl.get("what", "test load")
+        self.op.act(f"Make sure the {what} is OFF (other loads may stay as they are)")
+        off1 = self._phasors()
+        if off1 is None:
+            self.op.say(f"  CT phase not calibrated: {self.no_phase}")
+            self._ct_gain_only(tl, expect)
+            return False
+        self.op.act(f"Switch ON the {what} ({expect} W) in this house")
+        on1 = self._phasors()
+        assert on1 is not None
+        grid = self._grid_name()
+        fits = {}
+        for name in on1:
+            da, db = _delta(on1, off1, name)
+            fits[name] = fit_ct(da, db, expect)
+        g = fits[grid]
+        if g["problem"]:
+            self.op.act(f"Switch OFF the {what}")
+            self.check("ct", False, f"grid CT {grid}: {g['problem'].format(what=what)} The board's config was not "
+                                    "changed.", expected_w=expect, measured_w=round(g["seen_w"]),
+                       phase_deg=g["phase_deg"], gain=g["gain"])
+            return False
+        if g["gain"] < 0 and self.st.get("gain", {}).get(grid, 1.0) > 0:
+            self.op.say(f"  The grid CT {grid} reads -{round(g['seen_w'])} W for the {expect} W load: it is the wrong "
+                        "way round (or its two wires are swapped).")
+            if not self.op.confirm("Flip its direction in the board's config (no need to turn the clamp)?"):
+                self.op.act(f"Switch OFF the {what}")
+                self.check("ct", False, f"grid CT {grid} reversed (-{round(g['seen_w'])} W for {expect} W); turn the "
+                                        "clamp round", expected_w=expect, measured_w=-round(g["seen_w"]))
+                return False
+        cal = {grid: g}
+        for name, f in fits.items():
+            # another CT the test load also flows through (a load circuit) is calibrated alike
+            if name != grid and not f["problem"] and f["gain"] > 0 and name in self._sheet_cts():
+                cal[name] = f
+        for name, f in cal.items():
+            self.st.setdefault("gain", {})[name] = round(f["gain"], 4)
+            self.st.setdefault("phase_deg", {})[name] = round(f["phase_deg"], 3)
+            self.op.say(f"  CT {name}: gain {f['gain']:.4f}, phase {f['phase_deg']:+.2f} deg")
+        for name in self._sheet_cts():
+            if name not in cal:
+                self.op.say(f"  CT {name}: the {what} does not flow through it; its gain and phase stay as they are")
+        self.op.say(f"  Leave the {what} ON: the board restarts with its calibration and measures it again")
+        self._rewrite_config()
+        on2 = self._phasors()
+        assert on2 is not None
+        if abs(_delta(on2, off1, grid)[0]) < 0.5 * abs(_delta(on1, off1, grid)[0]):
+            self.op.act(f"Switch ON the {what} again ({expect} W): it went off during the restart")
+            on2 = self._phasors()
+            assert on2 is not None
+        self.op.act(f"Switch OFF the {what}")
+        off2 = self._phasors()
+        assert off2 is not None
+        res = {}
+        for name in cal:
+            da, db = _delta(on2, off2, name)
+            c = on2[name]                    # the gain and phase the board now runs with
+            res[name] = residual(da, db, c["gain"], c["phase_deg"], expect)
+            d1 = _delta(on1, off1, name)
+            res[name]["repeat_pct"] = round(100 * ((da - d1[0]) ** 2 + (db - d1[1]) ** 2) ** 0.5 / expect, 2)
+        r = res[grid]
+        ok = abs(r["pf05_error_pct"]) <= PF05_LIMIT_PCT and abs(r["error_pct"]) <= PF05_LIMIT_PCT
+        msg = (f"grid CT {grid}: +{r['measured_w']} W for the {expect} W {what} ({r['error_pct']:+.2f} %), gain "
+               f"{self.st['gain'][grid]}, phase {self.st['phase_deg'][grid]:+.2f} deg; residual phase "
+               f"{r['phase_residual_deg']:+.2f} deg, error at PF 0.5 {r['pf05_error_pct']:.2f} %")
+        if not ok:
+            msg += (f" (more than {PF05_LIMIT_PCT} %: did a load change while measuring? The two measurements "
+                    f"differ by {r['repeat_pct']} % of the {what})")
+        for name in cal:
+            if name != grid:
+                x = res[name]
+                msg += (f"; CT {name}: gain {self.st['gain'][name]}, phase {self.st['phase_deg'][name]:+.2f} deg, "
+                        f"error at PF 0.5 {x['pf05_error_pct']:.2f} %")
+        self.check("ct", ok, msg, expected_w=expect, measured_w=r["measured_w"], gain=self.st["gain"][grid],
+                   phase_deg=self.st["phase_deg"][grid], residual=res)
+        return not ok
+
+    def _sheet_cts(self) -> list[str]:
+        return [c["name"] for c in self.st["sheet"]["ct"]]
+
+    def _grid_name(self) -> str:
+        for c in self.st["sheet"]["ct"]:
+            if c.get("role") == "grid":
+                return str(c["name"])
+        raise Stop("No CT has the role 'grid' in the sheet")
+
+    def _phasors(self) -> dict[str, dict[str, Any]] | None:
+        """Every channel's power phasor now, by name (console op cal_measure);
+        None when this board cannot measure it (the reason in no_phase)."""
+        time.sleep(self.settle_s / 2)
+        self._c("hello")        # is the board there at all (a short timeout), before the long wait
+        try:
+            # an ESP32 takes up to about a second a window (its sampling and four passes over it)
+            r = self._c("cal_measure", windows=self.cal_windows, timeout=5 + 1.5 * self.cal_windows)
+        except BoardRefused as e:
+            if e.err == "op":
+                self.no_phase = "the board's firmware cannot measure it (update it to calibrate the CT phase)"
+                return None
+            if e.err in ("unsupported", "novref"):
+                self.no_phase = e.msg
+                return None
+            raise Stop(f"The board could not measure the CTs: {e.msg}") from None
+        return {c["name"]: c for c in r["ch"]}
+
+    def _ct_gain_only(self, tl: dict[str, Any], expect: int) -> None:
+        """The CT check of a board that cannot calibrate the phase: the test
+        load's power from two readings, right way round and within 15 %."""
+        note = f"; phase not calibrated: {self.no_phase}"
         for attempt in range(3):
             base = self._fresh()
             name, w0 = self._grid(base)
@@ -396,8 +528,9 @@ class Commissioning:
             delta = w1 - w0
             ratio = delta / expect if expect else 0
             if 0.85 <= ratio <= 1.15:
-                self.check("ct", True, f"grid CT {name}: +{delta} W for the {expect} W test load, right way round",
-                           expected_w=expect, measured_w=delta, gain=self.st.get("gain", {}).get(name, 1.0))
+                self.check("ct", True, f"grid CT {name}: +{delta} W for the {expect} W test load, right way round"
+                           + note, expected_w=expect, measured_w=delta, gain=self.st.get("gain", {}).get(name, 1.0),
+                           phase_deg=None)
                 return
             if -1.15 <= ratio <= -0.85:
                 self.op.say(f"  The grid CT {name} reads {delta} W for the {expect} W load: it is the wrong way round "
@@ -501,7 +634,7 @@ class Commissioning:
                "cfg_digest": self.st.get("cfg_digest"), "electrician": sh.get("electrician", ""),
                "started": self.st["started"], "finished": time.time(),
                "configured": {"ct": sh["ct"], "relay": sh.get("relay", []), "inverter": sh.get("inverter"),
-                              "gain": self.st.get("gain", {}),
+                              "gain": self.st.get("gain", {}), "phase_deg": self.st.get("phase_deg", {}),
                               "network": {k: v for k, v in (sh.get("network") or {}).items() if "password" not in k}},
                "member_key": self.st.get("member_key_public"),
                "checks": checks, "passed": all(c["ok"] for c in checks.values())}
@@ -513,6 +646,58 @@ class Commissioning:
         self.st["report_json"] = str(base.with_suffix(".json"))
         self.st["report_html"] = str(base.with_suffix(".html"))
         self.op.say(f"  report signed by the gateway (#{sig['id']}): {self.st['report_html']}")
+
+
+def _delta(on: dict[str, dict[str, Any]], off: dict[str, dict[str, Any]], name: str) -> tuple[float, float]:
+    """The test load's own power phasor on a channel: on minus off."""
+    return on[name]["a_w"] - off[name]["a_w"], on[name]["b_w"] - off[name]["b_w"]
+
+
+def fit_ct(da: float, db: float, expect_w: float) -> dict[str, Any]:
+    """Gain and phase correction of a CT from the phasor (da, db) of a
+    resistive load of expect_w W, measured at gain 1 (the channel would read
+    da cos t + db sin t with a correction of t degrees; firmware/calibrate.py
+    solve() is the board's side of the same). A negative gain: the CT is the
+    wrong way round. `problem`: why these figures must not be written (a
+    format string with {what}), else None."""
+    seen = math.hypot(da, db)
+    out: dict[str, Any] = {"seen_w": seen, "gain": None, "phase_deg": None, "problem": None}
+    if seen < 0.3 * expect_w:
+        out["problem"] = (f"the {{what}} did not show up: {seen:.0f} W seen for {expect_w:.0f} W. Was it really "
+                          "switched on, and is it in this house, on the circuit behind this clamp (the incoming line "
+                          "for the grid CT)?")
+        return out
+    sign = 1.0 if da >= 0 else -1.0
+    phase = math.degrees(math.atan2(sign * db, sign * da))
+    gain = sign * expect_w / seen
+    out["gain"] = round(gain, 4)
+    out["phase_deg"] = round(phase, 3)
+    if not 0.5 <= abs(gain) <= 2.0:
+        out["problem"] = (f"{seen:.0f} W seen for the {expect_w:.0f} W {{what}}, a gain of {abs(gain):.2f}, outside "
+                          "0.5 to 2. Is the clamp fully closed, is its rating on the sheet right, is the load's power "
+                          "right, and is the load on the circuit behind this clamp?")
+    elif abs(phase) > 10:
+        out["problem"] = (f"its phase would be corrected by {phase:+.1f} degrees; a CT is never that far off (at "
+                          "most a few degrees). Is the clamp fully closed and on the same phase as the board's voltage "
+                          "input (a three-phase house?), and is the {what} purely resistive (a kettle or a heater, not "
+                          "a heat pump, a microwave or anything with a motor or a power supply)?")
+    return out
+
+
+def residual(da: float, db: float, gain: float, phase_deg: float, expect_w: float) -> dict[str, Any]:
+    """What is left of a CT's error with the gain and phase the board runs
+    with, from the phasor (da, db) of the resistive test load at gain 1: its
+    power as measured, the error on it, the phase error left, and the worst
+    error on a load of power factor 0.5 (lagging or leading)."""
+    mag = math.hypot(da, db)
+    t = math.radians(phase_deg)
+    measured = gain * (da * math.cos(t) + db * math.sin(t))
+    sign = 1.0 if gain >= 0 else -1.0
+    left = math.atan2(sign * db, sign * da) - t          # the phase error not corrected
+    k = abs(gain) * mag / expect_w
+    pf05 = max(abs(k * math.cos(left - phi) / math.cos(phi) - 1) for phi in (math.pi / 3, -math.pi / 3))
+    return {"measured_w": round(measured, 1), "error_pct": round(100 * (measured / expect_w - 1), 3),
+            "phase_residual_deg": round(math.degrees(left), 3), "pf05_error_pct": round(100 * pf05, 3)}
 
 
 TITLES = {"identify": "Identify the board", "sheet": "Site sheet", "register": "Register with the gateway",
@@ -568,8 +753,20 @@ def report_html(signed: dict[str, Any], member_key: str | None = None) -> str:
     e = html.escape
     rows = "".join(f"<tr class={'pass' if c['ok'] else 'fail'}><td>{e(k)}</td><td>{'PASS' if c['ok'] else 'FAIL'}</td>"
                    f"<td>{e(c['msg'])}</td></tr>" for k, c in r["checks"].items())
+    ph = r["configured"].get("phase_deg") or {}
+    left = (r["checks"].get("ct") or {}).get("residual") or {}
+
+    def _left(name: str) -> str:
+        x = left.get(name)
+        if not x:
+            return "not measured"
+        return (f"{x['error_pct']:+.2f} % on the test load, {x['pf05_error_pct']:.2f} % at PF 0.5 "
+                f"(phase {x['phase_residual_deg']:+.2f}&deg; left)")
+
     cts = "".join(f"<tr><td>{e(c['name'])}</td><td>{e(c['role'])}</td><td>{c['rating_a']} A</td>"
-                  f"<td>{r['configured']['gain'].get(c['name'], 1.0)}</td></tr>" for c in r["configured"]["ct"])
+                  f"<td>{r['configured']['gain'].get(c['name'], 1.0)}</td>"
+                  f"<td>{(format(ph[c['name']], '+.3f') + '&deg;') if c['name'] in ph else 'not calibrated'}</td>"
+                  f"<td>{_left(c['name'])}</td></tr>" for c in r["configured"]["ct"])
     rel = "".join(f"<tr><td>{x['index'] + 1}</td><td>{e(x['load'])}</td><td>{x['rated_w']} W</td>"
                   f"<td>{'on' if x.get('failsafe') else 'off'}</td></tr>" for x in r["configured"]["relay"])
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["finished"]))
@@ -584,7 +781,8 @@ td,th{{border:1px solid #999;padding:.3em .5em;text-align:left}} .pass td:nth-ch
 <table><tr><th>board</th><td>{e(r['board'])}</td></tr><tr><th>firmware</th><td>{e(r['fw'])} (digest {e(str(r['fw_digest']))})</td></tr>
 <tr><th>config digest</th><td>{e(str(r['cfg_digest']))}</td></tr><tr><th>electrician</th><td>{e(str(r['electrician']))}</td></tr></table>
 <h2>Checks</h2><table><tr><th>check</th><th>result</th><th>details</th></tr>{rows}</table>
-<h2>Current transformers</h2><table><tr><th>CT</th><th>role</th><th>rating</th><th>gain</th></tr>{cts}</table>
+<h2>Current transformers</h2><table><tr><th>CT</th><th>role</th><th>rating</th><th>gain</th><th>phase correction</th>
+<th>residual error</th></tr>{cts}</table>
 <h2>Relays</h2><table><tr><th>relay</th><th>switches</th><th>power</th><th>when the gateway is silent</th></tr>{rel}</table>
 {f"<h2>The member's voting key (keep it private)</h2><p class=sig>{e(member_key)}</p><p>Public key "
   f"<span class=sig>{e(str(r.get('member_key')))}</span>. Proposals and ballots are signed with it "
