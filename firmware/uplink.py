@@ -93,7 +93,11 @@ class Uplink:
             except Exception:
                 self.resolve_failures += 1
                 raise
-        c = BoardMQTT(self.link.device, self.addr, self.user, self.password,
+        # the client id is the broker account's name: what a PeerGrid broker
+        # (use_username_as_clientid) makes of any id, and unique across
+        # communities on a broker that does not (boards without an account
+        # keep their device id)
+        c = BoardMQTT(self.user or self.link.device, self.addr, self.user, self.password,
                       keepalive=self.keepalive_ms // 1000, timeout_s=self.cfg["sock_timeout_s"])
         c.set_callback(self._on_msg)
         c.set_last_will(self.link.t_status, bytes(self.will()), retain=True, qos=1)

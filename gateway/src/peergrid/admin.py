@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from peergrid import registry as reg
-from peergrid.service import Config, Gateway, JsonLog, reload_broker
+from peergrid.service import Config, Gateway, JsonLog, write_broker_files
 
 
 def _registry(cfg: Config) -> reg.Registry:
@@ -161,6 +161,7 @@ def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
             raise reg.RegistryError("give the board's channels: --channel grid:100 --channel pv:50 ...")
         secret, password = r.add_device(cfg.community, args.device, args.board, chans, args.member)
         _show_credentials(cfg, args.device, secret, password)
+        _accounts_changed(cfg, r)
         return 0
     if args.dcmd == "list":
         for d in r.devices(cfg.community):
@@ -172,9 +173,11 @@ def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
     if args.dcmd == "rotate":
         secret, password = r.rotate(cfg.community, args.device)
         _show_credentials(cfg, args.device, secret, password)
+        _accounts_changed(cfg, r)
         return 0
     r.revoke(cfg.community, args.device)
-    print(f"{args.device} revoked; run `peergrid broker-files` to close its broker account")
+    print(f"{args.device} revoked")
+    _accounts_changed(cfg, r)
     return 0
 
 
@@ -290,17 +293,28 @@ def _show_credentials(cfg: Config, device: str, secret: bytes, password: str) ->
     print(f"  secret          {secret.hex()}")
     print(f"  broker user     {reg.broker_user(cfg.community, device)}")
     print(f"  broker password {password}")
-    print("then run `peergrid broker-files` so the broker knows the account")
 
 
 def _broker_files(cfg: Config, r: reg.Registry) -> int:
-    if cfg.passwd_file is None or cfg.acl_file is None:
-        raise reg.RegistryError("[broker] passwd_file and acl_file are not set in the config")
-    n = r.broker_files(cfg.passwd_file, cfg.acl_file, cfg.broker_user, reg.mosquitto_hash(cfg.broker_password))
-    reloaded = reload_broker(cfg.broker_pid_file)
-    print(f"{n} device accounts written to {cfg.passwd_file} and {cfg.acl_file}; "
-          f"broker {'reloaded' if reloaded else 'NOT reloaded (no pid_file or not running): send it SIGHUP'}")
+    b = write_broker_files(cfg, r)
+    print(f"{b.accounts} device accounts written to {cfg.passwd_file} and {cfg.acl_file}; "
+          f"broker {'reloaded' if b.reloaded else 'NOT reloaded (no pid_file or not running): send it SIGHUP'}")
+    if b.conf_changed:
+        print(f"mosquitto's config written to {cfg.broker_conf_file}: restart mosquitto for it to take effect "
+              "(a reload does not reread listener settings)")
     return 0
+
+
+def _accounts_changed(cfg: Config, r: reg.Registry) -> None:
+    """After a device was added, rotated or revoked: the broker's accounts
+    follow at once when the config names its files (the running gateway
+    follows by itself within registry_poll_s)."""
+    if cfg.passwd_file is None or cfg.acl_file is None:
+        print("then run `peergrid broker-files` so the broker knows the accounts")
+        return
+    b = write_broker_files(cfg, r)
+    print(f"broker accounts written ({b.accounts} devices); broker "
+          f"{'reloaded' if b.reloaded else 'NOT reloaded (no pid_file or not running): send it SIGHUP'}")
 
 
 def status(cfg: Config, r: reg.Registry) -> int:

@@ -105,11 +105,11 @@ class Demo:
         self.port = _free_port()
         r.broker_files(self.dir / "passwd", self.dir / "acl", "gateway", reg.mosquitto_hash(self.gw_pass))
         r.db.close()
-        (self.dir / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {self.dir / 'passwd'}\n"
-            f"acl_file {self.dir / 'acl'}\npid_file {self.dir / 'mosquitto.pid'}\npersistence false\n"
-            "max_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest none\n"
-            + ("user root\n" if os.geteuid() == 0 else ""))
+        # the production config (peergrid broker-files): client ids bound to
+        # accounts, size limits, a persistent queue for the gateway
+        (self.dir / "mosquitto.conf").write_text(reg.mosquitto_conf(
+            self.port, self.dir / "passwd", self.dir / "acl", "127.0.0.1", self.dir / "mosquitto.pid", self.dir,
+            ["log_dest none"] + (["user root"] if os.geteuid() == 0 else [])))
         self.procs.append(subprocess.Popen([_mosquitto(), "-c", str(self.dir / "mosquitto.conf")],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         (self.dir / "gw.toml").write_text(

@@ -157,11 +157,9 @@ class InstallerApi:
         self.gw.validator.forget(req["device"])
         self.gw.validator.preload([x for x in r.devices(c) if x.id == req["device"]])
         if self.cfg.passwd_file is not None and self.cfg.acl_file is not None:
-            r.broker_files(self.cfg.passwd_file, self.cfg.acl_file, self.cfg.broker_user,
-                           reg.mosquitto_hash(self.cfg.broker_password))
-            from peergrid.service import reload_broker
+            from peergrid.service import write_broker_files
 
-            reload_broker(self.cfg.broker_pid_file)
+            write_broker_files(self.cfg, r)
         import logging
 
         logging.getLogger("peergrid.installer").info("installer %s registered device %s for member %d%s", who,

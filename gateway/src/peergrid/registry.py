@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import topics
+from protocol import cose, topics
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS communities (
@@ -51,7 +51,31 @@ CREATE TABLE IF NOT EXISTS feeders (
     community TEXT PRIMARY KEY REFERENCES communities(id), import_w INTEGER NOT NULL, export_w INTEGER NOT NULL);
 """
 # columns added after the first release, with what older databases get
-MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"), ("members", "pubkey", "BLOB"))
+MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"), ("members", "pubkey", "BLOB"),
+              ("devices", "version", "INTEGER NOT NULL DEFAULT 0"))
+# The registry's change counter (issue 17): whatever writes the devices table
+# (the CLI, the installer API, a split, another tool), a trigger in the same
+# transaction counts the change and marks the device with the new count, so a
+# running gateway finds what changed with two indexed reads
+# (Registry.changes), polled a few times a second. A firmware version
+# reported by a board (fw) is not a change of identity and is not counted.
+WATCH = """
+CREATE TABLE IF NOT EXISTS registry_version (id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO registry_version VALUES (0, 0);
+CREATE INDEX IF NOT EXISTS devices_version ON devices (version);
+CREATE TRIGGER IF NOT EXISTS devices_added AFTER INSERT ON devices BEGIN
+    UPDATE registry_version SET n = n + 1 WHERE id = 0;
+    UPDATE devices SET version = (SELECT n FROM registry_version WHERE id = 0) WHERE rowid = NEW.rowid;
+END;
+CREATE TRIGGER IF NOT EXISTS devices_changed
+AFTER UPDATE OF secret, revoked, channels, member, board, generation ON devices BEGIN
+    UPDATE registry_version SET n = n + 1 WHERE id = 0;
+    UPDATE devices SET version = (SELECT n FROM registry_version WHERE id = 0) WHERE rowid = NEW.rowid;
+END;
+CREATE TRIGGER IF NOT EXISTS devices_removed AFTER DELETE ON devices BEGIN
+    UPDATE registry_version SET n = n + 1 WHERE id = 0;
+END;
+"""
 
 
 class RegistryError(ValueError):
@@ -100,6 +124,8 @@ class Registry:
             have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             if col not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='trigger' AND name='devices_removed'").fetchone():
+            db.executescript(WATCH)
 
     # -- communities and members ----------------------------------------------
 
@@ -248,6 +274,29 @@ class Registry:
                 for r in self.db.execute("SELECT community, id, member, secret, board, channels, fw, generation,"
                                          " revoked FROM devices WHERE community=? ORDER BY id", (community,))]
 
+    def version(self) -> int:
+        """The registry's change counter (see WATCH)."""
+        return int(self.db.execute("SELECT n FROM registry_version WHERE id = 0").fetchone()[0])
+
+    def changes(self, community: str, since: int) -> tuple[int, list[Device], bool]:
+        """What changed after counter value `since`: (the counter now, the
+        devices of `community` added or changed since, whether a device was
+        deleted, which names none). Devices changed again meanwhile come
+        back at the next call."""
+        now = self.version()
+        if now == since:
+            return now, [], False
+        rows = self.db.execute("SELECT community, id, member, secret, board, channels, fw, generation, revoked"
+                               " FROM devices WHERE version > ? AND version <= ? AND community = ?",
+                               (since, now, community)).fetchall()
+        devs = [Device(r[0], r[1], r[2], bytes(r[3]), r[4], json.loads(r[5]), r[6], r[7], r[8]) for r in rows]
+        # a deletion bumps the counter without marking a row: when the rows
+        # marked do not account for every step, something was deleted (or
+        # changed again meanwhile; the caller then reloads what it knows)
+        marked = {r[0] for r in self.db.execute("SELECT version FROM devices WHERE version > ? AND version <= ?",
+                                               (since, now))}
+        return now, devs, len(marked) < now - since
+
     def secret_for(self, community: str, device: str) -> bytes | None:
         """The active secret of a device, None if unknown or revoked."""
         r = self.db.execute("SELECT secret FROM devices WHERE community=? AND id=? AND revoked IS NULL",
@@ -345,6 +394,79 @@ class Registry:
         _atomic(passwd, "\n".join(pw_lines) + "\n")
         _atomic(acl, "\n".join(acl_lines) + "\n")
         return n
+
+
+# What the broker lets through (issue 17). The protocol's largest message is
+# one COSE frame (cose.MAX_FRAME: a payload of at most messages.MAX_PAYLOAD
+# bytes in its envelope); the broker drops a larger one without passing it on.
+MESSAGE_LIMIT = cose.MAX_FRAME
+# Its largest packets: a PUBLISH is 1 + 2 (remaining length) + 2 + MAX_TOPIC
+# + 2 (packet id) + MAX_FRAME = 583 bytes; a board's CONNECT, whose will is
+# a status frame, at most 3 + 10 + 2 * (2 + 33) (client id, user name) + 2 +
+# MAX_TOPIC + 2 + MAX_FRAME + 2 + 64 (password) = 729 bytes. A packet beyond
+# PACKET_LIMIT disconnects its sender before the broker holds it in memory.
+PACKET_LIMIT = 1024
+
+
+def max_connect_packet(password_len: int = 64) -> int:
+    """The largest CONNECT a board sends (see PACKET_LIMIT)."""
+    user = 2 * topics.MAX_ID + 1
+    return 3 + 10 + 2 * (2 + user) + 2 + topics.MAX_TOPIC + 2 + cose.MAX_FRAME + 2 + password_len
+
+
+def mosquitto_conf(port: int, passwd: Path, acl: Path, listen: str = "", pid_file: Path | None = None,
+                   persistence_dir: Path | None = None, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """mosquitto's configuration for a PeerGrid broker (peergrid broker-files
+    writes it when [broker] conf_file is set).
+
+    * every account's client id is its user name (use_username_as_clientid,
+      a listener setting of mosquitto 2.x): no account can take over the
+      gateway's session or knock a board off by connecting with its id, and a
+      wrong password never touches the session it names;
+    * the gateway's session (clean_session false) and what is queued for it
+      outlive a restart of the broker (persistence);
+    * messages and packets beyond what the protocol makes are refused.
+    `extra`: lines appended as they are (log settings, `user`, TLS ...);
+    another listener needs its own `use_username_as_clientid true`."""
+    persistence_dir = persistence_dir or Path("/var/lib/mosquitto")
+    lines = [
+        "# written by `peergrid broker-files` from the gateway's config; changes here are overwritten.",
+        "# A reload (SIGHUP) rereads the password and ACL files; restart mosquitto when this file changes.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {passwd}",
+        f"acl_file {acl}",
+    ]
+    if pid_file is not None:
+        lines.append(f"pid_file {pid_file}")
+    lines += [
+        "# the gateway's session keeps what it has not acknowledged, across a restart of the broker too",
+        "persistence true",
+        f"persistence_location {str(persistence_dir).rstrip('/')}/",
+        "autosave_interval 60",
+        "# far above mosquitto's default of 1000, which would drop readings queued for a gateway that is away",
+        "max_queued_messages 1000000",
+        "max_inflight_messages 1000",
+        f"# the protocol's largest message is a {MESSAGE_LIMIT}-byte frame (cose.MAX_FRAME)",
+        f"message_size_limit {MESSAGE_LIMIT}",
+        f"max_packet_size {PACKET_LIMIT}",
+        f"listener {int(port)}" + (f" {listen}" if listen else ""),
+        "# each account's client id is its user name: no account can take another's session",
+        "use_username_as_clientid true",
+    ]
+    lines += list(extra)
+    return "\n".join(lines) + "\n"
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write atomically unless the file holds `text` already; True if written."""
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    _atomic(path, text)
+    return True
 
 
 def broker_user(community: str, device: str) -> str:

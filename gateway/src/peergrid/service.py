@@ -47,6 +47,11 @@ class Config:
     passwd_file: Path | None = None
     acl_file: Path | None = None
     broker_pid_file: Path | None = None
+    broker_conf_file: Path | None = None      # mosquitto's config, written by `peergrid broker-files`
+    broker_listen: str = ""                   # its listener's address ("": every interface)
+    broker_persistence_dir: Path | None = None
+    broker_conf_extra: list[str] = field(default_factory=list)
+    registry_poll_s: float = 0.25             # how often the running gateway looks for registry changes
     max_skew_s: float = 300
     max_future_s: float = 3600
     stale_after_s: float = 35
@@ -83,7 +88,10 @@ class Config:
             broker_host=b.get("host", "127.0.0.1"), broker_port=int(b.get("port", 1883)),
             broker_user=b.get("user", "gateway"), broker_password=b.get("password", ""),
             client_id=b.get("client_id", ""), passwd_file=p(b.get("passwd_file")), acl_file=p(b.get("acl_file")),
-            broker_pid_file=p(b.get("pid_file")),
+            broker_pid_file=p(b.get("pid_file")), broker_conf_file=p(b.get("conf_file")),
+            broker_listen=str(b.get("listen", "")), broker_persistence_dir=p(b.get("persistence_dir")),
+            broker_conf_extra=[str(x) for x in b.get("conf_extra", [])],
+            registry_poll_s=float(i.get("registry_poll_s", 0.25)),
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
             stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
             batch_ms=int(i.get("batch_ms", 3)), quarantine_max=int(i.get("quarantine_max", 10000)),
@@ -106,6 +114,8 @@ class Gateway:
         self.store.keep_batches = bool(cfg.extra.get("ingest", {}).get("record_batches", False))
         self.validator = Validator(cfg.community, self.registry.device, cfg.max_skew_s, cfg.max_future_s,
                                    history=self.store.history)
+        # the counter first: a change made while the devices load is seen again
+        self.registry_version = self.registry.version()
         self.validator.preload(self.registry.devices(cfg.community))
         self.metrics = Metrics()
         # bounded: when the writer falls behind, paho stops reading and the
@@ -249,6 +259,43 @@ class Gateway:
                     except sqlite3.Error:
                         pass
 
+    # -- registry changes -------------------------------------------------------------
+
+    def _watch_registry(self) -> None:
+        """Rotations, revocations and new devices take effect here within
+        registry_poll_s, whichever process made them (`peergrid device
+        rotate|revoke|add`, the installer API, a split): the registry counts
+        every change of a device (registry.WATCH) and this thread hands the
+        changed devices to the validator, which drops their cached keys."""
+        db = reg.connect(self.cfg.db)
+        r = reg.Registry(db)
+        try:
+            while not self.stop_event.wait(self.cfg.registry_poll_s):
+                try:
+                    self.check_registry(r)
+                except sqlite3.Error as e:
+                    log.error("registry poll failed (%s); retrying", e, exc_info=True)
+        finally:
+            db.close()
+
+    def check_registry(self, r: reg.Registry | None = None) -> int:
+        """Apply the registry's changes since the last look; returns how many
+        devices were refreshed."""
+        r = r or self.registry
+        n, devs, gone = r.changes(self.cfg.community, self.registry_version)
+        if n == self.registry_version:
+            return 0
+        if gone:
+            # a deletion (or a device changed twice meanwhile): compare everything
+            devs = r.devices(self.cfg.community)
+        changed = self.validator.refresh(devs, complete=gone)
+        self.registry_version = n
+        for d in changed:
+            log.info("registry: device %s %s (key #%d); the validator has its new state", d,
+                     next(("revoked" if x.revoked else "active" for x in devs if x.id == d), "removed"),
+                     next((x.generation for x in devs if x.id == d), 0))
+        return len(changed)
+
     # -- presence and status --------------------------------------------------------
 
     def presence(self, now: float | None = None) -> dict[str, dict[str, Any]]:
@@ -268,7 +315,15 @@ class Gateway:
         p = self.presence()
         body = {"t": int(self.clock()), "devices": len(p), "online": sum(v["online"] for v in p.values()),
                 "stale": sum(v["stale"] for v in p.values()), "metrics": self.metrics.snapshot()}
-        self.client.publish(f"pgw/{self.cfg.community}/status", json.dumps(body), qos=1, retain=True)
+        text = json.dumps(body, separators=(",", ":"))
+        if len(text) > reg.MESSAGE_LIMIT:
+            # the broker passes no message beyond the protocol's largest
+            # frame: totals here, every counter on /metrics
+            m = body["metrics"]
+            body["metrics"] = {"accepted": sum(v for k, v in m["counts"].items() if k.startswith("accepted")),
+                               "rejected": sum(m["rejected"].values()), "latency_mean_ms": m["latency_mean_ms"]}
+            text = json.dumps(body, separators=(",", ":"))
+        self.client.publish(f"pgw/{self.cfg.community}/status", text, qos=1, retain=True)
 
     # -- HTTP metrics ------------------------------------------------------------------
 
@@ -343,6 +398,7 @@ class Gateway:
         c.on_message = self._on_message
         self.client = c
         threading.Thread(target=self._writer, name="writer", daemon=True).start()
+        threading.Thread(target=self._watch_registry, name="registry", daemon=True).start()
         if cfg.http_port >= 0 and cfg.extra.get("gateway", {}).get("http", True):
             self._serve_http()
         c.connect_async(cfg.broker_host, cfg.broker_port, keepalive=30)
@@ -422,6 +478,29 @@ class Gateway:
             self.client.loop_stop()
         log.info("gateway stopped cleanly")
         return 0
+
+
+@dataclass
+class BrokerFiles:
+    accounts: int           # device accounts written
+    reloaded: bool          # mosquitto was sent SIGHUP
+    conf_changed: bool      # mosquitto.conf was (re)written: restart mosquitto
+
+
+def write_broker_files(cfg: Config, r: reg.Registry) -> BrokerFiles:
+    """mosquitto's password and ACL files from the registry, its config
+    ([broker] conf_file, if set: registry.mosquitto_conf) and a reload.
+    Every command that changes accounts calls this."""
+    if cfg.passwd_file is None or cfg.acl_file is None:
+        raise reg.RegistryError("[broker] passwd_file and acl_file are not set in the config")
+    n = r.broker_files(cfg.passwd_file, cfg.acl_file, cfg.broker_user, reg.mosquitto_hash(cfg.broker_password))
+    changed = False
+    if cfg.broker_conf_file is not None:
+        changed = reg.write_if_changed(cfg.broker_conf_file, reg.mosquitto_conf(
+            cfg.broker_port, cfg.passwd_file.absolute(), cfg.acl_file.absolute(), cfg.broker_listen,
+            cfg.broker_pid_file.absolute() if cfg.broker_pid_file else None,
+            cfg.broker_persistence_dir.absolute() if cfg.broker_persistence_dir else None, cfg.broker_conf_extra))
+    return BrokerFiles(n, reload_broker(cfg.broker_pid_file), changed)
 
 
 def reload_broker(pid_file: Path | None) -> bool:

@@ -17,6 +17,7 @@ the replay window.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -93,12 +94,16 @@ class Validator:
         self._state: dict[str, _DeviceState] = {}
         self._dev_cache: dict[str, Device | None] = {}
         self.verifier = UplinkVerifier(self._secret)
+        # check() runs on the MQTT thread; refresh(), forget() and preload()
+        # come from the registry watcher and the installer API
+        self._lock = threading.Lock()
 
     def preload(self, devices: list[Device]) -> None:
         """Know every device at once (one query at start instead of one per
         device on its first message)."""
-        for d in devices:
-            self._dev_cache[d.id] = d
+        with self._lock:
+            for d in devices:
+                self._dev_cache[d.id] = d
 
     def _device(self, device: str) -> Device | None:
         if device not in self._dev_cache:
@@ -107,9 +112,40 @@ class Validator:
 
     def forget(self, device: str) -> None:
         """After a rotation or revocation: reload the device, fresh replay state."""
+        with self._lock:
+            self._forget(device)
+
+    def _forget(self, device: str) -> None:
         self._dev_cache.pop(device, None)
         self._state.pop(device, None)
         self.verifier.forget(self.community, device)
+
+    def refresh(self, devices: list[Device], complete: bool = False) -> list[str]:
+        """Devices as the registry has them now (added, rotated, revoked,
+        channels changed). A device whose secret or revocation changed loses
+        its cached key and replay state (rebuilt from the store's history on
+        its next frame); other changes only replace the cached record.
+        `complete`: `devices` is the whole community, so a known device not
+        in it was removed. Returns the ids whose key or revocation changed."""
+        changed = []
+        with self._lock:
+            seen = set()
+            for d in devices:
+                if d.community != self.community:
+                    continue
+                seen.add(d.id)
+                old = self._dev_cache.get(d.id)
+                if old is not None and old.secret == d.secret and old.revoked == d.revoked:
+                    self._dev_cache[d.id] = d
+                    continue
+                self._forget(d.id)
+                self._dev_cache[d.id] = d
+                changed.append(d.id)
+            if complete:
+                for dev in [k for k, v in self._dev_cache.items() if v is not None and k not in seen]:
+                    self._forget(dev)
+                    changed.append(dev)
+        return changed
 
     def _secret(self, community: str, device: str) -> bytes | None:
         d = self._device(device)
@@ -136,6 +172,10 @@ class Validator:
     def check(self, topic: str, frame: bytes, now: float) -> Accepted | Duplicate:
         """Accept (and record in the replay window), drop a duplicate, or
         raise Rejected."""
+        with self._lock:
+            return self._check(topic, frame, now)
+
+    def _check(self, topic: str, frame: bytes, now: float) -> Accepted | Duplicate:
         if len(frame) > cose.MAX_FRAME:
             raise Rejected(E_TOO_BIG, f"frame of {len(frame)} bytes", _device_of(topic))
         try:
