@@ -44,7 +44,8 @@ def validator() -> Validator:
         s = SECRETS.get(d)
         return None if s is None else Device(c, d, None, s, "sim", CHANNELS, None, 1, None)
 
-    return Validator(COMMUNITY, lookup)
+    # every frame is verified here: no E_TAG throttle (all come at one `now`)
+    return Validator(COMMUNITY, lookup, tag_failures_per_s=0)
 
 
 def mutate(rng: random.Random, frame: bytes, pool: list[tuple[str, bytes]]) -> bytes:

@@ -5,6 +5,7 @@ killed with SIGKILL that loses no acknowledged reading and accepts no
 replay afterwards."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -238,9 +239,13 @@ def test_two_boards_acl_and_every_rejection(rig):
         assert len(sa) == len(set(sa)) == 3 + 4 + 1
         assert (1, 0) in sa and (1, 99) not in sa
         with rig.db() as db:
-            q = list(db.execute("SELECT code, device, length(frame) FROM quarantine"))
+            q = list(db.execute("SELECT code, device, length FROM quarantine"))
             assert len(q) == sum(want.values())
             assert (1, "house-a", len(good) + 600) in q
+            # the oversized frame is kept as its first 512 bytes and its SHA-256
+            big = good + bytes(600)
+            assert db.execute("SELECT frame, digest FROM quarantine WHERE code=1").fetchone() == (
+                big[:512], hashlib.sha256(big).digest())
             # nothing from A's attempt on B's topic reached the gateway
             assert db.execute("SELECT COUNT(*) FROM frames WHERE device='house-b' AND seq=50").fetchone()[0] == 0
         # metrics and the status command say the same

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -19,6 +20,9 @@ def _registry(cfg: Config) -> reg.Registry:
 
 
 def admin(args: argparse.Namespace) -> int:
+    # whatever the gateway creates (database, its WAL and SHM, keys, broker
+    # files) is its user's alone
+    os.umask(0o077)
     cfg = Config.load(Path(args.config))
     if args.cmd == "run":
         h = logging.StreamHandler(sys.stderr)
@@ -154,9 +158,13 @@ def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
         for c in args.channel:
             role, _, rating = c.partition(":")
             try:
-                chans.append({"role": role, "rating_a": float(rating or 100)})
+                amps = float(rating or 100)
             except ValueError:
-                raise reg.RegistryError(f"channel {c!r}: write ROLE:RATING_A, e.g. grid:100") from None
+                amps = math.nan
+            if not reg.valid_rating(amps):
+                raise reg.RegistryError(f"channel {c!r}: write ROLE:RATING_A with a rating above 0 and at most "
+                                        f"{reg.MAX_RATING_A} A, e.g. grid:100") from None
+            chans.append({"role": role, "rating_a": amps})
         if not chans:
             raise reg.RegistryError("give the board's channels: --channel grid:100 --channel pv:50 ...")
         secret, password = r.add_device(cfg.community, args.device, args.board, chans, args.member)

@@ -24,6 +24,19 @@ def _footprint(paths: list[str]) -> int:
     return int(mod.main(list(paths)))
 
 
+def _finite(text: str) -> float:
+    """A float argument that is a number: NaN and infinities are refused."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="peergrid", description="PeerGrid gateway")
     p.add_argument("--version", action="version", version=f"peergrid {__version__}")
@@ -100,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--capacity-wh", type=int, required=True)
     rb.add_argument("--max-charge-w", type=int, required=True)
     rb.add_argument("--max-discharge-w", type=int, required=True)
-    rb.add_argument("--soc-min", type=float, default=0.1)
-    rb.add_argument("--soc-max", type=float, default=0.95)
-    rb.add_argument("--efficiency", type=float, default=0.92)
+    rb.add_argument("--soc-min", type=_finite, default=0.1)
+    rb.add_argument("--soc-max", type=_finite, default=0.95)
+    rb.add_argument("--efficiency", type=_finite, default=0.92)
     rf = rsub.add_parser("feeder", help="the community's feeder limits")
-    rf.add_argument("--import-kw", type=float, required=True)
-    rf.add_argument("--export-kw", type=float, required=True)
+    rf.add_argument("--import-kw", type=_finite, required=True)
+    rf.add_argument("--export-kw", type=_finite, required=True)
     rr = rsub.add_parser("remove")
     rr.add_argument("id")
     rsub.add_parser("list")
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--last", type=int, default=20)
     it = sub.add_parser("installer-token", help="a token for an electrician's commissioning tool (shown once)")
     it.add_argument("name", help="who gets it, e.g. the electrician's firm")
-    it.add_argument("--days", type=float, default=7)
+    it.add_argument("--days", type=_finite, default=7)
     it.add_argument("--revoke", action="store_true")
     cm = sub.add_parser("commission", help="commission a house: the board on USB, checks, signed report",
                         add_help=False)
@@ -127,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--quorum-ppm", type=int)
     pr.add_argument("--majority-ppm", type=int)
     pr.add_argument("--vote-s", type=int, default=0)
-    pr.add_argument("--import-kw", type=float)
-    pr.add_argument("--export-kw", type=float)
+    pr.add_argument("--import-kw", type=_finite)
+    pr.add_argument("--export-kw", type=_finite)
     pr.add_argument("--name", help="admit: the new member's name")
     pr.add_argument("--pubkey", help="admit: the new member's public key (hex)")
     pr.add_argument("--from", dest="t_from", type=int, required=True, help="interval boundary it takes effect at")

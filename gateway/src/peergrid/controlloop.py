@@ -276,7 +276,7 @@ class ControlLoop:
                                     [(self.community, d.t, d.kind, d.id, d.device, d.target, d.value, d.reason)
                                      for d in decisions])
             except sqlite3.Error as e:
-                log.error("control: decision log not written: %s", e)
+                log.error("control: decision log not written: %s", e, exc_info=True)
         if self.metrics is not None:
             self.metrics.control(ms, len(decisions), len(self.degraded))
         return decisions

@@ -11,6 +11,11 @@ only its SHA-256. The gateway's HTTP server listens on 127.0.0.1 unless
 [gateway] http_host says otherwise; on a LAN put it behind TLS (the token
 and the device secret travel in the request).
 
+Requests are authenticated before a byte of their body is read; a body is
+at most 256 KiB of strict JSON (peergrid.httpserve: no NaN or infinities)
+whose fields are checked here (check_register, check_report), each fault a
+400 that names it. Requests are handled one at a time.
+
 Endpoints (JSON):
   POST /installer/register   {member, device, board, channels, rotate?}
         -> {community, device, secret (hex), broker_user, broker_password,
@@ -27,13 +32,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from peergrid import registry as reg
+from peergrid.httpserve import HttpError, parse_json
+from protocol import messages, topics
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS installer_tokens (name TEXT PRIMARY KEY, hash BLOB NOT NULL, created REAL NOT NULL,
@@ -50,9 +59,63 @@ class ApiError(Exception):
         self.msg = msg
 
 
+MAX_BODY = 256 * 1024           # a commissioning report is a few KB
+_REGISTER = {"member", "device", "board", "channels", "rotate", "member_key"}
+_ROLES = ("grid", "pv", "battery", "load", "ev", "unused")
+
+
+def _text(req: dict[str, Any], key: str, most: int) -> str:
+    v = req.get(key)
+    if not isinstance(v, str) or not 0 < len(v) <= most or not v.isprintable():
+        raise ApiError(400, f"{key} is text of 1-{most} printable characters")
+    return v
+
+
+def check_register(req: Any) -> dict[str, Any]:
+    """The register request's shape: ApiError(400) naming the first fault."""
+    if not isinstance(req, dict):
+        raise ApiError(400, "the request is a JSON object")
+    for k in ("member", "device", "board", "channels"):
+        if k not in req:
+            raise ApiError(400, f"{k} missing")
+    extra = sorted(set(req) - _REGISTER)
+    if extra:
+        raise ApiError(400, f"unknown field {extra[0]!r}")
+    _text(req, "member", 200)
+    if not topics.valid_id(req["device"]):
+        raise ApiError(400, "device is an id of 1-16 of a-z, 0-9 and '-', not starting with '-'")
+    _text(req, "board", 64)
+    ch = req["channels"]
+    if not isinstance(ch, list) or not 0 < len(ch) <= messages.MAX_CHANNELS:
+        raise ApiError(400, f"channels is a list of 1-{messages.MAX_CHANNELS} channels")
+    for i, c in enumerate(ch):
+        if not isinstance(c, dict) or set(c) != {"role", "rating_a"}:
+            raise ApiError(400, f"channel {i} is an object with exactly role and rating_a")
+        if c["role"] not in _ROLES:
+            raise ApiError(400, f"channel {i}: role is one of {', '.join(_ROLES)}")
+        if not reg.valid_rating(c["rating_a"]):
+            raise ApiError(400, f"channel {i}: rating_a is a number of amperes above 0 and at most "
+                                f"{reg.MAX_RATING_A}")
+    if not isinstance(req.get("rotate", False), bool):
+        raise ApiError(400, "rotate is true or false")
+    mk = req.get("member_key")
+    if mk is not None and (not isinstance(mk, str) or len(mk) != 64
+                           or any(x not in "0123456789abcdefABCDEF" for x in mk)):
+        raise ApiError(400, "member_key is a 32-byte Ed25519 public key in hex (64 digits)")
+    return req
+
+
+def check_report(req: Any) -> dict[str, Any]:
+    if not isinstance(req, dict):
+        raise ApiError(400, "a report is a JSON object")
+    if not topics.valid_id(req.get("device")):
+        raise ApiError(400, "a report names its device (a device id)")
+    return req
+
+
 def make_token(db: sqlite3.Connection, name: str, days: float) -> str:
     db.executescript(SCHEMA)
-    if days <= 0 or days > 90:
+    if not isinstance(days, (int, float)) or not math.isfinite(days) or days <= 0 or days > 90:
         raise reg.RegistryError("a token lives 0..90 days")
     tok = "pgi_" + secrets.token_urlsafe(24)
     db.execute("INSERT INTO installer_tokens VALUES (?, ?, ?, ?, NULL) ON CONFLICT(name) DO UPDATE SET"
@@ -81,6 +144,7 @@ class InstallerApi:
         self.broker_port = int(conf.get("broker_port", self.cfg.broker_port))
         key = Path(conf.get("key_file", "gateway.key"))
         self.key_path = key if key.is_absolute() else self.cfg.db.parent / key
+        self._one = threading.Lock()
 
     def _db(self) -> sqlite3.Connection:
         db = reg.connect(self.cfg.db)
@@ -90,44 +154,56 @@ class InstallerApi:
     def auth(self, db: sqlite3.Connection, header: str | None) -> str:
         if not header or not header.startswith("Bearer "):
             raise ApiError(401, "installer token missing (Authorization: Bearer ...)")
-        h = hashlib.sha256(header[7:].strip().encode()).digest()
+        h = hashlib.sha256(header[7:].strip().encode("utf-8", "replace")).digest()
         row = db.execute("SELECT name, expires, revoked FROM installer_tokens WHERE hash=?", (h,)).fetchone()
         if row is None:
             raise ApiError(401, "unknown installer token")
         if row[2] is not None:
             raise ApiError(401, f"installer token {row[0]!r} was revoked")
-        if row[1] < time.time():
+        if not row[1] >= time.time():           # (an expiry that is not a number has expired too)
             raise ApiError(401, f"installer token {row[0]!r} has expired; ask the operator for a new one")
         return str(row[0])
 
-    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, Any]]:
+    def authenticate(self, header: str | None) -> str:
+        """The token's name, before a byte of the body is read."""
         db = self._db()
         try:
-            who = self.auth(db, headers.get("Authorization"))
-            try:
-                req = json.loads(body or b"{}")
-            except ValueError:
-                raise ApiError(400, "body is not JSON") from None
+            return self.auth(db, header)
+        finally:
+            db.close()
+
+    def handle(self, method: str, path: str, who: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """An authenticated request with its body (at most MAX_BODY bytes).
+        One at a time: registry writes do not interleave and at most one
+        request's parsed JSON is in memory."""
+        if not self._one.acquire(timeout=10):
+            return 503, {"error": "the gateway is busy with another installer request; try again"}
+        db = None
+        try:
+            req = parse_json(body) if body else None
+            db = self._db()
             if method == "POST" and path == "/installer/register":
-                return 200, self.register(db, who, req)
+                return 200, self.register(db, who, check_register(req))
             if method == "GET" and path.startswith("/installer/device/"):
-                return 200, self.device(db, path.rsplit("/", 1)[1])
+                dev = path[len("/installer/device/"):]
+                if not topics.valid_id(dev):
+                    raise ApiError(400, "not a device id")
+                return 200, self.device(db, dev)
             if method == "POST" and path == "/installer/report":
-                return 200, self.report(db, who, req)
+                return 200, self.report(db, who, check_report(req))
             raise ApiError(404, "no such installer endpoint")
-        except ApiError as e:
+        except (ApiError, HttpError) as e:
             return e.status, {"error": e.msg}
         except reg.RegistryError as e:
             return 409, {"error": str(e)}
         finally:
-            db.close()
+            if db is not None:
+                db.close()
+            self._one.release()
 
     def register(self, db: sqlite3.Connection, who: str, req: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg.community
         r = reg.Registry(db)
-        for k in ("member", "device", "board", "channels"):
-            if k not in req:
-                raise ApiError(400, f"{k} missing")
         member = None
         for mid, name, left in r.members(c):
             if name == req["member"] and left is None:
@@ -201,8 +277,6 @@ class InstallerApi:
         from peergrid.ledger import public_bytes
         from peergrid.settler import load_key
 
-        if not isinstance(report.get("device"), str):
-            raise ApiError(400, "a report names its device")
         key = load_key(self.key_path)
         body = canonical(report)
         sig = key.sign(body)

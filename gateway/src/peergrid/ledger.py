@@ -108,6 +108,10 @@ class Ledger:
         self.entries = list(raws)
         self._prev = hashlib.sha256(raws[-1]).digest() if raws else ZERO
 
+    def truncate(self, n: int) -> None:
+        """Forget the entries from n on (appended, then not committed)."""
+        self.load(self.entries[:n])
+
     def append(self, kind: str, t: int, body: dict[str, Any]) -> bytes:
         if not self.entries and kind != "genesis":
             self.append("genesis", t, {"community": self.community, "key": public_bytes(self.key),

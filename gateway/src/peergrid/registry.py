@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -82,6 +83,18 @@ class RegistryError(ValueError):
     pass
 
 
+MAX_RATING_A = 10000          # a CT's rating in A; beyond is a typo (and would switch the power check off)
+
+
+def finite(v: Any) -> bool:
+    """A real number (int or float, not bool) that is neither NaN nor infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def valid_rating(v: Any) -> bool:
+    return finite(v) and 0 < v <= MAX_RATING_A
+
+
 def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
     """A password hash in mosquitto's own format ($7$: PBKDF2-SHA512)."""
     salt = salt or os.urandom(12)
@@ -108,7 +121,27 @@ class Device:
         return None
 
 
+def private_file(path: Path) -> None:
+    """The database holds device secrets and token hashes: it is made, or
+    made again, readable and writable by its owner only. SQLite gives its
+    -wal and -shm files the database's own mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = p.stat()
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
+    if str(path) != ":memory:":
+        private_file(Path(path))
     db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -228,17 +261,19 @@ class Registry:
         if self.db.execute("SELECT 1 FROM devices WHERE community=? AND id=?", (community, device)).fetchone():
             raise RegistryError(f"device {device!r} exists: rotate its key or revoke it")
         for c in channels:
+            if not isinstance(c, dict):
+                raise RegistryError("a channel is a role and a rating_a")
             if c.get("role") not in ("grid", "pv", "battery", "load", "ev", "unused"):
                 raise RegistryError(f"channel role {c.get('role')!r} is not grid, pv, battery, load, ev or unused")
-            if not isinstance(c.get("rating_a", 0), (int, float)) or c.get("rating_a", 0) <= 0:
-                raise RegistryError("every channel needs a positive rating_a")
+            if not valid_rating(c.get("rating_a")):
+                raise RegistryError(f"every channel needs a rating_a in A, a number above 0 and at most {MAX_RATING_A}")
         secret = secret or secrets.token_bytes(32)
         if len(secret) != 32:
             raise RegistryError("a device secret is 32 bytes")
         password = secrets.token_urlsafe(18)
         self.db.execute("INSERT INTO devices (community, id, member, secret, board, channels, broker_hash, created)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (community, device, member, secret, board, json.dumps(channels),
+                        (community, device, member, secret, board, json.dumps(channels, allow_nan=False),
                          mosquitto_hash(password), time.time()))
         return secret, password
 
@@ -310,6 +345,9 @@ class Registry:
         d = self.device(community, load.device)
         if d is None or d.revoked:
             raise RegistryError(f"no active device {load.device!r}")
+        if not all(finite(v) for v in (load.relay, load.rated_w, load.priority, load.min_on_s, load.min_off_s,
+                                       load.need_wh, load.max_switches_day)):
+            raise RegistryError("relay, power, priority, times, need and switches are finite numbers")
         if not 0 <= load.relay <= 15:
             raise RegistryError("a relay index is 0..15")
         if load.rated_w <= 0 or load.min_on_s < 0 or load.min_off_s < 0 or load.need_wh < 0:
@@ -332,6 +370,9 @@ class Registry:
         d = self.device(community, b.device)
         if d is None or d.revoked:
             raise RegistryError(f"no active device {b.device!r}")
+        if not all(finite(v) for v in (b.target, b.capacity_wh, b.max_charge_w, b.max_discharge_w, b.soc_min,
+                                       b.soc_max, b.efficiency)):
+            raise RegistryError("battery figures are finite numbers")
         if b.capacity_wh <= 0 or b.max_charge_w < 0 or b.max_discharge_w < 0:
             raise RegistryError("capacity must be positive, power limits not negative")
         if not 0 <= b.soc_min < b.soc_max <= 1 or not 0 < b.efficiency <= 1:
@@ -351,7 +392,7 @@ class Registry:
             raise RegistryError(f"no load or battery {rid!r}")
 
     def set_feeder(self, community: str, import_w: int, export_w: int) -> None:
-        if import_w <= 0 or export_w <= 0:
+        if not finite(import_w) or not finite(export_w) or import_w <= 0 or export_w <= 0:
             raise RegistryError("feeder limits are positive")
         self.db.execute("INSERT INTO feeders VALUES (?, ?, ?) ON CONFLICT(community) DO UPDATE SET"
                         " import_w=excluded.import_w, export_w=excluded.export_w", (community, import_w, export_w))

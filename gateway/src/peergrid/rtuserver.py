@@ -75,7 +75,7 @@ class RtuServer:
         try:
             loop.run_until_complete(main())
         except Exception as e:  # noqa: BLE001 - reported; the thread ends and requests go unanswered
-            log.error("Modbus RTU server on %s stopped: %r", self.path, e)
+            log.error("Modbus RTU server on %s stopped: %r", self.path, e, exc_info=True)
             ready.set()
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import signal
 import sqlite3
@@ -19,7 +20,6 @@ import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ import paho.mqtt.client as mqtt
 from peergrid import registry as reg
 from peergrid.metrics import Metrics
 from peergrid.mqttsock import Client as BufferedClient
-from peergrid.store import Store
-from peergrid.validate import Accepted, Duplicate, Rejected, Validator, fault_warnings
+from peergrid.store import Store, quarantined
+from peergrid.validate import Accepted, Duplicate, Rejected, Throttled, Validator, fault_warnings
 from protocol import topics
 
 log = logging.getLogger("peergrid.gateway")
@@ -58,8 +58,13 @@ class Config:
     batch: int = 500
     batch_ms: int = 3
     quarantine_max: int = 10000
+    quarantine_bytes: int = 8 << 20           # frames, topics and reasons kept, at most
+    quarantine_frame_bytes: int = 512         # a longer frame is kept as this prefix, its length and SHA-256
+    tag_failures_per_s: int = 20              # E_TAG failures per device and second before it is throttled
     http_port: int = 0
     http_host: str = "127.0.0.1"
+    http_max_connections: int = 32
+    http_timeout_s: float = 10                # a request's line, headers and body must arrive within this
     status_every_s: float = 10
     raw_days: float = 400
     full_days: float = 90
@@ -73,6 +78,9 @@ class Config:
             raise SystemExit(f"config {path} not found") from None
         except tomllib.TOMLDecodeError as e:
             raise SystemExit(f"config {path}: {e}") from None
+        bad = _not_finite(raw)
+        if bad:
+            raise SystemExit(f"config {path}: {bad} is not a finite number (nan and inf are refused)")
         g = raw.get("gateway", {})
         b = raw.get("broker", {})
         i = raw.get("ingest", {})
@@ -83,7 +91,7 @@ class Config:
         def p(v: Any) -> Path | None:
             return None if v is None else (base / v if not Path(v).is_absolute() else Path(v))
 
-        return Config(
+        cfg = Config(
             community=g["community"], db=p(g["db"]) or Path("gateway.db"),
             broker_host=b.get("host", "127.0.0.1"), broker_port=int(b.get("port", 1883)),
             broker_user=b.get("user", "gateway"), broker_password=b.get("password", ""),
@@ -95,9 +103,39 @@ class Config:
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
             stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
             batch_ms=int(i.get("batch_ms", 3)), quarantine_max=int(i.get("quarantine_max", 10000)),
+            quarantine_bytes=int(i.get("quarantine_bytes", 8 << 20)),
+            quarantine_frame_bytes=int(i.get("quarantine_frame_bytes", 512)),
+            tag_failures_per_s=int(i.get("tag_failures_per_s", 20)),
+            http_max_connections=int(g.get("http_max_connections", 32)),
+            http_timeout_s=float(g.get("http_timeout_s", 10)),
             http_port=int(g.get("http_port", 0)), http_host=g.get("http_host", "127.0.0.1"), status_every_s=float(g.get("status_every_s", 10)),
             raw_days=float(raw.get("store", {}).get("raw_days", 400)),
             full_days=float(raw.get("store", {}).get("full_days", 90)), extra=raw)
+        for name, ok in (("[gateway] http_timeout_s", cfg.http_timeout_s > 0),
+                         ("[gateway] http_max_connections", cfg.http_max_connections >= 1),
+                         ("[ingest] quarantine_bytes", cfg.quarantine_bytes >= 4096),
+                         ("[ingest] quarantine_frame_bytes", 0 <= cfg.quarantine_frame_bytes <= cfg.quarantine_bytes),
+                         ("[ingest] tag_failures_per_s", cfg.tag_failures_per_s >= 0)):
+            if not ok:
+                raise SystemExit(f"config {path}: {name} is out of range")
+        return cfg
+
+
+def _not_finite(v: Any, at: str = "") -> str | None:
+    """The first float of a config that is NaN or infinite (TOML has both)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return at or "a value"
+    if isinstance(v, dict):
+        for k, x in v.items():
+            bad = _not_finite(x, f"{at}.{k}" if at else str(k))
+            if bad:
+                return bad
+    if isinstance(v, list):
+        for k, x in enumerate(v):
+            bad = _not_finite(x, f"{at}[{k}]")
+            if bad:
+                return bad
+    return None
 
 
 class Gateway:
@@ -110,10 +148,11 @@ class Gateway:
         self.registry = reg.Registry(self.db)
         self.registry.add_community(cfg.community)
         self.lookup_lock = threading.Lock()
-        self.store = Store(reg.connect(cfg.db), self._grid_index, cfg.quarantine_max, read_db=self.db)
+        self.store = Store(reg.connect(cfg.db), self._grid_index, cfg.quarantine_max, read_db=self.db,
+                           quarantine_bytes=cfg.quarantine_bytes, frame_bytes=cfg.quarantine_frame_bytes)
         self.store.keep_batches = bool(cfg.extra.get("ingest", {}).get("record_batches", False))
         self.validator = Validator(cfg.community, self.registry.device, cfg.max_skew_s, cfg.max_future_s,
-                                   history=self.store.history)
+                                   history=self.store.history, tag_failures_per_s=cfg.tag_failures_per_s)
         # the counter first: a change made while the devices load is seen again
         self.registry_version = self.registry.version()
         self.validator.preload(self.registry.devices(cfg.community))
@@ -124,7 +163,7 @@ class Gateway:
         self.stop_event = threading.Event()
         self._last_reject_log: dict[str, float] = {}
         self.client: mqtt.Client | None = None
-        self.http: ThreadingHTTPServer | None = None
+        self.http: Any = None
         self.connected = threading.Event()
         self._next_retain = time.monotonic() + 60
         self.control = None
@@ -160,15 +199,26 @@ class Gateway:
         frame = bytes(msg.payload)
         try:
             r = self.validator.check(topic, frame, now)
+        except Throttled as e:
+            # dropped before verification: counted, not kept
+            self.metrics.reject("tag_throttled", e.device)
+            self._log_throttled(e)
+            self.q.put(("thr", msg.mid, msg.qos, e.device, None, t0))
+            return
         except Rejected as e:
             self.metrics.reject(e.name, e.device)
             self._log_reject(e, topic)
-            self.q.put(("rej", msg.mid, msg.qos, (now, topic, e.device, e.code, e.reason, frame), e.name, t0))
+            # the quarantine keeps a bounded prefix of the frame (with its
+            # length and digest), so the queue holds no more than that either
+            self.q.put(("rej", msg.mid, msg.qos, (now, topic, e.device, e.code, e.reason,
+                                                  *quarantined(frame, self.cfg.quarantine_frame_bytes)), e.name, t0))
             return
         except Exception as e:  # noqa: BLE001 - nothing a board sends may stop the gateway
             log.exception("validator failed on a frame from %s", topic)
             self.metrics.reject("internal", None)
-            self.q.put(("rej", msg.mid, msg.qos, (now, topic, None, 0, f"internal: {e!r}", frame), "internal", t0))
+            self.q.put(("rej", msg.mid, msg.qos, (now, topic, None, 0, f"internal: {type(e).__name__}",
+                                                  *quarantined(frame, self.cfg.quarantine_frame_bytes)),
+                        "internal", t0))
             return
         if isinstance(r, Duplicate):
             self.metrics.inc("duplicates")
@@ -189,6 +239,15 @@ class Gateway:
     def _publish_cmd(self, topic: str, frame: bytes) -> None:
         if self.client is not None:
             self.client.publish(topic, frame, qos=1)
+
+    def _log_throttled(self, e: Throttled) -> None:
+        key = f"{e.device}:throttled"
+        now = time.monotonic()
+        if now - self._last_reject_log.get(key, -1e9) >= 60:
+            self._last_reject_log[key] = now
+            log.warning("device %s: %d or more forged tags (E_TAG) within a second; its frames are dropped "
+                        "unverified for the rest of that second and counted as drop:tag_throttled (logged at "
+                        "most once a minute)", e.device, self.cfg.tag_failures_per_s)
 
     def _log_reject(self, e: Rejected, topic: str) -> None:
         key = f"{e.device}:{e.code}"
@@ -224,6 +283,9 @@ class Gateway:
                 if b[0] == "rej":
                     k = (cfg.community, b[3][2] or "-", "reject:" + b[4])
                     counts[k] = counts.get(k, 0) + 1
+                elif b[0] == "thr":
+                    k = (cfg.community, b[3], "drop:tag_throttled")
+                    counts[k] = counts.get(k, 0) + 1
                 elif b[0] == "ok":
                     for w in b[3].warnings:
                         k = (cfg.community, b[3].device, "warn:clock")
@@ -235,7 +297,7 @@ class Gateway:
                 except sqlite3.OperationalError as e:
                     # a full disk or a locked database: nothing is acked, keep trying
                     self.metrics.inc("store_errors")
-                    log.error("store failed (%s); retrying, nothing acknowledged meanwhile", e)
+                    log.error("store failed (%s); retrying, nothing acknowledged meanwhile", e, exc_info=True)
                     if self.stop_event.wait(1):
                         return
             done = time.monotonic()
@@ -251,13 +313,13 @@ class Gateway:
                     if f or r:
                         log.info("retention: %d raw frames and %d readings thinned", f, r)
                 except sqlite3.Error as e:
-                    log.error("retention failed: %s", e)
+                    log.error("retention failed: %s", e, exc_info=True)
             for a in accepted:
                 if a.kind == topics.STATUS and a.msg.get("fw"):
                     try:
                         self.registry.set_fw(a.community, a.device, a.msg["fw"])
-                    except sqlite3.Error:
-                        pass
+                    except sqlite3.Error as e:
+                        log.warning("firmware version of %s not recorded: %s", a.device, e, exc_info=True)
 
     # -- registry changes -------------------------------------------------------------
 
@@ -328,59 +390,59 @@ class Gateway:
     # -- HTTP metrics ------------------------------------------------------------------
 
     def _serve_http(self) -> None:
+        """Prometheus text at /metrics, the installer API under /installer/
+        (peergrid.httpserve: bounded connections and time, bodies read only
+        after authentication, strict JSON, no exception text in answers)."""
         gw = self
-        from peergrid.installer import InstallerApi
+        from peergrid.httpserve import Handler, HttpError, Server
+        from peergrid.installer import MAX_BODY, ApiError, InstallerApi
 
         api = InstallerApi(self)
+        one = threading.Lock()
 
-        class H(BaseHTTPRequestHandler):
-            def _json(self, status: int, obj: Any) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        class H(Handler):
             def _installer(self, method: str) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                if n > 1 << 20:
-                    self._json(413, {"error": "request too large"})
-                    return
-                body = self.rfile.read(n) if n else b""
                 try:
-                    status, obj = api.handle(method, self.path, self.headers, body)
-                except Exception as e:  # noqa: BLE001 - answered, logged, the gateway goes on
+                    who = api.authenticate(self.headers.get("Authorization"))   # before any byte of a body
+                    status, obj = api.handle(method, self.path, who, self.read_body(MAX_BODY))
+                except (ApiError, HttpError) as e:
+                    status, obj = e.status, {"error": e.msg}
+                except sqlite3.OperationalError:
+                    log.exception("installer API: database unavailable")
+                    status, obj = 503, {"error": "the gateway's database is unavailable (busy or full); try again"}
+                except Exception:  # noqa: BLE001 - answered, logged, the gateway goes on
                     log.exception("installer API failed")
-                    status, obj = 500, {"error": f"internal: {e!r}"}
-                self._json(status, obj)
+                    status, obj = 500, {"error": "internal error (logged by the gateway)"}
+                gw.metrics.inc(f"http_{status // 100}xx")
+                self.send_json(status, obj)
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.startswith("/installer/"):
                     self._installer("POST")
                 else:
-                    self.send_error(404)
+                    self.send_json(404, {"error": "not found"})
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.startswith("/installer/"):
                     self._installer("GET")
                     return
                 if self.path != "/metrics":
-                    self.send_error(404)
+                    self.send_json(404, {"error": "not found"})
                     return
-                body = gw.metrics.prometheus(gw.presence()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.body_length(0)            # a GET with a body is refused (413)
+                try:
+                    with one:                  # one shared read connection
+                        text = gw.metrics.prometheus(gw.presence())
+                except sqlite3.Error:
+                    log.exception("metrics: presence unavailable")
+                    self.send_json(503, {"error": "the gateway's database is unavailable; try again"})
+                    return
+                self.send_text(200, text, "text/plain; version=0.0.4")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.http = ThreadingHTTPServer((self.cfg.http_host, self.cfg.http_port), H)
+        self.http = Server((self.cfg.http_host, self.cfg.http_port), H, self.cfg.http_max_connections,
+                           self.cfg.http_timeout_s, self.metrics)
         self.http_port = self.http.server_address[1]
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
 
     # -- run ---------------------------------------------------------------------------
 

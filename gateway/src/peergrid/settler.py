@@ -16,6 +16,7 @@ on first use); its public key is in the ledger's genesis entry.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -29,6 +30,9 @@ from peergrid import ledger
 from peergrid.intervals import Reading, intervals
 from peergrid.registry import Registry
 from peergrid.settle import Flow, Partner, Tariff, max_discount, settle
+from peergrid.sqltx import transaction
+
+log = logging.getLogger("peergrid.settler")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY, raw BLOB NOT NULL);
@@ -229,26 +233,42 @@ class Settler:
 
     def _append(self, entry: tuple, settled: tuple | None = None) -> int:
         """One transaction: the ledger entry (and the genesis before the
-        first), and for a settlement the row that marks its interval done."""
+        first), and for a settlement the row that marks its interval done.
+        An append that does not commit (a full disk: SQLite has rolled back
+        by itself) leaves no trace, in the database or here: the next entry
+        gets the same number and chains to the same predecessor."""
         before = len(self.ledger.entries)
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.ledger.append(*entry)
-            for k in range(before, len(self.ledger.entries)):
-                self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
-            if settled is not None:
-                c, start, est, at = settled
-                # the interval's row points at the entry now in force
-                self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?, ?) ON CONFLICT(community, start)"
-                                " DO UPDATE SET ledger_n=excluded.ledger_n, estimated=excluded.estimated,"
-                                " settled_at=excluded.settled_at",
-                                (c, start, len(self.ledger.entries) - 1, est, at))
-            self.db.execute("COMMIT")
+            with transaction(self.db):
+                self.ledger.append(*entry)
+                for k in range(before, len(self.ledger.entries)):
+                    self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
+                if settled is not None:
+                    c, start, est, at = settled
+                    # the interval's row points at the entry now in force
+                    self.db.execute("INSERT INTO settled VALUES (?, ?, ?, ?, ?) ON CONFLICT(community, start)"
+                                    " DO UPDATE SET ledger_n=excluded.ledger_n, estimated=excluded.estimated,"
+                                    " settled_at=excluded.settled_at",
+                                    (c, start, len(self.ledger.entries) - 1, est, at))
         except BaseException:
-            self.db.execute("ROLLBACK")
-            self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
+            self.ledger.truncate(before)
+            self._changes, self._seen = [], 0
+            self._resync()
             raise
         return len(self.ledger.entries) - 1
+
+    def _resync(self) -> None:
+        """After a failed append: should the database hold another number of
+        entries than memory (a COMMIT reported failed that did commit), the
+        database is what counts. Unreadable now: memory stays as it is."""
+        try:
+            n = self.db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+            if n != len(self.ledger.entries):
+                log.warning("ledger: %d entries on disk, %d in memory after a failed append; reloading", n,
+                            len(self.ledger.entries))
+                self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
+        except sqlite3.Error:
+            log.warning("ledger: cannot read the database back after a failed append", exc_info=True)
 
     def export(self) -> bytes:
         return b"".join(bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n"))
@@ -375,9 +395,8 @@ def split(st: Settler, members: list[int], new_id: str, new_db: Path, new_key: E
                                        "parent": {"community": st.community, "entry": n,
                                                   "digest": hashlib.sha256(raw).digest()},
                                        "members": {str(m): rows[m][1] or b"" for m in members}})
-    db.execute("BEGIN IMMEDIATE")
-    db.execute("INSERT INTO ledger VALUES (?, ?)", (0, new.ledger.entries[0]))
-    db.execute("COMMIT")
+    with transaction(db):
+        db.execute("INSERT INTO ledger VALUES (?, ?)", (0, new.ledger.entries[0]))
     after = gov_state(st)
     return {"entry": n, "at": at, "balances": body["balances"], "before": before,
             "after_old": sum(after.balances.get(m, 0) for m in after.members()),

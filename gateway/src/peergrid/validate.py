@@ -21,10 +21,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from peergrid.registry import Device
+from peergrid.registry import Device, valid_rating
 from peergrid.wire import UplinkVerifier
 from protocol import cose, messages, topics
-from protocol.errors import (E_CLOCK, E_PLAUSIBILITY, E_REPLAY, E_TOO_BIG, E_TOPIC, E_UNKNOWN_DEVICE,
+from protocol.errors import (E_CLOCK, E_PLAUSIBILITY, E_REPLAY, E_TAG, E_TOO_BIG, E_TOPIC, E_UNKNOWN_DEVICE,
                              NAMES, ProtocolError)
 from protocol.replay import ReplayWindow
 
@@ -66,6 +66,15 @@ class Rejected(Exception):
         return NAMES.get(self.code, f"e{self.code}")
 
 
+class Throttled(Exception):
+    """Too many forged tags for this device within the current second: the
+    frame was dropped without being verified (PROTOCOL.md 4.3)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.device = device
+
+
 class _DeviceState:
     __slots__ = ("windows", "digests", "last_regs")
 
@@ -81,10 +90,18 @@ class _DeviceState:
 class Validator:
     def __init__(self, community: str, devices: DeviceLookup, max_skew_s: float = 300,
                  max_future_s: float = 3600, history: Callable[[str, str, str], list[tuple[int, int, bytes]]]
-                 | None = None, digests_kept: int = 4096) -> None:
+                 | None = None, digests_kept: int = 4096, tag_failures_per_s: int = 20) -> None:
         """history(community, device, kind) -> [(boot, seq, sha256 of frame)]
         of accepted frames, to rebuild a device's replay state after a
-        restart (newest boots first is fine; order does not matter)."""
+        restart (newest boots first is fine; order does not matter).
+
+        tag_failures_per_s (0: no limit): once a device had that many E_TAG
+        failures within one second of `now`, its further frames in that
+        second are dropped before verification (Throttled). The drop window
+        ends with the second, so a flood forged under an honest board's id
+        costs that board at most the rest of each second in which the flood
+        passed the limit, and nothing once it stops; every dropped frame is
+        counted by the caller."""
         self.community = community
         self.devices = devices
         self.max_skew_s = max_skew_s
@@ -94,6 +111,8 @@ class Validator:
         self._state: dict[str, _DeviceState] = {}
         self._dev_cache: dict[str, Device | None] = {}
         self.verifier = UplinkVerifier(self._secret)
+        self.tag_failures_per_s = tag_failures_per_s
+        self._tag_fails: dict[str, list[int]] = {}     # device -> [second, E_TAG failures in it]
         # check() runs on the MQTT thread; refresh(), forget() and preload()
         # come from the registry watcher and the installer API
         self._lock = threading.Lock()
@@ -187,9 +206,19 @@ class Validator:
         dev = self._device(device)
         if dev is None or dev.revoked:
             raise Rejected(E_UNKNOWN_DEVICE, "unknown or revoked device", device)
+        # (known devices only: the table is as big as the registry at most)
+        fails = self._tag_fails.get(device)
+        second = int(now)
+        if fails is not None and fails[0] == second and fails[1] >= self.tag_failures_per_s > 0:
+            raise Throttled(device)
         try:
             up = self.verifier.open(topic, frame)
         except ProtocolError as e:
+            if e.code == E_TAG:
+                if fails is None or fails[0] != second:
+                    self._tag_fails[device] = [second, 1]
+                else:
+                    fails[1] += 1
             raise Rejected(e.code, e.detail or e.name(), device) from None
         msg = up.fields
         boot, seq = msg["boot"], msg["seq"]
@@ -229,7 +258,12 @@ class Validator:
         if len(ch) != len(dev.channels):
             raise Rejected(E_PLAUSIBILITY, f"{len(ch)} channels, the registry has {len(dev.channels)}", dev.id)
         for i, (w, imp, exp, ma) in enumerate(ch):
-            limit = dev.channels[i].get("rating_a", 100) * _W_PER_A
+            rating = dev.channels[i].get("rating_a", 100)
+            if not valid_rating(rating):
+                # a registry written before ratings were checked: fail closed
+                raise Rejected(E_PLAUSIBILITY, f"channel {i}: the registry's CT rating {rating!r} is not a number "
+                                               "of amperes; fix the device's channels", dev.id)
+            limit = rating * _W_PER_A
             if abs(w) > limit:
                 raise Rejected(E_PLAUSIBILITY, f"channel {i}: {w} W beyond a {dev.channels[i].get('rating_a')} A CT",
                                dev.id)
