@@ -478,24 +478,26 @@ def test_battery_command_sets_the_device_with_its_revert_timer(broker, board_fac
         gw.close()
 
 
-def test_a_day_within_an_esp32_heap(broker, board_factory, mpy_dir):
+def test_hours_within_an_esp32_heap(broker, board_factory, mpy_dir):
     # the firmware as it goes onto a board (.mpy), 110 KB of heap for its
-    # data on top of its code, a simulated day at 2400x with a 2-hour outage
+    # data on top of its code, 8 simulated hours at 2400x with a 2-hour
+    # outage of the real broker (the 32-bit day with code and data in one
+    # heap is tests/test_board32.py)
     vb, secret = board_factory("vb-day", speed=2400, replay_per_s=500, backoff_s=[1, 1])
     vb.mpy_dir = mpy_dir
     vb.data_heap = 110 * 1024
     vb.start(timeout=60)
-    vb.poll_state(lambda s: s["board_ms"] >= 11 * 3600_000, 60, every=0.5)
+    vb.poll_state(lambda s: s["board_ms"] >= 3 * 3600_000, 60, every=0.5)
     broker.stop()
     try:
-        vb.poll_state(lambda s: s["board_ms"] >= 13 * 3600_000, 60, every=0.5)
+        vb.poll_state(lambda s: s["board_ms"] >= 5 * 3600_000, 60, every=0.5)
     finally:
         broker.start()
-    st = vb.poll_state(lambda s: s["board_ms"] >= 24 * 3600_000, 90, every=0.5)
+    st = vb.poll_state(lambda s: s["board_ms"] >= 8 * 3600_000, 90, every=0.5)
     st = vb.poll_state(lambda s: s["connected"] and s["buffered"] == 0, 60, every=0.5)
     assert not any("MemoryError" in line for line in vb.stderr), vb.tail()
     assert vb.proc.poll() is None
-    assert st["stats"]["readings"] >= 8000, st["stats"]
+    assert st["stats"]["readings"] >= 2700, st["stats"]
     assert st["stats"]["replayed"] >= 600
     assert st["min_free"] > 20_000
     assert st["dropped"] == 0 and st["stats"]["spool_errors"] == 0
