@@ -49,5 +49,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
     failed = len(stats.get("failed", []))
     terminalreporter.write_line(
         f"interpreters: {cpy} passed under CPython, {mpy} under the 64-bit MicroPython unix port "
-        f"(shared tests from source and from .mpy), {mp32} under the 32-bit MicroPython (from .mpy), "
+        f"(shared tests from .mpy), {mp32} under the 32-bit MicroPython (from .mpy), "
         f"{failed} failed")
