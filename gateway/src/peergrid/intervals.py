@@ -17,9 +17,18 @@ channel (issue 6, item 1): a pure function of the stored readings.
    it, and the intervals touching it are flagged estimated. A boundary after
    the newest reading takes the newest value (estimated): what comes later
    shows up when the board's readings arrive, as an adjustment.
+4. A reading is never taken as measured before one that precedes it in the
+   board's own order (boot, then seq): where the times say otherwise (a
+   board whose clock restarted behind after a reboot while claiming to be
+   synced, a reading filed under the receive time next to others filed under
+   the board's clock, PROTOCOL.md appendix B) it is moved to that reading's
+   time and the intervals are flagged estimated. The series then rises in
+   time as in the board's order: no interval gets negative energy, and no
+   energy is put before the time the board had counted it.
 """
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from dataclasses import dataclass
 from fractions import Fraction
@@ -43,11 +52,14 @@ class IntervalEnergy:
     estimated: bool
 
 
-def continuous(readings: list[Reading]) -> list[tuple[float, int, int]]:
-    """(t, import, export) in time order with reboots stitched together."""
+def continuous(readings: list[Reading], moved: list[bool] | None = None) -> list[tuple[float, int, int]]:
+    """(t, import, export) in time order with reboots stitched together;
+    a reading filed earlier than one before it in the board's order is
+    taken at that one's time (then moved[0] is set)."""
     rs = sorted(readings, key=lambda r: (r.boot, r.seq))
     out: list[tuple[float, int, int]] = []
     off_i = off_e = 0
+    t_min = -math.inf
     last: Reading | None = None
     for r in rs:
         if last is not None and r.boot != last.boot:
@@ -56,9 +68,14 @@ def continuous(readings: list[Reading]) -> list[tuple[float, int, int]]:
             off_e = max(off_e + last.exp_wh - r.exp_wh, off_e)
         elif last is not None and (r.imp_wh < last.imp_wh or r.exp_wh < last.exp_wh):
             raise ValueError(f"register went backwards within boot {r.boot} at seq {r.seq}")
-        out.append((r.t, r.imp_wh + off_i, r.exp_wh + off_e))
+        t = r.t
+        if t < t_min:
+            t = t_min
+            if moved is not None:
+                moved[0] = True
+        t_min = t
+        out.append((t, r.imp_wh + off_i, r.exp_wh + off_e))
         last = r
-    out.sort(key=lambda x: x[0])
     return out
 
 
@@ -89,13 +106,16 @@ def intervals(readings: list[Reading], start: int, end: int, length_s: int = 900
     left out."""
     if length_s <= 0 or start % length_s or end % length_s:
         raise ValueError("start and end must lie on interval boundaries")
-    series = continuous(readings)
+    moved = [False]
+    series = continuous(readings, moved)
+    disorder = moved[0]
     times = [s[0] for s in series]
     out: list[IntervalEnergy] = []
     prev = boundary(series, times, start, max_gap_s) if series else None
     for t0 in range(start, end, length_s):
         cur = boundary(series, times, t0 + length_s, max_gap_s) if series else None
         if prev is not None and cur is not None:
-            out.append(IntervalEnergy(t0, t0 + length_s, cur[0] - prev[0], cur[1] - prev[1], prev[2] or cur[2]))
+            out.append(IntervalEnergy(t0, t0 + length_s, cur[0] - prev[0], cur[1] - prev[1],
+                                      prev[2] or cur[2] or disorder))
         prev = cur
     return out

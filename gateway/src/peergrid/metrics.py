@@ -102,4 +102,5 @@ class Metrics:
             out.append("# TYPE peergrid_devices gauge")
             out.append(f'peergrid_devices{{state="online"}} {sum(v["online"] for v in presence.values())}')
             out.append(f'peergrid_devices{{state="stale"}} {sum(v["stale"] for v in presence.values())}')
+            out.append(f'peergrid_devices{{state="flagged"}} {sum("flagged" in v for v in presence.values())}')
         return "\n".join(out) + "\n"

@@ -54,6 +54,7 @@ class Config:
     registry_poll_s: float = 0.25             # how often the running gateway looks for registry changes
     max_skew_s: float = 300
     max_future_s: float = 3600
+    max_late_s: float = 4 * 86400     # the longest a reading may wait in a board's flash (energy plausibility)
     stale_after_s: float = 35
     batch: int = 500
     batch_ms: int = 3
@@ -101,6 +102,7 @@ class Config:
             broker_conf_extra=[str(x) for x in b.get("conf_extra", [])],
             registry_poll_s=float(i.get("registry_poll_s", 0.25)),
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
+            max_late_s=float(i.get("max_late_s", 4 * 86400)),
             stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
             batch_ms=int(i.get("batch_ms", 3)), quarantine_max=int(i.get("quarantine_max", 10000)),
             quarantine_bytes=int(i.get("quarantine_bytes", 8 << 20)),
@@ -152,7 +154,8 @@ class Gateway:
                            quarantine_bytes=cfg.quarantine_bytes, frame_bytes=cfg.quarantine_frame_bytes)
         self.store.keep_batches = bool(cfg.extra.get("ingest", {}).get("record_batches", False))
         self.validator = Validator(cfg.community, self.registry.device, cfg.max_skew_s, cfg.max_future_s,
-                                   history=self.store.history, tag_failures_per_s=cfg.tag_failures_per_s)
+                                   history=self.store.history, tag_failures_per_s=cfg.tag_failures_per_s,
+                                   readings=self.store.energy_history, max_late_s=cfg.max_late_s)
         # the counter first: a change made while the devices load is seen again
         self.registry_version = self.registry.version()
         self.validator.preload(self.registry.devices(cfg.community))
@@ -162,6 +165,9 @@ class Gateway:
         self.q: queue.Queue[Any] = queue.Queue(maxsize=4000)
         self.stop_event = threading.Event()
         self._last_reject_log: dict[str, float] = {}
+        self._rejects_unlogged: dict[str, int] = {}     # rejections since the last one logged, per device and code
+        # devices whose energy registers were implausible: device -> (when, why), for the operator
+        self.flagged: dict[str, tuple[float, str]] = {}
         self.client: mqtt.Client | None = None
         self.http: Any = None
         self.connected = threading.Event()
@@ -207,6 +213,9 @@ class Gateway:
             return
         except Rejected as e:
             self.metrics.reject(e.name, e.device)
+            if e.flag and e.device:
+                self.metrics.warn(e.flag, e.device)
+                self.flagged[e.device] = (now, e.reason)
             self._log_reject(e, topic)
             # the quarantine keeps a bounded prefix of the frame (with its
             # length and digest), so the queue holds no more than that either
@@ -250,12 +259,17 @@ class Gateway:
                         "most once a minute)", e.device, self.cfg.tag_failures_per_s)
 
     def _log_reject(self, e: Rejected, topic: str) -> None:
+        """Every rejection is counted; its reason is logged once a minute per
+        device and code, with how many more there were since."""
         key = f"{e.device}:{e.code}"
         now = time.monotonic()
         if now - self._last_reject_log.get(key, -1e9) >= 60:
             self._last_reject_log[key] = now
-            log.warning("rejected %s on %s: %s (further ones logged at most once a minute)", e.name, topic[:64],
-                        e.reason)
+            more = self._rejects_unlogged.pop(key, 0)
+            log.warning("rejected %s on %s: %s (%sfurther ones logged at most once a minute)", e.name, topic[:64],
+                        e.reason, f"{more} more since the last one logged; " if more else "")
+        else:
+            self._rejects_unlogged[key] = self._rejects_unlogged.get(key, 0) + 1
 
     # -- writer ------------------------------------------------------------------
 
@@ -369,6 +383,9 @@ class Gateway:
                                                (self.cfg.community,)):
             out[d] = {"online": bool(online), "last_seen": seen,
                       "stale": seen is None or now - seen > self.cfg.stale_after_s}
+        for d, (at, why) in list(self.flagged.items()):
+            # implausible energy: refused readings, flagged until the gateway restarts
+            out.setdefault(d, {"online": False, "last_seen": None, "stale": True})["flagged"] = {"t": at, "reason": why}
         return out
 
     def _publish_status(self) -> None:
@@ -508,6 +525,8 @@ class Gateway:
         signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
         settler = self._settler()      # a bad [settlement] table stops us before connecting
+        if settler is not None:
+            settler.on_held = lambda member, device, reason, start: self.metrics.warn("held", device)
         self.start()
         log.info("gateway for %s running (db %s)", self.cfg.community, self.cfg.db)
         next_status = 0.0
@@ -579,6 +598,19 @@ def reload_broker(pid_file: Path | None) -> bool:
 
 
 class JsonLog(logging.Formatter):
+    """One JSON object a line; a record logged with an exception (or
+    log.exception) carries it: "exc" is its type and message, "trace" the
+    whole traceback."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"t": round(record.created, 3), "level": record.levelname.lower(),
-                           "logger": record.name, "msg": record.getMessage()})
+        out: dict[str, Any] = {"t": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            et, ev = record.exc_info[0], record.exc_info[1]
+            out["exc"] = f"{et.__name__}: {ev}"
+            out["trace"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["trace"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out)

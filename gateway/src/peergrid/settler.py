@@ -67,6 +67,8 @@ class Settler:
         self.ledger = ledger.Ledger(key, community)
         self.ledger.load([bytes(r[0]) for r in db.execute("SELECT raw FROM ledger ORDER BY n")])
         self.first_start = first_start
+        self.held: list[list[Any]] = []         # devices the last flows() left out: [member, device, reason]
+        self.on_held: Any = None                # called (member, device, reason, start) for each
         self._changes: list[tuple[str, dict]] = []     # tariff and interval entries, in ledger order
         self._seen = 0
 
@@ -127,9 +129,14 @@ class Settler:
 
     def flows(self, start: int, end: int) -> tuple[list[Flow], bool]:
         """Per member (imp, exp) Wh in [start, end), and whether any of it
-        is estimated."""
+        is estimated. A device whose readings cannot be settled (registers
+        going backwards, anything that raises) is held: it adds nothing to
+        its member's flows, the interval counts as estimated, and `held`
+        says which and why ([member, device, reason], logged); everyone
+        else is settled as usual."""
         per: dict[int, list[int]] = {}
         estimated = False
+        self.held = []
         left = {m: at for m, _, at in self.registry.members(self.community) if at is not None}
         for d in self.registry.devices(self.community):
             if d.member is None or d.grid_index() is None:
@@ -140,8 +147,22 @@ class Settler:
                 "SELECT t, boot, seq, grid_imp_wh, grid_exp_wh FROM readings WHERE community=? AND device=?"
                 " AND t >= ? AND t <= ? ORDER BY t", (self.community, d.id, start - 6 * (end - start),
                                                      end + 6 * (end - start))).fetchall()
-            rs = [Reading(t, b, s, i, e) for t, b, s, i, e in rows if i is not None]
-            for iv in intervals(rs, start, end, end - start):
+            try:
+                rs = [Reading(t, b, s, i, e) for t, b, s, i, e in rows if i is not None]
+                ivs = intervals(rs, start, end, end - start)
+                for iv in ivs:
+                    if type(iv.imp_wh) is not int or type(iv.exp_wh) is not int or iv.imp_wh < 0 or iv.exp_wh < 0:
+                        raise ValueError(f"negative or non-integer energy {iv.imp_wh}/{iv.exp_wh} Wh")
+            except Exception as e:  # noqa: BLE001 - one device's data never stops the community's settlement
+                reason = str(e)[:200] or type(e).__name__
+                log.warning("interval %d: device %s (member %d) held, not settled: %s", start, d.id, d.member,
+                            reason, exc_info=not isinstance(e, ValueError))
+                self.held.append([d.member, d.id, reason])
+                if self.on_held is not None:
+                    self.on_held(d.member, d.id, reason, start)
+                estimated = True
+                continue
+            for iv in ivs:
                 acc = per.setdefault(d.member, [0, 0])
                 acc[0] += iv.imp_wh
                 acc[1] += iv.exp_wh
@@ -180,6 +201,9 @@ class Settler:
             partners = [Partner(*pp[k:k + 3]) for k in range(0, len(pp), 3)]
         body = ledger.settlement_body(start, end, flows, tariff, settle(flows, tariff, partners))
         body["estimated"] = estimated
+        if self.held:
+            # the devices left out of this interval, and why (docs/SETTLEMENT.md)
+            body["held"] = self.held
         return body
 
     def settle_due(self, now: float, limit: int = 1000) -> int:

@@ -108,6 +108,27 @@ class Store:
                 " ORDER BY seq DESC LIMIT 32768", (community, device, kind, b))]
         return out
 
+    def energy_history(self, community: str, device: str, per_boot: int = 64) -> list[tuple[Any, ...]]:
+        """Stored readings to rebuild a device's energy state after a
+        restart (peergrid.energycheck): for each of its five newest boots
+        the first reading and the newest `per_boot`, as (boot, seq, t,
+        t_board, t_recv, flags, vrms_dv, channels)."""
+        rdb = self.read_db
+        if self.with_frames is not None and (community, device) not in self.with_frames:
+            return []
+        boots = [r[0] for r in rdb.execute(
+            "SELECT DISTINCT boot FROM frames WHERE community=? AND device=? AND kind=? ORDER BY boot DESC LIMIT 5",
+            (community, device, topics.READING))]
+        q = ("SELECT r.boot, r.seq, r.t, r.t_board, r.t_recv, r.flags, r.vrms_dv, r.ch FROM frames f"
+             " JOIN readings r ON r.frame_id = f.id WHERE f.community=? AND f.device=? AND f.kind=? AND f.boot=?"
+             " ORDER BY f.seq {} LIMIT ?")
+        out: dict[tuple[int, int], tuple[Any, ...]] = {}
+        for b in boots:
+            for order, n in (("ASC", 1), ("DESC", per_boot)):
+                for row in rdb.execute(q.format(order), (community, device, topics.READING, b, n)):
+                    out[(row[0], row[1])] = row[:7] + (json.loads(row[7]),)
+        return list(out.values())
+
     def write(self, accepted: Iterable[Accepted], rejected: Iterable[tuple[Any, ...]],
               counts: dict[tuple[str, str, str], int]) -> None:
         """One transaction for a batch. A rejected frame is (t_recv, topic,

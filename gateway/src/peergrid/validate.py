@@ -13,6 +13,12 @@ by more than `max_skew_s` is kept with the gateway's receive time and counted
 as a clock warning (E_CLOCK in the warnings, not a rejection); unsynced
 messages are kept with the receive time. Buffered readings are judged only by
 the replay window.
+
+Plausibility: the channel count, each channel's power against its CT rating,
+and the energy registers against physics (peergrid.energycheck: a register
+may grow no faster than its CT can carry energy, in time the gateway can
+vouch for, checked against the readings on both sides in the board's order
+and across reboots; rebuilt from the store after a restart).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from peergrid.energycheck import DEFAULT_MAX_LATE_S, EnergyError, EnergyState
 from peergrid.registry import Device, valid_rating
 from peergrid.wire import UplinkVerifier
 from protocol import cose, messages, topics
@@ -55,11 +62,12 @@ class Duplicate:
 
 
 class Rejected(Exception):
-    def __init__(self, code: int, reason: str, device: str | None = None) -> None:
+    def __init__(self, code: int, reason: str, device: str | None = None, flag: str | None = None) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
         self.device = device
+        self.flag = flag            # "energy": the device is flagged for the operator
 
     @property
     def name(self) -> str:
@@ -76,7 +84,7 @@ class Throttled(Exception):
 
 
 class _DeviceState:
-    __slots__ = ("windows", "digests", "last_regs")
+    __slots__ = ("windows", "digests", "energy")
 
     def __init__(self) -> None:
         self.windows: dict[str, ReplayWindow] = {}
@@ -84,16 +92,23 @@ class _DeviceState:
         # frame's SHA-256 as an int (enough to tell an exact redelivery from
         # another frame; small, as there are many devices)
         self.digests: dict[tuple[str, int], int] = {}
-        self.last_regs: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # boot -> (seq, registers)
+        self.energy: EnergyState | None = None
 
 
 class Validator:
     def __init__(self, community: str, devices: DeviceLookup, max_skew_s: float = 300,
                  max_future_s: float = 3600, history: Callable[[str, str, str], list[tuple[int, int, bytes]]]
-                 | None = None, digests_kept: int = 4096, tag_failures_per_s: int = 20) -> None:
+                 | None = None, digests_kept: int = 4096, tag_failures_per_s: int = 20,
+                 readings: Callable[[str, str], list[tuple[Any, ...]]] | None = None,
+                 max_late_s: float = DEFAULT_MAX_LATE_S) -> None:
         """history(community, device, kind) -> [(boot, seq, sha256 of frame)]
         of accepted frames, to rebuild a device's replay state after a
         restart (newest boots first is fine; order does not matter).
+        readings(community, device) -> [(boot, seq, t, t_board, t_recv,
+        flags, vrms_dv, ch)] of stored readings (each boot's first and its
+        newest ones are enough), to rebuild its energy state likewise.
+        max_late_s: the longest a reading may wait in a board's flash
+        (peergrid.energycheck).
 
         tag_failures_per_s (0: no limit): once a device had that many E_TAG
         failures within one second of `now`, its further frames in that
@@ -108,6 +123,8 @@ class Validator:
         self.max_future_s = max_future_s
         self.history = history
         self.digests_kept = digests_kept
+        self.readings = readings
+        self.max_late_s = max_late_s
         self._state: dict[str, _DeviceState] = {}
         self._dev_cache: dict[str, Device | None] = {}
         self.verifier = UplinkVerifier(self._secret)
@@ -244,7 +261,8 @@ class Validator:
             else:
                 warnings.append(E_CLOCK)
         if kind == topics.READING:
-            self._plausible(dev, st, msg)
+            # the board's clock is trusted where the reading is filed under it
+            self._plausible(dev, st, msg, now, not flags & messages.F_CLOCK_UNSYNCED and not warnings)
         window.accept(boot, seq)
         st.digests[(kind, boot << 32 | seq)] = int.from_bytes(digest[:8], "big")
         if len(st.digests) > self.digests_kept + 256:
@@ -253,7 +271,7 @@ class Validator:
                 del st.digests[k]
         return Accepted(community, device, kind, msg, frame, now, t_eff, warnings, digest)
 
-    def _plausible(self, dev: Device, st: _DeviceState, msg: dict[str, Any]) -> None:
+    def _plausible(self, dev: Device, st: _DeviceState, msg: dict[str, Any], now: float, trusted: bool) -> None:
         ch = msg["ch"]
         if len(ch) != len(dev.channels):
             raise Rejected(E_PLAUSIBILITY, f"{len(ch)} channels, the registry has {len(dev.channels)}", dev.id)
@@ -267,19 +285,31 @@ class Validator:
             if abs(w) > limit:
                 raise Rejected(E_PLAUSIBILITY, f"channel {i}: {w} W beyond a {dev.channels[i].get('rating_a')} A CT",
                                dev.id)
-        boot, seq = msg["boot"], msg["seq"]
-        regs = [(c[1], c[2]) for c in ch]
-        last = st.last_regs.get(boot)
-        if last is not None:
-            lseq, lregs = last
-            later = seq > lseq
-            for (a, b), (la, lb) in zip(regs, lregs):
-                if (later and (a < la or b < lb)) or (not later and (a > la or b > lb)):
-                    raise Rejected(E_PLAUSIBILITY, "energy register went backwards within a boot", dev.id)
-        if last is None or seq > last[0]:
-            st.last_regs[boot] = (seq, regs)
-            if len(st.last_regs) > 4:
-                del st.last_regs[min(st.last_regs)]
+        es = st.energy
+        if es is None or es.src is not dev.channels:
+            ratings = tuple(c.get("rating_a", 100) for c in dev.channels)
+            if es is None or es.ratings != ratings:
+                es = st.energy = self._energy_state(dev.id, ratings)
+            es.src = dev.channels
+        try:
+            es.check(msg["boot"], msg["seq"], [v for c in ch for v in (c[1], c[2])], now, msg["t"],
+                     bool(msg["flags"] & messages.F_CLOCK_UNSYNCED), trusted, msg.get("vrms_dv"))
+        except EnergyError as e:
+            raise Rejected(E_PLAUSIBILITY, e.reason, dev.id, "energy") from None
+
+    def _energy_state(self, device: str, ratings: tuple[Any, ...]) -> EnergyState:
+        """A device's energy state, rebuilt from its stored readings."""
+        es = EnergyState(ratings, self.max_late_s, self.max_skew_s)
+        if self.readings is not None:
+            rows = []
+            for boot, seq, t, t_board, t_recv, flags, vrms, ch in self.readings(self.community, device):
+                regs = [v for c in ch for v in (c[1], c[2])]
+                if len(regs) != 2 * len(ratings):
+                    continue                    # channels changed since: not comparable
+                uns = bool(flags & messages.F_CLOCK_UNSYNCED)
+                rows.append((boot, seq, regs, t_recv, t_board, uns, not uns and t == t_board, vrms))
+            es.load(rows)
+        return es
 
 
 # reading flags that say a measurement is not to be trusted as it stands;
