@@ -249,3 +249,20 @@ def test_registry_limits_and_partners_reach_the_ledger(tmp_path) -> None:
     # a partner rule removed later does not change how late data is adjusted
     r.remove_partner("oak", 1, 2)
     assert r.partners("oak") == [(3, 4, 300)]
+
+
+def test_two_writers_continue_one_chain(tmp_path) -> None:
+    """The running gateway's settler and a command in another process
+    (`peergrid member add` records a ledger entry) share the database: each
+    append continues from what the database holds, none fails on a number
+    the other took."""
+    dbp = tmp_path / "gw.db"
+    _day(dbp, members=2)
+    gw = Settler(reg.connect(dbp), "oak", load_key(tmp_path / "k"), Tariff(30, 8), grace_s=0, first_start=DAY0)
+    cli = Settler(reg.connect(dbp), "oak", load_key(tmp_path / "k"), Tariff(30, 8), grace_s=0, first_start=DAY0)
+    assert gw.settle_due(DAY0 + 900) == 1
+    n1 = cli.record("member_joined", DAY0 + 950, {"member": 7, "name": "late"})
+    assert gw.settle_due(DAY0 + 1800) == 1                   # the gateway's memory was one entry behind
+    n2 = cli.record("member_left", DAY0 + 1850, {"member": 7, "balance": 0})
+    entries = ledger.verify(gw.export())
+    assert [e.type for e in entries].count("settlement") == 2 and n2 == n1 + 2 == len(entries) - 1

@@ -261,9 +261,16 @@ class Settler:
         An append that does not commit (a full disk: SQLite has rolled back
         by itself) leaves no trace, in the database or here: the next entry
         gets the same number and chains to the same predecessor."""
-        before = len(self.ledger.entries)
+        before: int | None = None
         try:
             with transaction(self.db):
+                # the write lock is held: another process (`peergrid member
+                # add` while the gateway runs) may have appended since this
+                # one last looked; continue from what the database holds
+                on_disk = self.db.execute("SELECT COALESCE(MAX(n) + 1, 0) FROM ledger").fetchone()[0]
+                if on_disk != len(self.ledger.entries):
+                    self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
+                before = len(self.ledger.entries)
                 self.ledger.append(*entry)
                 for k in range(before, len(self.ledger.entries)):
                     self.db.execute("INSERT INTO ledger VALUES (?, ?)", (k, self.ledger.entries[k]))
@@ -275,7 +282,8 @@ class Settler:
                                     " settled_at=excluded.settled_at",
                                     (c, start, len(self.ledger.entries) - 1, est, at))
         except BaseException:
-            self.ledger.truncate(before)
+            if before is not None:
+                self.ledger.truncate(before)
             self._changes, self._seen = [], 0
             self._resync()
             raise
