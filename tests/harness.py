@@ -84,6 +84,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, proc: subprocess.Popen | None = None, what: str = "mosquitto") -> None:
+    """Until something accepts connections on the loopback port (at most
+    10 s; raises at once if `proc` ends first)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise RuntimeError(f"{what} did not start on port {port}")
+            time.sleep(0.05)
+
+
 def registry_broker(work: Path, port: int, listen: str = "127.0.0.1", persistence: bool = False,
                     wait: bool = True) -> subprocess.Popen:
     """mosquitto with the password and ACL files the gateway's registry wrote
@@ -97,15 +111,7 @@ def registry_broker(work: Path, port: int, listen: str = "127.0.0.1", persistenc
         + ("user root\n" if os.geteuid() == 0 else ""))
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if wait:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("mosquitto did not start")
-                time.sleep(0.05)
+        wait_port(port, proc)
     return proc
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port, stop_process
+from harness import free_port, stop_process, wait_port
 from peergrid import registry as reg
 from protocol import cose, messages, topics
 from protocol.errors import NAMES
@@ -39,18 +38,6 @@ CH2 = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
 SIM_CH = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 100},
           {"role": "load", "rating_a": 50}, {"role": "ev", "rating_a": 50}]
 GW_ID = f"peergrid-gw-{C}"           # the gateway's own client id (service.Gateway.start)
-
-
-def _wait_port(port: int, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                raise RuntimeError("mosquitto did not start")
-            time.sleep(0.05)
 
 
 class Site:
@@ -102,7 +89,7 @@ class Site:
     def start_broker(self) -> None:
         self.broker = subprocess.Popen(["mosquitto", "-c", str(self.tmp / "mosquitto.conf")],
                                        stdout=subprocess.DEVNULL, stderr=open(self.tmp / "mosquitto.err", "a"))
-        _wait_port(self.port, self.broker)
+        wait_port(self.port, self.broker)
 
     def restart_broker(self) -> None:
         """SIGTERM (mosquitto saves its persistence file), then start again."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port
+from harness import free_port, wait_port
 from peergrid import ledger
 from peergrid import registry as reg
 from protocol import messages
@@ -41,20 +41,6 @@ C = "elm"
 CHANNELS = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
 GRACE = 3
 LOOP = 5            # the gateway's settlement loop runs every 5 s
-
-
-def _wait_port(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class Board:
@@ -127,7 +113,7 @@ class Rig:
             "log_dest stderr\nlog_type error\n" + ("user root\n" if os.geteuid() == 0 else ""))
         self.broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        wait_port(self.port)
         self.gw: subprocess.Popen | None = None
 
     def start_gateway(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port
+from harness import free_port, wait_port
 from peergrid import registry as reg
 from protocol import cbor, cose, topics
 from protocol.link import DeviceLink
@@ -59,7 +59,7 @@ class Rig:
             "log_dest stderr\nlog_type error\n" + ("user root\n" if os.geteuid() == 0 else ""))
         self.broker = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        wait_port(self.port)
         self.gw: subprocess.Popen[str] | None = None
 
     def cli(self, *args: str) -> str:
@@ -71,7 +71,7 @@ class Rig:
     def start_gateway(self) -> None:
         self.gw = subprocess.Popen([sys.executable, "-m", "peergrid.cli", "-c", str(self.cfg), "run"],
                                    stdout=subprocess.DEVNULL, stderr=open(self.tmp / "gw.log", "a"), text=True)
-        _wait_port(self.http_port)
+        wait_port(self.http_port, what="the gateway's HTTP")
         deadline = time.monotonic() + 10
         while "connected to" not in (self.tmp / "gw.log").read_text():
             assert time.monotonic() < deadline, (self.tmp / "gw.log").read_text()
@@ -153,20 +153,6 @@ class Board:
     def close(self) -> None:
         self.c.loop_stop()
         self.c.disconnect()
-
-
-def _wait_port(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 @pytest.fixture
