@@ -1,0 +1,8 @@
+"""Commissioning a house: board definitions and their checks, the
+electrician's `peergrid commission` on a laptop (serial console to the
+board, CT fitting, the signed report), and the installer API it talks to
+on the gateway.
+
+Owns: boards, commission, console, installer. May import: protocol,
+peergrid.community, peergrid.http, peergrid.market (for the gateway's
+public key and the ledger). Never imports peergrid.ingest or peergrid.sim."""
