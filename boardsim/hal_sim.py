@@ -196,7 +196,7 @@ class SimHal(Hal):
     def spi(self, cfg):
         """The simulated SPI bus: tests attach devices (e.g. SimATM90E32) to
         `spi_devices` before the driver talks to them."""
-        from firmware.atm90e32_sim import SimBus
+        from boardsim.atm90e32_sim import SimBus
         if not hasattr(self, "spi_devices"):
             self.spi_devices = []
         return SimBus(self.spi_devices)

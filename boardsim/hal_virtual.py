@@ -7,7 +7,7 @@ import math
 import time
 
 from firmware.hal import TICKS_MASK
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 
 _SQRT2 = 1.4142135623730951
 

@@ -1,9 +1,9 @@
 # The virtual board: the real firmware (firmware/board.py) on the MicroPython
-# unix port with simulated hardware (firmware/hal_virtual.py). Started by
-# `peergrid vboard` (gateway/src/peergrid/vboard.py), which prepares the
+# unix port with simulated hardware (boardsim/hal_virtual.py). Started by
+# `peergrid vboard` (gateway/src/peergrid/sim/vboard.py), which prepares the
 # folder and the RS485 peer:
 #
-#   micropython -m firmware.vboard <folder> [speed] [rs485 pty] [console pty]
+#   micropython -m boardsim.vboard <folder> [speed] [rs485 pty] [console pty]
 #
 # <folder> holds board.json, config.json (the commissioning config, absent
 # on a board that was never commissioned) and sim.json (the simulated
@@ -45,7 +45,7 @@ from firmware import config as fconfig
 from firmware.board import Board
 from firmware.console import Console, Ops
 from firmware.hal import IoClock
-from firmware.hal_virtual import VirtualHal
+from boardsim.hal_virtual import VirtualHal
 from firmware.net import HostNet
 
 
@@ -216,7 +216,7 @@ def main(argv):
     fboard.FW_VERSION = fw          # a test can make the board report an older firmware
     port = None
     if con_path:
-        from firmware.uart_posix import PosixUart
+        from boardsim.uart_posix import PosixUart
         port = PosixUart(con_path, 115200)
     hal = VirtualHal(board, root, speed=speed)
     if sim is not None:
@@ -243,7 +243,7 @@ def main(argv):
     master = None
     if pty:
         from firmware.modbus import master_for
-        from firmware.uart_posix import PosixUart
+        from boardsim.uart_posix import PosixUart
         rs = board.get("rs485") or {}
         uart = PosixUart(pty, rs.get("baud", 9600))
         de = hal.pin_out(rs["de"], 0) if "de" in rs else None

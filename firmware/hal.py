@@ -1,6 +1,7 @@
 # Hardware layer of the meter board: the one interface application code uses.
-# Backends: hal_esp32 (machine module, on a board) and hal_sim (unix port,
-# tests, virtual board). Application code never imports `machine`.
+# Backends: hal_esp32 (machine module, on a board; firmware/main.py's open_hal
+# picks it) and boardsim/hal_sim.py (unix port, tests, virtual board). This
+# module imports neither. Application code never imports `machine`.
 #
 # The interface, by object:
 #   Hal.adc_block(pins, buf, n)   sample len(pins) inputs n times, interleaved,
@@ -191,11 +192,3 @@ class IoClock:
     def sleep_ms(self, ms):
         self.hal.io_sleep_ms(ms)
 
-
-def open_hal(board, **kw):
-    """The backend for a board definition (dict loaded from board.json)."""
-    if board.get("mcu") == "sim":
-        from firmware.hal_sim import SimHal
-        return SimHal(board, **kw)
-    from firmware.hal_esp32 import Esp32Hal
-    return Esp32Hal(board, **kw)

@@ -10,7 +10,7 @@ import sys
 
 from firmware import board as fboard
 from firmware.board import Board
-from firmware.hal import IoClock, open_hal
+from firmware.hal import IoClock
 from firmware.net import open_net
 
 _STX = 2
@@ -101,6 +101,17 @@ def unload(name):
     mod = sys.modules.get(pkg)
     if mod is not None and hasattr(mod, attr):
         delattr(mod, attr)
+
+
+def open_hal(board, **kw):
+    """The HAL backend for a board definition (board.json), by its "mcu".
+    The firmware's one backend is the ESP32's; simulated boards build theirs
+    from boardsim/ (the virtual board, the tests), never through here."""
+    mcu = board.get("mcu")
+    if mcu != "esp32":
+        raise ValueError("this firmware runs on an esp32, not %r" % (mcu,))
+    from firmware.hal_esp32 import Esp32Hal
+    return Esp32Hal(board, **kw)
 
 
 def main(root=""):

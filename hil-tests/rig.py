@@ -5,7 +5,7 @@ scenarios (test_scenarios.py) talk only to this interface, so each runs
 unchanged on
 
 - the **virtual rig** (`--rig virtual`, used by `make test`): the real
-  firmware on the MicroPython unix port (peergrid.vboard) with its console
+  firmware on the MicroPython unix port (peergrid.sim.vboard) with its console
   on a pseudo-terminal, pymodbus playing the SunSpec inverter on its RS485
   pseudo-terminal, a pymodbus SDM120 as the reference meter (read with
   minimalmodbus, like the real one) that sees the same house power as the
@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import free_port, stop_process  # noqa: E402
-from peergrid import registry as reg  # noqa: E402
-from peergrid.commission import Operator, main as commission_main  # noqa: E402
-from peergrid.console import BoardConsole  # noqa: E402
+from peergrid.community import registry as reg  # noqa: E402
+from peergrid.commissioning.commission import Operator, main as commission_main  # noqa: E402
+from peergrid.commissioning.console import BoardConsole  # noqa: E402
 from protocol import topics  # noqa: E402
 from protocol.link import CommandSealer, open_uplink  # noqa: E402
 
@@ -326,8 +326,8 @@ class VirtualRig(Rig):
         self._log_id, self._seen, self._on = 0, 0, False
 
     def start(self) -> None:
-        from peergrid.ptycable import PtyCable
-        from peergrid.refmeter import RefMeter, RefMeterSim
+        from peergrid.sim.ptycable import PtyCable
+        from peergrid.sim.refmeter import RefMeter, RefMeterSim
 
         self.gw = GatewayHarness(self.work)
         self.gw.start()
@@ -341,7 +341,7 @@ class VirtualRig(Rig):
     def flash(self) -> None:
         """Build the sim board's bundle (make firmware) and start a blank
         board from it: the virtual counterpart of erasing and writing."""
-        from peergrid.vboard import VirtualBoard
+        from peergrid.sim.vboard import VirtualBoard
 
         r = subprocess.run(["make", "--no-print-directory", "-s", "firmware", "BOARD=sim"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
@@ -463,13 +463,13 @@ class BenchRig(Rig):
         self.gw = GatewayHarness(self.work, g.get("broker_host", "127.0.0.1"), g.get("listen", "127.0.0.1"))
         self.gw.start()
         if "inverter_sim" in self.caps:
-            from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim
+            from peergrid.sim.sunspec_sim import SunSpecDevice, SunSpecSim
 
             rs = self.conf["rs485"]
             self.inv_sim = SunSpecSim(SunSpecDevice(unit=int(rs.get("unit", 1))), baud=int(rs.get("baud", 9600)))
             self.inv_sim.serve_on(rs["port"])
         if "reference_meter" in self.caps:
-            from peergrid.refmeter import RefMeter
+            from peergrid.sim.refmeter import RefMeter
 
             rf = self.conf["reference"]
             self.ref = RefMeter(rf["port"], int(rf.get("unit", 1)), int(rf.get("baud", 9600)),

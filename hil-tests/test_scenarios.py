@@ -8,7 +8,7 @@ import time
 import pytest
 from rig import need
 
-from peergrid import ledger
+from peergrid.market import ledger
 from protocol import messages
 
 pytestmark = pytest.mark.broker

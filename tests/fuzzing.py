@@ -3,7 +3,7 @@ frames in `make test`) and the benchmark (a longer run in `make bench`).
 
 Valid frames of every uplink kind from two devices are mutated (bit flips,
 byte changes, insertions, deletions, truncation, splices of two frames,
-random lengths and topics) and fed to peergrid.validate.Validator. Anything
+random lengths and topics) and fed to peergrid.ingest.validate.Validator. Anything
 but Accepted, Duplicate or Rejected is a crash; an accepted frame that is
 not one of the valid originals is a forgery that got through."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import random
 import time
 from typing import Any
 
-from peergrid.registry import Device
-from peergrid.validate import Accepted, Duplicate, Rejected, Validator
+from peergrid.community.registry import Device
+from peergrid.ingest.validate import Accepted, Duplicate, Rejected, Validator
 from protocol import topics
 from protocol.link import DeviceLink
 

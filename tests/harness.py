@@ -64,7 +64,7 @@ def mp32_tree(mpy_dir: Path | None) -> list[str]:
     it (/repo/tests/shared/util.py finds /repo/protocol/vectors) with the
     firmware from source, or from mpy-cross's .mpy files first on sys.path."""
     opts = []
-    for sub in ("protocol", "firmware", "boards", "tests"):
+    for sub in ("protocol", "firmware", "boardsim", "boards", "tests"):
         opts += ["--copy", f"{ROOT / sub}:/repo/{sub}"]
     opts += ["--copy", f"{ROOT / 'build' / 'lib'}:/repo/lib"]
     if mpy_dir is not None:

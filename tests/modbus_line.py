@@ -1,5 +1,5 @@
 """The board's Modbus master on a real-speed line, for the tests and
-tests/bench/bench_modbus.py: a pymodbus SunSpec device (peergrid.sunspec_sim)
+tests/bench/bench_modbus.py: a pymodbus SunSpec device (peergrid.sim.sunspec_sim)
 on a throttled pseudo-terminal cable (the bytes at the line's baud rate,
 11 bits a character) that starts each answer `latency_ms` after the request,
 and the firmware's master and SunSpec client on the real MicroPython
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness import ROOT, micropython_cmd, mpy_env
-from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim
+from peergrid.sim.sunspec_sim import SunSpecDevice, SunSpecSim
 
 PROBE = Path(__file__).resolve().parent / "mpy_modbus_cycles.py"
 

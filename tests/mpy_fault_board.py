@@ -8,9 +8,9 @@ import sys
 
 from firmware import config as fconfig
 from firmware.board import Board
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 from firmware.net import Net
-from firmware.sim_waveforms import AdcModel, MainsSource
+from boardsim.sim_waveforms import AdcModel, MainsSource
 
 
 class Offline(Net):

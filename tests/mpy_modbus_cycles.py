@@ -13,7 +13,7 @@ import time
 
 from firmware import sunspec
 from firmware.modbus import master_for
-from firmware.uart_posix import PosixUart
+from boardsim.uart_posix import PosixUart
 
 
 class Clock:

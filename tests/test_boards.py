@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from harness import ROOT
-from peergrid.boards import check, check_paths, load
+from peergrid.commissioning.boards import check, check_paths, load
 
 BOARDS = sorted(p for p in (ROOT / "boards").iterdir() if (p / "board.json").exists())
 REQUIRED = {"devkitc-3ct", "olimex-esp32-poe-iso", "circuitsetup-6ch", "sim"}

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from harness import ROOT, MpyPeer
-from peergrid.wire import UplinkVerifier, seal_command
+from peergrid.ingest.wire import UplinkVerifier, seal_command
 from protocol import topics
 from protocol.errors import ProtocolError
 

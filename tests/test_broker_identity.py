@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from harness import free_port, stop_process, wait_port
-from peergrid import registry as reg
+from peergrid.community import registry as reg
 from protocol import cose, messages, topics
 from protocol.errors import NAMES
 from protocol.link import DeviceLink
@@ -298,7 +298,7 @@ def test_changed_conf_is_reported_and_written_once(tmp_path) -> None:
 
 
 def _gateway(tmp_path: Path):
-    from peergrid.service import Config, Gateway
+    from peergrid.ingest.service import Config, Gateway
 
     cfgp = tmp_path / "gw.toml"
     cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = -1\n')
@@ -310,7 +310,7 @@ def test_the_gateway_follows_registry_changes_made_elsewhere(tmp_path) -> None:
     deletes; the gateway's check_registry (its watcher polls it every
     registry_poll_s) brings the validator up to date, and a board's firmware
     version is no change of identity."""
-    from peergrid.validate import Accepted, Rejected
+    from peergrid.ingest.validate import Accepted, Rejected
     from protocol.errors import E_TAG, E_UNKNOWN_DEVICE
 
     other = reg.Registry(reg.connect(tmp_path / "gw.db"))
@@ -423,7 +423,7 @@ def test_the_firmware_uses_its_account_as_client_id(site_factory, tmp_path) -> N
     account name as client id, so even a broker without
     use_username_as_clientid keeps two communities' boards of the same
     device id apart; under the generated config it is the same id."""
-    from peergrid.vboard import VirtualBoard, default_config
+    from peergrid.sim.vboard import VirtualBoard, default_config
 
     site = site_factory()
     conf = site.tmp / "mosquitto.conf"
@@ -447,7 +447,7 @@ def test_no_reading_the_broker_acknowledged_is_lost(site_factory, tmp_path) -> N
     then the gateway is killed, the broker restarted while readings keep
     coming, the gateway started again: every reading the broker acknowledged
     to a board is stored, once."""
-    from peergrid.vboard import VirtualBoard, default_config
+    from peergrid.sim.vboard import VirtualBoard, default_config
 
     site = site_factory()
     site.start_gateway()

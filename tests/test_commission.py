@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from harness import free_port, registry_broker, stop_process
-from peergrid import registry as reg
-from peergrid.commission import REQUIRED_FW, Operator, fit_ct, main, residual, verify_report
+from peergrid.community import registry as reg
+from peergrid.commissioning.commission import REQUIRED_FW, Operator, fit_ct, main, residual, verify_report
 
 pytestmark = pytest.mark.broker
 C = "oak"
@@ -142,7 +142,7 @@ class Site:
         return r.stdout
 
     def board(self, name: str, env: dict[str, str] | None = None, **sim: Any) -> Any:
-        from peergrid.vboard import VirtualBoard
+        from peergrid.sim.vboard import VirtualBoard
 
         s = {"start": int(time.time()), "relay_w": [2000, 1500], "relay_ch": [2, 3], "grid": 0, "pv": 1,
              "base": [300, 0, 0, 0], **sim}
@@ -195,7 +195,7 @@ def test_a_good_house_passes_with_a_signed_report(site) -> None:
     took = time.monotonic() - t0
     assert rc == 0, op.text()
     # the CT's phase and gain found with the kettle, written, and what is left of the error reported
-    from peergrid.console import BoardConsole
+    from peergrid.commissioning.console import BoardConsole
 
     con = BoardConsole(vb.console_path)
     try:
@@ -234,7 +234,7 @@ def test_a_good_house_passes_with_a_signed_report(site) -> None:
     secret = db.execute("SELECT secret FROM devices WHERE id='oak3'").fetchone()[0].hex()
     assert secret not in state and secret not in json.dumps(signed)
     # the member's voting key: public half in the registry and the report, private half only with the member
-    from peergrid import governance as gv
+    from peergrid.market import governance as gv
 
     key = gv.load_member_key((site.tmp / "member-oak3.key").read_text())
     assert db.execute("SELECT pubkey FROM members").fetchone()[0] == gv.public(key) == bytes.fromhex(rep["member_key"])
@@ -317,8 +317,8 @@ def test_console_config_writes_are_atomic_and_checked(tmp_path) -> None:
     """No broker needed: a bad config is refused with its reason, and a write
     cut off half-way (the .new file left behind) leaves the board running
     its old config after a restart."""
-    from peergrid.console import BoardConsole, BoardRefused
-    from peergrid.vboard import VirtualBoard, default_config
+    from peergrid.commissioning.console import BoardConsole, BoardRefused
+    from peergrid.sim.vboard import VirtualBoard, default_config
 
     vb = VirtualBoard(tmp_path / "b", None, console=True, sim={"start": int(time.time())})
     try:
@@ -355,8 +355,8 @@ def test_console_config_writes_are_atomic_and_checked(tmp_path) -> None:
 def test_a_test_load_that_does_not_show_up_is_refused_and_nothing_written(tmp_path) -> None:
     """No broker needed: the CT step alone on a commissioned board, whose
     kettle does not heat (or is in another house). Nothing is written."""
-    from peergrid.commission import Commissioning
-    from peergrid.vboard import VirtualBoard, default_config
+    from peergrid.commissioning.commission import Commissioning
+    from peergrid.sim.vboard import VirtualBoard, default_config
 
     cfg = default_config(C, "oak8", os.urandom(32), "127.0.0.1", free_port(), "u", "p", period_s=1)
     vb = VirtualBoard(tmp_path / "b", cfg, console=True, sim={"start": int(time.time()), "base": [300, 0, 0, 0],

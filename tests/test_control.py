@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from harness import free_port, registry_broker, stop_process
-from peergrid import registry as reg
-from peergrid.control import Battery, Controller, Feeder, Load
+from peergrid.community import registry as reg
+from peergrid.control.controller import Battery, Controller, Feeder, Load
 
 T0 = 1_795_046_400          # a midnight (UTC)
 BIG = Feeder(10**9, 10**9)
@@ -151,7 +151,7 @@ CH = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}, {"role"
 
 class ControlRig:
     def __init__(self, tmp: Path, devices: list[str], control: str) -> None:
-        from peergrid.vboard import VirtualBoard, default_config
+        from peergrid.sim.vboard import VirtualBoard, default_config
 
         self.tmp = tmp
         self.port = free_port()
@@ -305,7 +305,7 @@ def test_loop_retries_marks_degraded_and_recovers(tmp_path) -> None:
     side (DeviceLink opens what the loop publishes), no broker: commands that
     go unanswered are resent with new counters, the device is marked
     degraded, an ack brings it back; a refused counter makes it skip ahead."""
-    from peergrid.controlloop import ControlLoop
+    from peergrid.control.loop import ControlLoop
     from protocol import messages
     from protocol.link import DeviceLink
 

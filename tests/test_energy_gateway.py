@@ -31,8 +31,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from harness import free_port, wait_port
-from peergrid import ledger
-from peergrid import registry as reg
+from peergrid.market import ledger
+from peergrid.community import registry as reg
 from protocol import messages
 from protocol.link import DeviceLink
 
@@ -172,7 +172,7 @@ def test_dishonest_board_cannot_stall_or_mint(rig) -> None:
     # device's register goes backwards once within boot 1
     with rig.db() as db:
         db.execute("PRAGMA foreign_keys=OFF")
-        from peergrid.store import init
+        from peergrid.ingest.store import init
         init(db)
         for k in range(0, 400, 10):
             imp = 500 + k if k != 100 else 3

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from peergrid import ledger
-from peergrid import registry as reg
-from peergrid.energycheck import ALLOWANCE_WH, MARGIN, V_HIGH, EnergyError, EnergyState
-from peergrid.settle import Tariff
-from peergrid.settler import Settler, load_key
-from peergrid.store import Store
-from peergrid.validate import Accepted, Duplicate, Rejected, Validator
+from peergrid.market import ledger
+from peergrid.community import registry as reg
+from peergrid.ingest.energycheck import ALLOWANCE_WH, MARGIN, V_HIGH, EnergyError, EnergyState
+from peergrid.market.settle import Tariff
+from peergrid.market.settler import Settler, load_key
+from peergrid.ingest.store import Store
+from peergrid.ingest.validate import Accepted, Duplicate, Rejected, Validator
 from protocol import messages, topics
 from protocol.errors import E_PLAUSIBILITY
 from protocol.link import DeviceLink
@@ -398,7 +398,7 @@ def test_unsettleable_device_is_held_and_everyone_else_settled_on_time(tmp_path,
     s = Settler(db, C, load_key(tmp_path / "k"), Tariff(30, 8), 900, 60, first_start=T0)
     held = []
     s.on_held = lambda m, d, why, start: held.append((m, d, start))
-    with caplog.at_level(logging.WARNING, logger="peergrid.settler"):
+    with caplog.at_level(logging.WARNING, logger="peergrid.market.settler"):
         assert s.settle_due(T0 + 900 + 60) == 1          # due at end + grace: settled then
     body = ledger.verify(s.export())[-1].body
     assert body["estimated"] is True
@@ -415,7 +415,7 @@ def test_a_clock_that_restarts_behind_never_makes_negative_or_early_energy() -> 
     time. Each reading is taken no earlier than the one before it in the
     board's order; the energy is positive, flagged estimated, and none of
     boot 3's lands before boot 2's last reading."""
-    from peergrid.intervals import Reading, intervals
+    from peergrid.market.intervals import Reading, intervals
 
     rs = [Reading(T0 + 10 * k, 1, k, 10 * k, 0) for k in range(10)]               # 0..90 Wh, T0..T0+90
     rs += [Reading(T0 + 10 * k, 2, k, 95 + 10 * k, 0) for k in range(60)]         # 95..685 Wh, T0..T0+590
@@ -430,7 +430,7 @@ def test_a_clock_that_restarts_behind_never_makes_negative_or_early_energy() -> 
 
 
 def test_json_log_carries_the_exception() -> None:
-    from peergrid.service import JsonLog
+    from peergrid.ingest.service import JsonLog
 
     rec = None
 

@@ -19,7 +19,7 @@ from harness import ROOT, run_micropython
 
 from firmware import hal_esp32
 from firmware.atm90e32 import REG_IGAIN_A, REG_MMODE0, REG_CFG_REG_ACC_EN, CFG_LOCK
-from firmware.atm90e32_sim import SimATM90E32
+from boardsim.atm90e32_sim import SimATM90E32
 from firmware.energy import Registers
 from firmware.frontend import AdcFrontEnd, AtmFrontEnd, open_frontend
 from firmware.net import LanNet, WifiNet, _ntp, lan_args, open_net

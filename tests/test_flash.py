@@ -74,7 +74,7 @@ def fakes(tmp_path):
 
 @pytest.fixture
 def port():
-    from peergrid.ptycable import PtyCable
+    from peergrid.sim.ptycable import PtyCable
 
     c = PtyCable()
     yield c.b_path

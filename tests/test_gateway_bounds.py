@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from peergrid import ledger
-from peergrid import registry as reg
-from peergrid.registry import Device
-from peergrid.settle import Tariff
-from peergrid.settler import Settler, load_key
-from peergrid.store import Store, quarantined
-from peergrid.validate import Accepted, Rejected, Throttled, Validator
+from peergrid.market import ledger
+from peergrid.community import registry as reg
+from peergrid.community.registry import Device
+from peergrid.market.settle import Tariff
+from peergrid.market.settler import Settler, load_key
+from peergrid.ingest.store import Store, quarantined
+from peergrid.ingest.validate import Accepted, Rejected, Throttled, Validator
 from protocol import cose
 from protocol.errors import E_PLAUSIBILITY, E_TAG
 from protocol.link import DeviceLink
@@ -177,7 +177,7 @@ def _fill(db: sqlite3.Connection, spare: int = 0) -> None:
 
 
 def test_full_disk_is_reported_as_sqlite_says_and_nothing_is_lost(tmp_path, caplog) -> None:
-    from peergrid.service import Config, Gateway
+    from peergrid.ingest.service import Config, Gateway
 
     cfg = Config(community=C, db=tmp_path / "gw.db", batch=50, batch_ms=5)
     gw = Gateway(cfg)
@@ -301,7 +301,7 @@ def test_command_line_and_config_refuse_nan_and_infinities(tmp_path) -> None:
                   "--max-discharge-w", "1", "--efficiency", "nan")):
         r = _cli(cfg, *args)
         assert r.returncode == 2 and "finite" in r.stderr, (args, r.stderr)
-    from peergrid import installer
+    from peergrid.commissioning import installer
 
     with pytest.raises(reg.RegistryError):
         installer.make_token(reg.connect(tmp_path / "gw.db"), "x", float("nan"))

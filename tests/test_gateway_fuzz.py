@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuzzing
-from peergrid.validate import Accepted, Duplicate, Rejected
+from peergrid.ingest.validate import Accepted, Duplicate, Rejected
 
 POOL = fuzzing.originals()
 VALID = {f for _, f in POOL}

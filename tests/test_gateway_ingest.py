@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from harness import free_port, wait_port
-from peergrid import registry as reg
+from peergrid.community import registry as reg
 from protocol import cbor, cose, topics
 from protocol.link import DeviceLink
 
@@ -309,8 +309,8 @@ def test_registry_commands_and_revocation(rig):
 
 
 def test_retention_thins_old_readings_and_frames(tmp_path):
-    from peergrid.store import Store
-    from peergrid.validate import Accepted
+    from peergrid.ingest.store import Store
+    from peergrid.ingest.validate import Accepted
 
     db = reg.connect(tmp_path / "r.db")
     st = Store(db, lambda c, d: 0)
@@ -334,8 +334,8 @@ def test_retention_thins_old_readings_and_frames(tmp_path):
 
 
 def test_run_loop_settles_into_the_ledger(tmp_path):
-    from peergrid import ledger
-    from peergrid.service import Config, Gateway
+    from peergrid.market import ledger
+    from peergrid.ingest.service import Config, Gateway
 
     cfgp = tmp_path / "gw.toml"
     cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = -1\n'
@@ -355,7 +355,7 @@ def test_run_loop_settles_into_the_ledger(tmp_path):
 
 
 def test_membership_goes_into_the_ledger(tmp_path):
-    from peergrid import ledger
+    from peergrid.market import ledger
 
     cfgp = tmp_path / "gw.toml"
     cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\n'

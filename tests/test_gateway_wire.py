@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from harness import ROOT, MpyPeer
 from jsonx import from_json
-from peergrid.wire import UplinkVerifier, seal_command
+from peergrid.ingest.wire import UplinkVerifier, seal_command
 from protocol import cbor, link, messages, topics
 from protocol.errors import E_REPLAY, ProtocolError
 from protocol.replay import ReplayWindow

@@ -13,12 +13,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_settler import DAY0, _day
 
-from peergrid import governance as gv
-from peergrid import ledger
-from peergrid import registry as reg
-from peergrid import settler as stl
-from peergrid.settle import Tariff
-from peergrid.settler import Settler, load_key
+from peergrid.market import governance as gv
+from peergrid.market import ledger
+from peergrid.community import registry as reg
+from peergrid.market import settler as stl
+from peergrid.market.settle import Tariff
+from peergrid.market.settler import Settler, load_key
 
 NEW = [3500, 700, 0, "mmr", 0, 0]
 
@@ -79,7 +79,7 @@ def test_interval_length_changed_by_vote(tmp_path) -> None:
     assert [d for s, d in spans if s < DAY0 + 2 * 3600] == [900] * 8
     assert [d for s, d in spans if s >= DAY0 + 2 * 3600] == [1800] * 4
     assert [s for s, _ in spans] == sorted(s for s, _ in spans)
-    from peergrid import statements as stm
+    from peergrid.market import statements as stm
     c = stm.statements(entries, DAY0, DAY0 + 4 * 3600)
     assert sum(s.intervals for s in c.members.values()) == 12 * 5
 
@@ -173,7 +173,7 @@ def test_break_away_of_40_of_100(tmp_path) -> None:
     db = reg.connect(dbp)
     r = reg.Registry(db)
     r.add_community("oak")
-    from peergrid import store as sto
+    from peergrid.ingest import store as sto
 
     sto.init(db)
     db.execute("PRAGMA foreign_keys=OFF")

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.broker
 
 
 def test_hil_suite_runs_on_the_bench_rig(tmp_path) -> None:
-    from peergrid.ptycable import PtyCable
-    from peergrid.refmeter import RefMeterSim
-    from peergrid.vboard import VirtualBoard
+    from peergrid.sim.ptycable import PtyCable
+    from peergrid.sim.refmeter import RefMeterSim
+    from peergrid.sim.vboard import VirtualBoard
 
     load_w, base_w = 9000, 300
     rs485 = PtyCable()                        # board <-> the bench PC's USB-RS485 adapter

@@ -25,7 +25,7 @@ import urllib.request
 
 import pytest
 
-from peergrid import registry as reg
+from peergrid.community import registry as reg
 from protocol import messages
 from protocol.link import DeviceLink
 from test_broker_identity import C, GW_ID, Board, Client, Site

@@ -1,4 +1,4 @@
-"""Interval energy from cumulative registers (peergrid.intervals):
+"""Interval energy from cumulative registers (peergrid.market.intervals):
 interpolation at boundaries, conservation, gaps spread and flagged,
 reboots stitched without negative energy."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peergrid.intervals import Reading, intervals
+from peergrid.market.intervals import Reading, intervals
 
 T0 = 1_795_000_500 - (1_795_000_500 % 900)      # an interval boundary
 

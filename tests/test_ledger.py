@@ -1,4 +1,4 @@
-"""The signed, hash-chained ledger (peergrid.ledger): the COSE working
+"""The signed, hash-chained ledger (peergrid.market.ledger): the COSE working
 group's EdDSA Sign1 case reproduced byte for byte, verification of a whole
 export, every single-byte change detected and located, settlements re-run."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peergrid import ledger
-from peergrid.settle import Flow, Tariff, settle
+from peergrid.market import ledger
+from peergrid.market.settle import Flow, Tariff, settle
 
 ROOT = Path(__file__).resolve().parent.parent
 VEC = ROOT / "protocol" / "vectors" / "cose-wg" / "eddsa-examples"
@@ -137,7 +137,7 @@ def test_statement_command(tmp_path) -> None:
 
 
 def test_auction_settlements_verify_and_forged_limits_are_caught() -> None:
-    from peergrid import statements as stm
+    from peergrid.market import statements as stm
 
     lg = ledger.Ledger(KEY, "oak")
     t = Tariff(30, 8, 0, "auction")
@@ -156,8 +156,8 @@ def test_auction_settlements_verify_and_forged_limits_are_caught() -> None:
 
 
 def test_fees_partners_and_export_share_verify_and_forgeries_are_caught() -> None:
-    from peergrid import statements as stm
-    from peergrid.settle import Partner
+    from peergrid.market import statements as stm
+    from peergrid.market.settle import Partner
 
     lg = ledger.Ledger(KEY, "oak")
     t = Tariff(30, 8, 100_000, "sdr", 4, 250_000)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness import ROOT, micropython_cmd, mpy_env
-from peergrid.registry import Device
-from peergrid.validate import Validator, fault_warnings
+from peergrid.community.registry import Device
+from peergrid.ingest.validate import Validator, fault_warnings
 from protocol import messages, topics
 
 SIM_CHANNELS = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 100},

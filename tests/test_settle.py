@@ -1,4 +1,4 @@
-"""Interval settlement (peergrid.settle): the worked examples of
+"""Interval settlement (peergrid.market.settle): the worked examples of
 docs/SETTLEMENT.md, and properties over random communities: zero-sum,
 individual rationality, energy conservation, determinism."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peergrid.settle import Flow, Partner, Tariff, max_discount, prices, settle
+from peergrid.market.settle import Flow, Partner, Tariff, max_discount, prices, settle
 
 EXAMPLE = [Flow(1, 3000, 0), Flow(2, 1000, 0), Flow(3, 0, 2000)]
 

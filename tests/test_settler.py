@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from peergrid import ledger
-from peergrid import registry as reg
-from peergrid import store as st
-from peergrid.settle import Tariff
-from peergrid.settler import Settler, load_key
+from peergrid.market import ledger
+from peergrid.community import registry as reg
+from peergrid.ingest import store as st
+from peergrid.market.settle import Tariff
+from peergrid.market.settler import Settler, load_key
 
 DAY0 = 1_795_046_400 - (1_795_046_400 % 86400)      # a midnight
 CH = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
@@ -57,9 +57,9 @@ def _day(db_path: Path, members: int = 5) -> None:
 CHILD = r"""
 import sys, time
 from pathlib import Path
-from peergrid import registry as reg
-from peergrid.settle import Tariff
-from peergrid.settler import Settler, load_key
+from peergrid.community import registry as reg
+from peergrid.market.settle import Tariff
+from peergrid.market.settler import Settler, load_key
 db = reg.connect(sys.argv[1])
 s = Settler(db, "oak", load_key(Path(sys.argv[2])), Tariff(3187, 812, 20000), first_start=int(sys.argv[3]))
 now = int(sys.argv[3])
@@ -120,7 +120,7 @@ def test_not_due_before_the_grace_period(tmp_path) -> None:
 
 
 def test_statements_from_the_ledger(tmp_path) -> None:
-    from peergrid import statements as stm
+    from peergrid.market import statements as stm
 
     dbp = tmp_path / "gw.db"
     _day(dbp, members=3)
@@ -147,7 +147,7 @@ def test_statements_from_the_ledger(tmp_path) -> None:
 
 
 def test_late_readings_become_adjustments(tmp_path) -> None:
-    from peergrid import statements as stm
+    from peergrid.market import statements as stm
 
     dbp = tmp_path / "gw.db"
     _day(dbp, members=3)
@@ -221,7 +221,7 @@ def test_tariff_change_takes_effect_at_a_later_boundary(tmp_path) -> None:
 def test_registry_limits_and_partners_reach_the_ledger(tmp_path) -> None:
     import pytest
 
-    from peergrid.registry import RegistryError
+    from peergrid.community.registry import RegistryError
 
     dbp = tmp_path / "gw.db"
     _day(dbp, members=4)            # members 1 and 3 have PV
@@ -243,7 +243,7 @@ def test_registry_limits_and_partners_reach_the_ledger(tmp_path) -> None:
     sett = [e for e in entries if e.type == "settlement"]
     assert all(e.body["partners"] == [1, 2, 2100, 3, 4, 300] for e in sett)
     assert all(e.body["limits"] == [3000, 800, 2900, 800, 3000, 900, 3000, 800] for e in sett)
-    from peergrid import statements as stm
+    from peergrid.market import statements as stm
     c = stm.statements(entries, DAY0, DAY0 + 86400)
     assert c.preferred_wh > 0 and c.fund > 0          # the fund's balance
     # a partner rule removed later does not change how late data is adjusted

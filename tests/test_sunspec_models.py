@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from firmware import sunspec
-from peergrid.sunspec_sim import model_length, model_points
+from peergrid.sim.sunspec_sim import model_length, model_points
 
 TYPES = {sunspec.U16: {"uint16"}, sunspec.I16: {"int16"}, sunspec.ACC32: {"acc32"}, sunspec.U32: {"uint32"},
          sunspec.SF: {"sunssf"}, sunspec.ENUM: {"enum16"}, sunspec.F32: {"float32"},

@@ -10,7 +10,7 @@ import minimalmodbus
 import pytest
 
 from harness import ROOT, run_micropython
-from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim, model_length
+from peergrid.sim.sunspec_sim import SunSpecDevice, SunSpecSim, model_length
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_unplug_and_plug(sim) -> None:
 
 PROBE = r"""
 import sys, time, json
-from firmware.uart_posix import PosixUart
+from boardsim.uart_posix import PosixUart
 from firmware.modbus import Master
 from firmware import sunspec
 class Clock:

@@ -42,8 +42,6 @@ Settings and suppressions, by class (nothing else is suppressed):
   discover() succeeded; with None, Device.read fails before the comparison).
 - Type comments `# type: dict` (uplink.py stats, config.py public()): dicts
   that hold values of several types; mypy would infer the first value's type.
-- firmware.hal_sim is not followed: hal.open_hal imports it only for boards
-  with "mcu": "sim" (unix port, tests), never on an ESP32.
 - umqtt_pinned.simple is read from build/lib (tools/fetch_umqtt.py), the
   version the board runs, not the stubs' frozen umqtt 1.7.0; its own code is
   not checked (follow_imports = silent).
@@ -73,9 +71,6 @@ TYPINGS = ROOT / "build" / "typecheck" / "typings"
 UMQTT = ROOT / "build" / "lib" / "umqtt_pinned" / "simple.py"
 STUBS = ("micropython-esp32-esp32-generic-stubs", "micropython-stdlib-stubs")
 ENTRY = ("firmware/hal_esp32.py", "firmware/main.py", "firmware/net.py")
-# imported on the ESP32 path but never run there (see the docstring); the
-# config has the matching [mypy-firmware.hal_sim] follow_imports = skip
-NOT_ON_ESP32 = {"firmware.hal_sim"}
 
 
 def _module_file(name: str) -> Path | None:
@@ -107,7 +102,7 @@ def esp32_files() -> list[str]:
                 # `from firmware import board`: board may be a module
                 names = [node.module] + [node.module + "." + a.name for a in node.names]
             for name in names:
-                if name.split(".")[0] not in ("firmware", "protocol") or name in NOT_ON_ESP32:
+                if name.split(".")[0] not in ("firmware", "protocol"):
                     continue
                 f = _module_file(name)
                 if f is not None:

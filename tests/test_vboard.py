@@ -18,9 +18,9 @@ import pytest
 
 from harness import free_port
 from netfault import MqttFaultProxy
-from peergrid.registry import Device
-from peergrid.validate import Duplicate, Validator
-from peergrid.vboard import VirtualBoard, default_config
+from peergrid.community.registry import Device
+from peergrid.ingest.validate import Duplicate, Validator
+from peergrid.sim.vboard import VirtualBoard, default_config
 from protocol import cbor, cose, messages, topics
 from protocol.errors import E_EXPIRED, E_REPLAY, ProtocolError
 from protocol.link import CommandSealer, open_uplink

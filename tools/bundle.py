@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST_ONLY = {"vboard.py", "hal_virtual.py", "uart_posix.py"}            # the virtual board's parts
-SIM_ONLY = {"hal_sim.py", "sim_waveforms.py", "atm90e32_sim.py"}       # only for the simulated MCU
+BOARD_PACKAGES = ("firmware", "protocol")     # what runs on a board: the whole of both folders
 
 
 def fail(msg: str) -> None:
@@ -67,13 +66,12 @@ def main() -> int:
     if out.exists():
         shutil.rmtree(out)
     (out / "lib").mkdir(parents=True)
-    # the sim board is the virtual board: its bundle keeps the virtual parts
-    skip = set() if bdef.get("mcu") == "sim" else HOST_ONLY | SIM_ONLY
+    # a board gets the board folder and the wire contract; the sim board is
+    # the virtual board, whose bundle adds its simulated hardware
+    pkgs = BOARD_PACKAGES + (("boardsim",) if bdef.get("mcu") == "sim" else ())
     jobs = []
-    for pkg in ("firmware", "protocol"):
+    for pkg in pkgs:
         for src in sorted((ROOT / pkg).glob("*.py")):
-            if src.name in skip:
-                continue
             jobs.append((src, out / "lib" / pkg / (src.stem + ".mpy"), f"{pkg}/{src.name}", ROOT))
     for src in sorted(umqtt.glob("*.py")):
         jobs.append((src, out / "lib" / "umqtt_pinned" / (src.stem + ".mpy"), f"umqtt_pinned/{src.name}", umqtt.parent))

@@ -58,7 +58,7 @@ def build_mpy(out: Path) -> Path:
     lib = ROOT / "build" / "lib"
     if not (lib / "umqtt_pinned" / "simple.py").exists():
         subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_umqtt.py")], check=True, capture_output=True)
-    for base, pkg in ((ROOT, "protocol"), (ROOT, "firmware"), (lib, "umqtt_pinned")):
+    for base, pkg in ((ROOT, "protocol"), (ROOT, "firmware"), (ROOT, "boardsim"), (lib, "umqtt_pinned")):
         for f in sorted((base / pkg).rglob("*.py")):
             rel = f.relative_to(base)
             dst = out / rel.with_suffix(".mpy")
@@ -78,8 +78,8 @@ def prepare(folder: Path, board: str | Path, *, hours: float, ticks0: int, outag
     {"at_s", "target", "value", "lease"}, sealed here with counters 1, 2, ...
     and the board's date at delivery."""
     _gateway_on_path()
-    from peergrid.vboard import default_config
-    from peergrid.wire import seal_command
+    from peergrid.sim.vboard import default_config
+    from peergrid.ingest.wire import seal_command
 
     folder.mkdir(parents=True, exist_ok=True)
     bdir = Path(board) if Path(board).is_dir() else ROOT / "boards" / str(board)
@@ -236,7 +236,7 @@ def _inputs_digest(bdir: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    files = sorted((ROOT / "firmware").glob("*.py")) + sorted((ROOT / "protocol").glob("*.py"))
+    files = [f for pkg in ("firmware", "boardsim", "protocol") for f in sorted((ROOT / pkg).glob("*.py"))]
     files += sorted((ROOT / "build" / "lib" / "umqtt_pinned").glob("*.py"))
     files += [bdir / "board.json", MP32 / "board_soak.py", MP32 / "run.mjs", MP32 / "broker.mjs", Path(__file__)]
     for f in files:

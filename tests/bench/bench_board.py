@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from harness import Broker, mpy_build  # noqa: E402
-from peergrid.vboard import VirtualBoard, default_config  # noqa: E402
+from peergrid.sim.vboard import VirtualBoard, default_config  # noqa: E402
 from protocol import topics  # noqa: E402
 import footprint  # noqa: E402
 

@@ -19,7 +19,7 @@ Regimes:
   none     water heaters and EVs run from when they may until their need is
            met (thermostat and plug-in charging); each battery keeps its
            own house at zero (what a home battery does on its own);
-  ours     peergrid.control.Controller every second on readings that each
+  ours     peergrid.control.controller.Controller every second on readings that each
            board sends every 10 s, decisions applied 1 s later, three
            boards silent for 20 minutes each (their readings go stale);
   optimum  perfect foresight: a linear program (HiGHS) over the same
@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from peergrid import profiles as prof  # noqa: E402
-from peergrid.control import Battery, Controller, Feeder, Load  # noqa: E402
+from peergrid.sim import profiles as prof  # noqa: E402
+from peergrid.control.controller import Battery, Controller, Feeder, Load  # noqa: E402
 
 N_HOUSES = 100
 N_PV = 60

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import Broker, free_port  # noqa: E402
-from peergrid import registry as reg  # noqa: E402
+from peergrid.community import registry as reg  # noqa: E402
 from protocol import messages, topics  # noqa: E402
 from protocol.link import DeviceLink  # noqa: E402
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "gateway" / "src"))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from peergrid import ledger  # noqa: E402
-from peergrid.settle import Flow, Partner, Tariff, settle  # noqa: E402
+from peergrid.market import ledger  # noqa: E402
+from peergrid.market.settle import Flow, Partner, Tariff, settle  # noqa: E402
 
 
 def flows(rng: random.Random, n: int) -> list[Flow]:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from protocol import cose, link, messages  # noqa: E402
-from peergrid.wire import UplinkVerifier  # noqa: E402
+from peergrid.ingest.wire import UplinkVerifier  # noqa: E402
 
 SECRET = bytes(range(32))
 CH = [-1520, 2412345, 1203456, 6800, 2890, 12, 3034567, 12600,

@@ -20,7 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from harness import free_port
-from peergrid import registry as reg
+from peergrid.community import registry as reg
 from protocol import messages, topics
 from protocol.link import DeviceLink
 
@@ -91,8 +91,8 @@ class SimBoard:
 
 
 def measure(boards: int = 20, rounds: int = 100) -> dict[str, Any]:
-    from peergrid.control import Feeder, Load
-    from peergrid.service import Config, Gateway
+    from peergrid.control.controller import Feeder, Load
+    from peergrid.ingest.service import Config, Gateway
 
     tmp = Path(tempfile.mkdtemp(prefix="pg-lat-"))
     port = free_port()

@@ -3,8 +3,8 @@
 import sys
 import gc
 import json
-from firmware.hal_sim import SimHal
-from firmware.sim_waveforms import AdcModel, MainsSource
+from boardsim.hal_sim import SimHal
+from boardsim.sim_waveforms import AdcModel, MainsSource
 from firmware.metering import Meter, Channel, lut_from_points, zeros
 from firmware import dsp
 

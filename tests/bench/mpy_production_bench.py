@@ -20,9 +20,9 @@ import time
 
 from firmware import config as fconfig
 from firmware.board import Board
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 from firmware.net import Net
-from firmware.sim_waveforms import AdcModel
+from boardsim.sim_waveforms import AdcModel
 
 SQRT2 = 1.4142135623730951
 VRMS = 230.0

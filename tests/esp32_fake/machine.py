@@ -2,7 +2,7 @@
 # the test through the module's state:
 #   signals[gpio] = fn(t_us) -> volts at the pin at simulated time t_us
 #   read_us()     = how long one ADC read takes (default 12 us)
-#   spi_devices   = objects with clock(wbuf, rbuf) (firmware/atm90e32_sim.py's
+#   spi_devices   = objects with clock(wbuf, rbuf) (boardsim/atm90e32_sim.py's
 #                   SimATM90E32 with cs=CsLine(gpio)) on every SPI bus
 #   lines[gpio]   = the level an output pin drives
 from esp32_fake import clock

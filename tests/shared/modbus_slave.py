@@ -7,7 +7,7 @@
 import struct
 
 from firmware.hal import ticks_add, ticks_diff
-from firmware.hal_sim import uart_pair
+from boardsim.hal_sim import uart_pair
 from firmware.modbus import crc16
 
 

@@ -1,7 +1,7 @@
 # ATM90E32 driver against the register-level simulated chip.
 from firmware import atm90e32 as A
 from firmware.atm90e32 import ATM90E32, ATM90E32Error, config_from_board
-from firmware.atm90e32_sim import SimATM90E32, SimBus
+from boardsim.atm90e32_sim import SimATM90E32, SimBus
 from util import ROOT, load_json
 
 IGAIN = (39473, 25498, 12345)

@@ -4,9 +4,9 @@
 import math
 
 from firmware.calibrate import calibrate, components, measure, solve
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 from firmware.metering import Meter, Channel, lut_from_points
-from firmware.sim_waveforms import AdcModel, MainsSource
+from boardsim.sim_waveforms import AdcModel, MainsSource
 
 APV = 117.6
 VPV = 300.0

@@ -4,7 +4,7 @@ import os
 
 from firmware import energy
 from firmware.energy import Registers, RegisterStore, record_len
-from firmware.hal_sim import SimFlash, FlashDied
+from boardsim.hal_sim import SimFlash, FlashDied
 
 try:
     import time

@@ -1,11 +1,11 @@
 # Both measurement front ends behind one interface, feeding the registers.
 from firmware.energy import Registers
 from firmware.frontend import AdcFrontEnd, AtmFrontEnd
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 from firmware.metering import lut_from_points
-from firmware.sim_waveforms import AdcModel, MainsSource
+from boardsim.sim_waveforms import AdcModel, MainsSource
 from firmware.atm90e32 import ATM90E32, config_from_board
-from firmware.atm90e32_sim import SimATM90E32
+from boardsim.atm90e32_sim import SimATM90E32
 from util import ROOT, load_json
 
 

@@ -1,17 +1,13 @@
 # The simulated hardware layer: pins, serial line, flash, clock; the tick
 # arithmetic of firmware/hal.py at and around the wrap.
 from firmware import hal as fhal
-from firmware.hal import IoClock, open_hal, ticks_add, ticks_diff
-from firmware.hal_sim import SimHal, FlashDied
+from firmware.hal import IoClock, ticks_add, ticks_diff
+from boardsim.hal_sim import SimHal, FlashDied
 from util import ROOT, Skip, load_json
 
 
 def _hal():
-    return open_hal(load_json(ROOT + "/boards/sim/board.json"), root="/tmp/pg-test-hal")
-
-
-def test_open_hal_picks_the_sim_backend():
-    assert isinstance(_hal(), SimHal)
+    return SimHal(load_json(ROOT + "/boards/sim/board.json"), root="/tmp/pg-test-hal")
 
 
 def test_relay_pins_are_visible():
@@ -203,7 +199,7 @@ def test_sim_clock_starts_where_asked_and_wraps_at_2_30():
 
 
 def test_virtual_clocks_start_where_asked_and_wrap():
-    from firmware.hal_virtual import VirtualHal
+    from boardsim.hal_virtual import VirtualHal
     board = load_json(ROOT + "/boards/sim/board.json")
     hal = VirtualHal(board, "/tmp/pg-test-hal", speed=1.0, ticks0=_P - 1000, io0=_H - 1000)
     t0 = hal.ticks_ms()

@@ -121,3 +121,15 @@ def test_unload_drops_a_boot_only_module_and_it_comes_back():
     assert "firmware.config" not in sys.modules and not hasattr(firmware, "config")
     from firmware import config as again     # the console loads it again when it needs it
     assert hasattr(again, "load") and "firmware.config" in sys.modules
+
+
+def test_open_hal_builds_only_the_esp32_backend():
+    # the firmware knows one backend; a simulated board's HAL comes from
+    # boardsim/, so a sim board definition on a board's main.py is refused
+    # at once with its mcu named
+    try:
+        fmain.open_hal({"mcu": "sim"})
+    except ValueError as e:
+        assert "sim" in str(e)
+    else:
+        assert False, "a sim board definition was accepted"

@@ -3,9 +3,9 @@
 from array import array
 
 from firmware import dsp, metering
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 from firmware.metering import Meter, Channel, lut_from_points, linear_lut
-from firmware.sim_waveforms import AdcModel, MainsSource
+from boardsim.sim_waveforms import AdcModel, MainsSource
 from util import Skip
 
 APV = 117.6

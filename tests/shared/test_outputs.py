@@ -5,7 +5,7 @@ import json
 import os
 
 from firmware import config as fconfig
-from firmware.hal_sim import SimHal
+from boardsim.hal_sim import SimHal
 from firmware.outputs import Outputs, Relay, BatteryOut
 from firmware.state import Counter
 from protocol import messages

@@ -3,7 +3,7 @@
 # erases, garbage, capacity.
 import os
 
-from firmware.hal_sim import NorFlash, FlashDied
+from boardsim.hal_sim import NorFlash, FlashDied
 from firmware.spool import Spool
 
 try:

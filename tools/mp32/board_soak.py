@@ -65,9 +65,9 @@ def _make_hal():
     scen = _load("scenario.json")
     atm = (board.get("frontend") or {}).get("type") == "atm90e32"
     if atm:
-        from firmware.hal_sim import SimHal as Base
+        from boardsim.hal_sim import SimHal as Base
     else:
-        from firmware.hal_virtual import VirtualHal as Base
+        from boardsim.hal_virtual import VirtualHal as Base
 
     class SoakHal(Base):
         """The simulated hardware on a clock that moves only when the board
@@ -110,7 +110,7 @@ def _make_hal():
 
     powers = scen.get("powers") or [0.0] * len(board["channels"])
     if atm:
-        from firmware.atm90e32_sim import SimATM90E32
+        from boardsim.atm90e32_sim import SimATM90E32
 
         hal = SoakHal(board, root="/flash", ticks0=scen["ticks0"])
         hal.unix = scen["unix0"]

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from peergrid import registry as reg
-from peergrid.service import Config, Gateway, JsonLog, write_broker_files
+from peergrid.community import registry as reg
+from peergrid.ingest.service import Config, Gateway, JsonLog, write_broker_files
 
 
 def _registry(cfg: Config) -> reg.Registry:
@@ -38,7 +38,7 @@ def admin(args: argparse.Namespace) -> int:
                 _record(cfg, "member_joined", {"member": mid, "name": args.name, **({"key": key} if key else {})})
                 print(f"member {mid} added")
             elif args.mcmd == "key":
-                from peergrid import governance as gv
+                from peergrid.market import governance as gv
 
                 k, pub = gv.new_key()
                 out = Path(args.out)
@@ -56,7 +56,7 @@ def admin(args: argparse.Namespace) -> int:
                     print(f"member {args.member} has left")
                 else:
                     # from the next interval boundary; its balance so far is stated in the entry
-                    from peergrid.settler import gov_state
+                    from peergrid.market.settler import gov_state
 
                     now = int(time.time())
                     at = now - now % st.length + st.length
@@ -91,7 +91,7 @@ def admin(args: argparse.Namespace) -> int:
         if args.cmd == "device":
             return _device(args, cfg, r)
         if args.cmd == "tariff":
-            from peergrid.settle import Tariff
+            from peergrid.market.settle import Tariff
 
             st = _settler(cfg)
             if st is None:
@@ -109,7 +109,7 @@ def admin(args: argparse.Namespace) -> int:
         if args.cmd in ("propose", "vote", "tally", "split"):
             return _governance(args, cfg, r)
         if args.cmd == "installer-token":
-            from peergrid import installer
+            from peergrid.commissioning import installer
 
             if args.revoke:
                 installer.revoke_token(r.db, args.name)
@@ -130,7 +130,7 @@ def admin(args: argparse.Namespace) -> int:
 
 
 def _settler(cfg: Config):  # type: ignore[no-untyped-def]
-    from peergrid.service import Gateway
+    from peergrid.ingest.service import Gateway
 
     return Gateway(cfg)._settler()
 
@@ -190,8 +190,8 @@ def _device(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
 
 
 def _governance(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
-    from peergrid import governance as gv
-    from peergrid import settler as stl
+    from peergrid.market import governance as gv
+    from peergrid.market import settler as stl
 
     st = _settler(cfg)
     if st is None:
@@ -227,7 +227,7 @@ def _governance(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
                   f"quorum {'reached' if res['quorum'] else 'missed'}; {'ACCEPTED' if res['accepted'] else 'rejected'}"
                   f" (entry {n})")
         else:
-            from peergrid.settler import load_key
+            from peergrid.market.settler import load_key
 
             members = [int(x) for x in args.members.split(",") if x.strip()]
             res = stl.split(st, members, args.community, Path(args.db), load_key(Path(args.key_file)), now)
@@ -255,7 +255,7 @@ def _hhmm(v: str | None) -> int | None:
 
 
 def _resource(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
-    from peergrid.control import Battery, Load
+    from peergrid.control.controller import Battery, Load
 
     c = cfg.community
     if args.rcmd == "load":
@@ -274,7 +274,7 @@ def _resource(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
         r.remove_resource(c, args.id)
         print(f"{args.id} removed")
     elif args.rcmd == "decisions":
-        from peergrid.controlloop import SCHEMA
+        from peergrid.control.loop import SCHEMA
 
         r.db.executescript(SCHEMA)
         rows = list(r.db.execute("SELECT t, kind, id, device, target, value, reason FROM decisions WHERE community=?"
@@ -327,7 +327,7 @@ def _accounts_changed(cfg: Config, r: reg.Registry) -> None:
 
 def status(cfg: Config, r: reg.Registry) -> int:
     db = r.db
-    from peergrid.store import init
+    from peergrid.ingest.store import init
 
     init(db)
     now = time.time()

@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "vboard":
-        from peergrid.vboard import main as vboard_main
+        from peergrid.sim.vboard import main as vboard_main
 
         return vboard_main(argv[1:])
     if argv and argv[0] == "commission":
-        from peergrid.commission import main as commission_main
+        from peergrid.commissioning.commission import main as commission_main
 
         return commission_main(argv[1:])
     args = p.parse_args(argv)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return ledger_export(args)
     if args.cmd == "ledger":
-        from peergrid import ledger
+        from peergrid.market import ledger
 
         try:
             entries = ledger.verify(open(args.file, "rb").read(),
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ledger does NOT verify: {e}", file=sys.stderr)
             return 1
         if args.lcmd == "statement":
-            from peergrid import statements as stm
+            from peergrid.market import statements as stm
 
             c = stm.statements(entries, args.t_from, args.t_to)
             print(stm.to_csv(c) if args.csv else stm.to_table(c), end="" if args.csv else "\n")
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check-board":
         from pathlib import Path
 
-        from peergrid.boards import check_paths
+        from peergrid.commissioning.boards import check_paths
 
         findings = check_paths([Path(x) for x in args.paths])
         for f in findings:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             return _footprint(args.paths)
         return 0
     if args.cmd == "verify-frame":
-        from peergrid.wire import UplinkVerifier
+        from peergrid.ingest.wire import UplinkVerifier
         from protocol.errors import ProtocolError
 
         secret = bytes.fromhex(args.secret_hex)

@@ -14,7 +14,7 @@ import sqlite3
 from contextlib import contextmanager
 from typing import Iterator
 
-log = logging.getLogger("peergrid.store")
+log = logging.getLogger("peergrid.ingest.store")
 
 
 def rollback(db: sqlite3.Connection) -> None:

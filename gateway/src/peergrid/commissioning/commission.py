@@ -13,7 +13,7 @@ that file):
   3. the site sheet: house and member, network, broker, CT roles and ratings,
      inverter address, relays and what they switch, the test load
   4. register the member and the board with the gateway (installer API,
-     peergrid.installer): the gateway makes the device secret and the broker
+     peergrid.commissioning.installer): the gateway makes the device secret and the broker
      account and ACL
   5. write the commissioning config to the board (atomic on the board)
   6. reboot it and see it come back with that config
@@ -42,10 +42,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from peergrid.console import BoardConsole, BoardRefused, ConsoleError
+from peergrid.commissioning.console import BoardConsole, BoardRefused, ConsoleError
 
 REQUIRED_FW = "0.4.0"            # the firmware this tool was built with (firmware/board.py FW_VERSION)
-BOARDS = Path(__file__).resolve().parents[3] / "boards"
+BOARDS = Path(__file__).resolve().parents[4] / "boards"
 USB_VIDS = {0x10C4: "CP210x", 0x1A86: "CH340", 0x303A: "Espressif", 0x0403: "FTDI"}
 PF05_LIMIT_PCT = 1.0            # the CT check passes when the residual error at PF 0.5 is within this
 STEPS = ("identify", "sheet", "register", "write", "reboot", "first_reading", "ct", "voltage", "inverter", "relays",
@@ -274,13 +274,13 @@ class Commissioning:
         # the member's own key pair for votes: made here, the private half only goes to the member
         mkey = None
         if not self.st.get("member_key_file"):
-            from peergrid import governance as gv
+            from peergrid.market import governance as gv
 
             mkey, pub = gv.new_key()
             body["member_key"] = pub.hex()
         self.creds = self.gw.call("POST", "/installer/register", body)
         if mkey is not None and self.creds.get("member_has_key"):
-            from peergrid import governance as gv
+            from peergrid.market import governance as gv
 
             kf = self.state_path.with_name(f"member-{sh['house']['device']}.key")
             fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -796,7 +796,7 @@ def verify_report(signed: dict[str, Any]) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from peergrid.installer import canonical
+    from peergrid.commissioning.installer import canonical
 
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(signed["key"])).verify(

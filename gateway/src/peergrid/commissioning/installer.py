@@ -12,7 +12,7 @@ only its SHA-256. The gateway's HTTP server listens on 127.0.0.1 unless
 and the device secret travel in the request).
 
 Requests are authenticated before a byte of their body is read; a body is
-at most 256 KiB of strict JSON (peergrid.httpserve: no NaN or infinities)
+at most 256 KiB of strict JSON (peergrid.http.server: no NaN or infinities)
 whose fields are checked here (check_register, check_report), each fault a
 400 that names it. Requests are handled one at a time.
 
@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peergrid import registry as reg
-from peergrid.httpserve import HttpError, parse_json
+from peergrid.community import registry as reg
+from peergrid.http.server import HttpError, parse_json
 from protocol import messages, topics
 
 SCHEMA = """
@@ -233,12 +233,12 @@ class InstallerApi:
         self.gw.validator.forget(req["device"])
         self.gw.validator.preload([x for x in r.devices(c) if x.id == req["device"]])
         if self.cfg.passwd_file is not None and self.cfg.acl_file is not None:
-            from peergrid.service import write_broker_files
+            from peergrid.ingest.service import write_broker_files
 
             write_broker_files(self.cfg, r)
         import logging
 
-        logging.getLogger("peergrid.installer").info("installer %s registered device %s for member %d%s", who,
+        logging.getLogger("peergrid.commissioning.installer").info("installer %s registered device %s for member %d%s", who,
                                                      req["device"], member, " (new)" if new_member else "")
         st = self.gw._settler() if self.cfg.extra.get("settlement") else None
         if new_member:
@@ -274,8 +274,8 @@ class InstallerApi:
         return out
 
     def report(self, db: sqlite3.Connection, who: str, report: dict[str, Any]) -> dict[str, Any]:
-        from peergrid.ledger import public_bytes
-        from peergrid.settler import load_key
+        from peergrid.market.ledger import public_bytes
+        from peergrid.market.settler import load_key
 
         key = load_key(self.key_path)
         body = canonical(report)

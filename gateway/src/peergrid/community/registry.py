@@ -341,7 +341,7 @@ class Registry:
     # -- controllable resources (issue 7) ----------------------------------------
 
     def add_load(self, community: str, load: Any) -> None:
-        """A switchable load behind a board's relay (peergrid.control.Load)."""
+        """A switchable load behind a board's relay (peergrid.control.controller.Load)."""
         d = self.device(community, load.device)
         if d is None or d.revoked:
             raise RegistryError(f"no active device {load.device!r}")
@@ -398,8 +398,8 @@ class Registry:
                         " import_w=excluded.import_w, export_w=excluded.export_w", (community, import_w, export_w))
 
     def resources(self, community: str) -> tuple[list[Any], list[Any], Any]:
-        """(loads, batteries, feeder or None) as peergrid.control objects."""
-        from peergrid.control import Battery, Feeder, Load
+        """(loads, batteries, feeder or None) as peergrid.control.controller objects."""
+        from peergrid.control.controller import Battery, Feeder, Load
 
         loads = [Load(*r) for r in self.db.execute(
             "SELECT id, device, relay, rated_w, priority, min_on_s, min_off_s, need_wh, deadline_s, available_s,"

@@ -1,7 +1,7 @@
 """Real-time control (issue 7): switch loads and set batteries so the
 neighbourhood uses its own production, never breaches the feeder limit and
 never flaps. A pure, deterministic decision step over a snapshot of the
-latest readings; the gateway's control loop (peergrid.controlloop) and the
+latest readings; the gateway's control loop (peergrid.control.loop) and the
 day simulation of tests/bench/bench_control.py both drive it.
 
 Powers are W at the connection point, import positive. Per house the

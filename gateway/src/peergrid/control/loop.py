@@ -1,4 +1,4 @@
-"""The gateway's control loop (issue 7): runs peergrid.control.Controller on
+"""The gateway's control loop (issue 7): runs peergrid.control.controller.Controller on
 the latest accepted readings and turns its decisions into signed commands
 (protocol/, PROTOCOL.md 6.6 and 7.5) with a lease the loop keeps renewing.
 
@@ -27,13 +27,13 @@ from datetime import datetime
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
-from peergrid import registry as reg
-from peergrid.control import Controller, Decision
+from peergrid.community import registry as reg
+from peergrid.control.controller import Controller, Decision
 from protocol import messages, topics
 from protocol.errors import E_REPLAY
 from protocol.link import CommandSealer
 
-log = logging.getLogger("peergrid.control")
+log = logging.getLogger("peergrid.control.controller")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cmd_ctr (community TEXT NOT NULL, device TEXT NOT NULL, reserved INTEGER NOT NULL,
@@ -112,7 +112,7 @@ class ControlLoop:
             return
         self._fingerprint = fp
         if feeder is None:
-            from peergrid.control import Feeder
+            from peergrid.control.controller import Feeder
 
             feeder = Feeder(10**9, 10**9)
             if loads or bats:

@@ -1,6 +1,6 @@
 """Energy plausibility from physics (issue 17): a board's energy registers
 may grow no faster than its channels can carry energy, in time the gateway
-can vouch for. Pure bookkeeping per device, no I/O (peergrid.validate calls
+can vouch for. Pure bookkeeping per device, no I/O (peergrid.ingest.validate calls
 it for every reading that passed the MAC, schema, replay and clock checks).
 
 What a register may gain between two readings A and B of a device (B after

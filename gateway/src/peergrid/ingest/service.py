@@ -3,7 +3,7 @@ storage, presence, metrics.
 
 One paho session per community with a fixed client id and a persistent
 session (clean_session False) and manual acknowledgement: a message is
-PUBACKed only after the batch holding it was committed (peergrid.store), so
+PUBACKed only after the batch holding it was committed (peergrid.ingest.store), so
 the broker keeps and redelivers whatever was not stored when the gateway
 stopped, crashed or lost power. The MQTT thread validates; a writer thread
 commits batches (up to `batch` messages or `batch_ms`) and then acks them.
@@ -25,11 +25,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from peergrid import registry as reg
-from peergrid.metrics import Metrics
-from peergrid.mqttsock import Client as BufferedClient
-from peergrid.store import Store, quarantined
-from peergrid.validate import Accepted, Duplicate, Rejected, Throttled, Validator, fault_warnings
+from peergrid.community import registry as reg
+from peergrid.ingest.metrics import Metrics
+from peergrid.ingest.mqttsock import Client as BufferedClient
+from peergrid.ingest.store import Store, quarantined
+from peergrid.ingest.validate import Accepted, Duplicate, Rejected, Throttled, Validator, fault_warnings
 from protocol import topics
 
 log = logging.getLogger("peergrid.gateway")
@@ -174,7 +174,7 @@ class Gateway:
         self._next_retain = time.monotonic() + 60
         self.control = None
         if cfg.extra.get("control"):
-            from peergrid.controlloop import ControlLoop
+            from peergrid.control.loop import ControlLoop
 
             self.control = ControlLoop(cfg.db, cfg.community, cfg.extra["control"], self._publish_cmd, self.metrics,
                                        clock=clock, speed=speed)
@@ -408,11 +408,11 @@ class Gateway:
 
     def _serve_http(self) -> None:
         """Prometheus text at /metrics, the installer API under /installer/
-        (peergrid.httpserve: bounded connections and time, bodies read only
+        (peergrid.http.server: bounded connections and time, bodies read only
         after authentication, strict JSON, no exception text in answers)."""
         gw = self
-        from peergrid.httpserve import Handler, HttpError, Server
-        from peergrid.installer import MAX_BODY, ApiError, InstallerApi
+        from peergrid.http.server import Handler, HttpError, Server
+        from peergrid.commissioning.installer import MAX_BODY, ApiError, InstallerApi
 
         api = InstallerApi(self)
         one = threading.Lock()
@@ -500,8 +500,8 @@ class Gateway:
         st = self.cfg.extra.get("settlement")
         if not st:
             return None
-        from peergrid.settle import Tariff
-        from peergrid.settler import Settler, load_key
+        from peergrid.market.settle import Tariff
+        from peergrid.market.settler import Settler, load_key
 
         try:
             tariff = Tariff(int(st["retail"]), int(st["feed_in"]), int(st.get("fund_margin_ppm", 0)),

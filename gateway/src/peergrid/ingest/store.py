@@ -24,7 +24,7 @@ import time
 from typing import Any, Iterable
 
 from peergrid.sqltx import transaction
-from peergrid.validate import Accepted
+from peergrid.ingest.validate import Accepted
 from protocol import topics
 
 SCHEMA = """
@@ -110,7 +110,7 @@ class Store:
 
     def energy_history(self, community: str, device: str, per_boot: int = 64) -> list[tuple[Any, ...]]:
         """Stored readings to rebuild a device's energy state after a
-        restart (peergrid.energycheck): for each of its five newest boots
+        restart (peergrid.ingest.energycheck): for each of its five newest boots
         the first reading and the newest `per_boot`, as (boot, seq, t,
         t_board, t_recv, flags, vrms_dv, channels)."""
         rdb = self.read_db

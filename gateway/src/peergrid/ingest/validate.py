@@ -3,7 +3,7 @@
 Order (issue 5, PROTOCOL.md 4.4, 6.7, 7, 8):
 size limit -> topic (this gateway's community) -> known, active device ->
 decode and COSE verify over the exact bytes and the topic, then schema
-(peergrid.wire, cbor2 with the reference's limits) -> replay and ordering
+(peergrid.ingest.wire, cbor2 with the reference's limits) -> replay and ordering
 per device and message kind (an exact copy of an accepted frame is a
 duplicate, dropped quietly) -> clock -> plausibility.
 
@@ -15,7 +15,7 @@ messages are kept with the receive time. Buffered readings are judged only by
 the replay window.
 
 Plausibility: the channel count, each channel's power against its CT rating,
-and the energy registers against physics (peergrid.energycheck: a register
+and the energy registers against physics (peergrid.ingest.energycheck: a register
 may grow no faster than its CT can carry energy, in time the gateway can
 vouch for, checked against the readings on both sides in the board's order
 and across reboots; rebuilt from the store after a restart).
@@ -27,9 +27,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from peergrid.energycheck import DEFAULT_MAX_LATE_S, EnergyError, EnergyState
-from peergrid.registry import Device, valid_rating
-from peergrid.wire import UplinkVerifier
+from peergrid.ingest.energycheck import DEFAULT_MAX_LATE_S, EnergyError, EnergyState
+from peergrid.community.registry import Device, valid_rating
+from peergrid.ingest.wire import UplinkVerifier
 from protocol import cose, messages, topics
 from protocol.errors import (E_CLOCK, E_PLAUSIBILITY, E_REPLAY, E_TAG, E_TOO_BIG, E_TOPIC, E_UNKNOWN_DEVICE,
                              NAMES, ProtocolError)
@@ -108,7 +108,7 @@ class Validator:
         flags, vrms_dv, ch)] of stored readings (each boot's first and its
         newest ones are enough), to rebuild its energy state likewise.
         max_late_s: the longest a reading may wait in a board's flash
-        (peergrid.energycheck).
+        (peergrid.ingest.energycheck).
 
         tag_failures_per_s (0: no limit): once a device had that many E_TAG
         failures within one second of `now`, its further frames in that

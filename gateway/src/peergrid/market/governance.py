@@ -114,7 +114,7 @@ def check_change(change: dict[str, Any]) -> None:
     if kind not in KINDS:
         raise GovernanceError(f"a proposal changes one of {', '.join(KINDS)}")
     if kind == "tariff":
-        from peergrid.settle import Tariff
+        from peergrid.market.settle import Tariff
 
         try:
             Tariff.from_list(change["tariff"])

@@ -244,13 +244,13 @@ def _chunk(args: tuple) -> tuple[int, str] | list[tuple[int, str, int, tuple | N
     except LedgerError as e:
         return (e.index if e.index is not None else first, str(e))
     # governance entries travel back with their bodies (they are few)
-    from peergrid.governance import GOV
+    from peergrid.market.governance import GOV
 
     return [(e.n, e.type, e.t, _ref(e), e.body if e.type in GOV else None) for e in done]
 
 
 def _governance(entries: list["Entry"]) -> None:
-    from peergrid.governance import GovernanceError, replay
+    from peergrid.market.governance import GovernanceError, replay
 
     try:
         replay(entries)
@@ -371,8 +371,8 @@ def settlement_body(start: int, end: int, flows: list[Any], tariff: Any, result:
 
 def rerun(b: dict[str, Any], detail: bool = False) -> tuple[list[tuple[int, int, int]], Any, Any]:
     """Re-run a settlement body from its recorded inputs: (flows, tariff,
-    peergrid.settle.Result). ValueError, KeyError or TypeError if malformed."""
-    from peergrid.settle import Partner, Tariff, check_inputs, market
+    peergrid.market.settle.Result). ValueError, KeyError or TypeError if malformed."""
+    from peergrid.market.settle import Partner, Tariff, check_inputs, market
 
     t = Tariff.from_list(b["tariff"])
     flat = b["flows"]

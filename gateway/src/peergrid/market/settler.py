@@ -3,8 +3,8 @@ once (issue 6, items 1 and 6).
 
 An interval [start, end) is due once `now >= end + grace_s` (late readings
 get that long to arrive). Its flows come from every active device's `grid`
-channel registers (peergrid.intervals), summed per member; the settlement
-(peergrid.settle) and its ledger entry are written in one SQLite transaction
+channel registers (peergrid.market.intervals), summed per member; the settlement
+(peergrid.market.settle) and its ledger entry are written in one SQLite transaction
 together with the row that marks the interval settled. A gateway killed at
 any point therefore either settled an interval completely or not at all,
 and settles it (once) after the restart. Readings that arrive after their
@@ -26,13 +26,13 @@ import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from peergrid import ledger
-from peergrid.intervals import Reading, intervals
-from peergrid.registry import Registry
-from peergrid.settle import Flow, Partner, Tariff, max_discount, settle
+from peergrid.market import ledger
+from peergrid.market.intervals import Reading, intervals
+from peergrid.community.registry import Registry
+from peergrid.market.settle import Flow, Partner, Tariff, max_discount, settle
 from peergrid.sqltx import transaction
 
-log = logging.getLogger("peergrid.settler")
+log = logging.getLogger("peergrid.market.settler")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY, raw BLOB NOT NULL);
@@ -317,7 +317,7 @@ def _entries(st: Settler) -> list[ledger.Entry]:
 
 
 def gov_state(st: Settler) -> "Any":
-    from peergrid.governance import replay
+    from peergrid.market.governance import replay
 
     return replay(_entries(st), st.community)
 
@@ -331,7 +331,7 @@ def _check_then_append(st: Settler, kind: str, now: int, body: dict) -> int:
 
 
 def propose(st: Settler, signed: dict, now: int) -> int:
-    from peergrid.governance import GovernanceError
+    from peergrid.market.governance import GovernanceError
 
     if signed["from"] % st.length_for(signed["from"]):
         raise GovernanceError("a change takes effect at an interval boundary")
@@ -378,7 +378,7 @@ def split(st: Settler, members: list[int], new_id: str, new_db: Path, new_key: E
     Returns what happened."""
     import hashlib
 
-    from peergrid.governance import GovernanceError
+    from peergrid.market.governance import GovernanceError
     from protocol import topics
 
     if not topics.valid_id(new_id) or new_id == st.community:
@@ -410,7 +410,7 @@ def split(st: Settler, members: list[int], new_id: str, new_db: Path, new_key: E
     for d in devs:
         st.registry.revoke(st.community, d.id)
     # the new community
-    from peergrid import registry as reg
+    from peergrid.community import registry as reg
 
     db = reg.connect(new_db)
     r2 = reg.Registry(db)

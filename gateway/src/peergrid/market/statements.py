@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Iterable
 
-from peergrid.ledger import Entry
+from peergrid.market.ledger import Entry
 
 
 @dataclass
@@ -76,7 +76,7 @@ def statements(entries: Iterable[Entry], start: int, end: int) -> Community:
 
 
 def _add(c: Community, b: dict, sign: int, start: int, end: int, count: bool = True) -> None:
-    from peergrid.ledger import rerun
+    from peergrid.market.ledger import rerun
 
     flows, t, r = rerun(b, detail=True)
     count = count and sign > 0

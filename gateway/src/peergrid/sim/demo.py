@@ -3,8 +3,8 @@
 A real mosquitto with per-device accounts, the gateway (validation, storage,
 settlement into the signed ledger, control of water heaters and batteries),
 a few virtual boards running the real firmware on MicroPython and simulated
-boards (peergrid.simboard, sealing with protocol/) for the other houses. The
-houses follow the H0 load profile and pvlib PV (peergrid.profiles). The day
+boards (peergrid.sim.simboard, sealing with protocol/) for the other houses. The
+houses follow the H0 load profile and pvlib PV (peergrid.sim.profiles). The day
 runs `--speed` times faster than the wall clock on one simulated clock that
 the gateway, the boards and the firmware share.
 
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 C = "demo"
 
 
@@ -64,9 +64,9 @@ class Demo:
     def setup(self) -> None:
         import numpy as np
 
-        from peergrid import profiles as prof
-        from peergrid import registry as reg
-        from peergrid.control import Battery, Load
+        from peergrid.sim import profiles as prof
+        from peergrid.community import registry as reg
+        from peergrid.control.controller import Battery, Load
 
         a = self.a
         rng = np.random.default_rng(a.seed)
@@ -122,10 +122,10 @@ class Demo:
             'stale_s = 300\nstale_margin_w = 2000\ntimezone = "Europe/Zurich"\n')
 
     def start(self) -> None:
-        from peergrid.service import Config, Gateway
-        from peergrid.simboard import SimClock, SimHouse
-        from peergrid.vboard import VirtualBoard, default_config
-        from peergrid import registry as reg
+        from peergrid.ingest.service import Config, Gateway
+        from peergrid.sim.simboard import SimClock, SimHouse
+        from peergrid.sim.vboard import VirtualBoard, default_config
+        from peergrid.community import registry as reg
 
         a = self.a
         time.sleep(0.3)
@@ -222,8 +222,8 @@ class Demo:
     # -- the end --------------------------------------------------------------------
 
     def finish(self) -> Path:
-        from peergrid import ledger
-        from peergrid import statements as stm
+        from peergrid.market import ledger
+        from peergrid.market import statements as stm
 
         if self.gw.control is not None:
             self.gw.control.stop()          # the boards go away now: no more commands
@@ -273,7 +273,7 @@ class Demo:
         return out
 
     def report(self, entries: list[Any], c: Any, checks: list[tuple[str, bool, str]], verify_s: float) -> str:
-        from peergrid import statements as stm
+        from peergrid.market import statements as stm
 
         e = html.escape
         rows = stm.rows(c)

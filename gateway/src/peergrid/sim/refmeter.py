@@ -100,7 +100,7 @@ class RefMeterSim:
         return regs
 
     def start(self) -> None:
-        from peergrid.rtuserver import RtuServer
+        from peergrid.sim.rtuserver import RtuServer
 
         def action(start_address: int, address: int, current: list[int], set_values: list[int] | None) -> None:
             regs = self._values()

@@ -1,6 +1,6 @@
 """A pymodbus Modbus RTU server for one simulated device, in a thread with
-its own event loop: the SunSpec inverter and battery (peergrid.sunspec_sim)
-and the reference meter (peergrid.refmeter) both answer through it.
+its own event loop: the SunSpec inverter and battery (peergrid.sim.sunspec_sim)
+and the reference meter (peergrid.sim.refmeter) both answer through it.
 
 `action(start_address, address, current, set_values)` is called for every
 request, as pymodbus's simulator calls it: `current` holds the registers
@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-log = logging.getLogger("peergrid.rtuserver")
+log = logging.getLogger("peergrid.sim.rtuserver")
 
 
 class RtuServer:

@@ -3,7 +3,7 @@ demo): the same wire as the firmware (protocol/ seals its readings and acks
 and opens its commands), its own broker account, energy registers that
 integrate the house's power, relays whose loads add to it and a battery that
 follows its setpoint. Not a stand-in for the firmware in tests: those run
-the real firmware on MicroPython (peergrid.vboard); this is for the many
+the real firmware on MicroPython (peergrid.sim.vboard); this is for the many
 houses of a demo that a laptop cannot run as MicroPython processes."""
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ The register map is built from the SunSpec model definitions that pysunspec2
 ships (point order, sizes and types come from its JSON files); points the
 simulation does not set hold their "not implemented" pattern. A real Modbus
 RTU server (pymodbus) answers on one end of a virtual cable
-(peergrid.ptycable), the board opens the other end; the cable can be
+(peergrid.sim.ptycable), the board opens the other end; the cable can be
 unplugged and plugged back. On a bench it serves on the USB-RS485 adapter's
 port instead (`serve_on`).
 
@@ -15,7 +15,7 @@ InOutWRte_RvrtTms seconds pass without a new write it drops back to idle by
 itself, like a real storage system's revert timer.
 
 Command line (used by the virtual board launcher and by hand on a bench):
-``python -m peergrid.sunspec_sim`` prints ``{"pty": PATH}`` and then reads
+``python -m peergrid.sim.sunspec_sim`` prints ``{"pty": PATH}`` and then reads
 JSON lines: {"op": "unplug"}, {"op": "plug"}, {"op": "inverter", "w", "wh",
 "state"}, {"op": "battery", "soc", "w"}, {"op": "state"}; EOF stops it.
 """
@@ -263,9 +263,9 @@ class SunSpecSim:
         return self.cable.dropped if self.cable is not None else 0
 
     def start(self) -> str:
-        """Start the server on a virtual cable (peergrid.ptycable); returns
+        """Start the server on a virtual cable (peergrid.sim.ptycable); returns
         the board's end (a path)."""
-        from peergrid.ptycable import PtyCable
+        from peergrid.sim.ptycable import PtyCable
 
         self.cable = PtyCable(self.baud if self.throttle else None)
         self.serve_on(self.cable.b_path)
@@ -275,7 +275,7 @@ class SunSpecSim:
     def serve_on(self, path: str) -> None:
         """Serve on an existing serial port (a bench's USB-RS485 adapter, or
         one end of a virtual cable)."""
-        from peergrid.rtuserver import RtuServer
+        from peergrid.sim.rtuserver import RtuServer
 
         self.server_path = path
         dev = self.device

@@ -4,7 +4,7 @@ simulated hardware, started with one command (`peergrid vboard`).
 `VirtualBoard` prepares the board's folder (board definition, commissioning
 config; the folder is the board's flash), starts the SunSpec inverter and
 battery on a pseudo-terminal when the config names them, runs
-`micropython -m firmware.vboard <folder> <speed> <pty>` and turns its event
+`micropython -m boardsim.vboard <folder> <speed> <pty>` and turns its event
 lines into Python objects. Tests drive it through `send` / `state` /
 `wait_for`; relay states, counters and registers come back in `state()`.
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def micropython() -> str:
@@ -99,7 +99,7 @@ class VirtualBoard:
         self.cable: Any = None
         self.console_path: str | None = None
         if console:
-            from peergrid.ptycable import PtyCable
+            from peergrid.sim.ptycable import PtyCable
 
             self.cable = PtyCable()
             self.console_path = self.cable.b_path     # what the commissioning laptop opens
@@ -126,7 +126,7 @@ class VirtualBoard:
             pty = self.rs485_path
         elif self.want_rs485:
             if self.sim is None:
-                from peergrid.sunspec_sim import SunSpecDevice, SunSpecSim
+                from peergrid.sim.sunspec_sim import SunSpecDevice, SunSpecSim
 
                 self.sim = SunSpecSim(SunSpecDevice(unit=self.sunspec_unit))
                 self.sim_pty = self.sim.start()
@@ -137,7 +137,7 @@ class VirtualBoard:
             self.heap = str(self.code_bytes + self.data_heap)
         if self.heap:
             cmd += ["-X", f"heapsize={self.heap}"]
-        cmd += ["-m", "firmware.vboard", str(self.dir), repr(float(self.speed)), pty,
+        cmd += ["-m", "boardsim.vboard", str(self.dir), repr(float(self.speed)), pty,
                 self.cable.a_path if self.cable is not None else ""]
         env = dict(os.environ)
         env.update(self.extra_env)
@@ -155,10 +155,10 @@ class VirtualBoard:
         env = dict(os.environ)
         env["MICROPYPATH"] = firmware_path(self.mpy_dir)
         r = subprocess.run([micropython(), "-X", "heapsize=4M", "-c",
-                            "import gc\ngc.collect()\na=gc.mem_alloc()\nimport firmware.vboard\n"
+                            "import gc\ngc.collect()\na=gc.mem_alloc()\nimport boardsim.vboard\n"
                             # loaded lazily once the board runs: code too, not data
                             "import firmware.metering, firmware.mqtt\n"
-                            + ("import firmware.modbus, firmware.sunspec, firmware.uart_posix\n"
+                            + ("import firmware.modbus, firmware.sunspec, boardsim.uart_posix\n"
                                if self.want_rs485 else "")
                             + "gc.collect()\nprint(gc.mem_alloc()-a)"],
                            cwd=self.dir, env=env, capture_output=True, text=True, timeout=60)
