@@ -20,7 +20,8 @@ import pytest
 
 from harness import free_port, registry_broker, stop_process
 from peergrid.community import registry as reg
-from peergrid.commissioning.commission import REQUIRED_FW, Operator, fit_ct, main, residual, verify_report
+from peergrid.commissioning.commission import REQUIRED_FW, Operator, main
+from peergrid.commissioning.report import fit_ct, residual, verify_report
 
 pytestmark = pytest.mark.broker
 C = "oak"

@@ -249,7 +249,8 @@ def test_bodies_lengths_and_schemas(gw: Gw) -> None:
 
     # the commissioning tool with a wrong token reads the 401, not a reset
     # (its small body is swallowed after the answer)
-    from peergrid.commissioning.commission import Gateway as Client, Stop
+    from peergrid.commissioning.commission import Gateway as Client
+    from peergrid.commissioning.errors import Stop
 
     for _ in range(20):
         with pytest.raises(Stop, match="refused: unknown installer token"):
