@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from harness import free_port, stop_process, wait_port
+from peergrid.community import broker
 from peergrid.community import registry as reg
 from protocol import cose, messages, topics
 from protocol.errors import NAMES
@@ -258,21 +259,21 @@ def site_factory(tmp_path):
 
 
 def test_generated_config_binds_client_ids_and_limits_sizes(tmp_path) -> None:
-    conf = reg.mosquitto_conf(1883, tmp_path / "passwd", tmp_path / "acl", "10.0.0.2", tmp_path / "pid",
+    conf = broker.mosquitto_conf(1883, tmp_path / "passwd", tmp_path / "acl", "10.0.0.2", tmp_path / "pid",
                               tmp_path, ["log_dest syslog"])
     lines = [x for x in conf.splitlines() if x and not x.startswith("#")]
     # the option belongs to the listener (mosquitto.conf(5): a listener setting), so after it
     i = lines.index("listener 1883 10.0.0.2")
     assert "use_username_as_clientid true" in lines[i + 1:]
     for want in ("allow_anonymous false", "persistence true", f"message_size_limit {cose.MAX_FRAME}",
-                 f"max_packet_size {reg.PACKET_LIMIT}", f"persistence_location {tmp_path}/",
+                 f"max_packet_size {broker.PACKET_LIMIT}", f"persistence_location {tmp_path}/",
                  f"password_file {tmp_path / 'passwd'}", f"pid_file {tmp_path / 'pid'}"):
         assert want in lines, want
     assert lines[-1] == "log_dest syslog"
     # the protocol's largest message and packets fit, nothing much larger does
-    assert reg.MESSAGE_LIMIT == cose.MAX_FRAME >= messages.MAX_PAYLOAD
+    assert broker.MESSAGE_LIMIT == cose.MAX_FRAME >= messages.MAX_PAYLOAD
     publish = 1 + 2 + 2 + topics.MAX_TOPIC + 2 + cose.MAX_FRAME
-    assert publish < reg.max_connect_packet() <= reg.PACKET_LIMIT < 2 * reg.max_connect_packet()
+    assert publish < broker.max_connect_packet() <= broker.PACKET_LIMIT < 2 * broker.max_connect_packet()
 
 
 def test_changed_conf_is_reported_and_written_once(tmp_path) -> None:
@@ -298,7 +299,8 @@ def test_changed_conf_is_reported_and_written_once(tmp_path) -> None:
 
 
 def _gateway(tmp_path: Path):
-    from peergrid.ingest.service import Config, Gateway
+    from peergrid.config import Config
+    from peergrid.ingest.service import Gateway
 
     cfgp = tmp_path / "gw.toml"
     cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = -1\n')
@@ -370,7 +372,7 @@ def test_status_summary_fits_the_brokers_limit(tmp_path) -> None:
         gw.metrics.inc(f"accepted_kind{i}", i)
     gw._publish_status()
     body = sent[-1][1]
-    assert len(body) <= reg.MESSAGE_LIMIT, len(body)
+    assert len(body) <= broker.MESSAGE_LIMIT, len(body)
     m = json.loads(body)["metrics"]
     assert m["rejected"] == len(NAMES) and m["accepted"] == sum(range(len(NAMES)))
 
@@ -532,7 +534,7 @@ def test_messages_beyond_the_protocol_are_refused_by_the_broker(site_factory) ->
         time.sleep(0.5)
         assert len(gw.got) == 1 and a.up.is_set() and a.drops == 0
         # a packet larger than any the protocol makes: the sender is disconnected
-        a.c.publish(t, bytes(reg.PACKET_LIMIT), qos=1)
+        a.c.publish(t, bytes(broker.PACKET_LIMIT), qos=1)
         deadline = time.monotonic() + 5
         while not a.drops and time.monotonic() < deadline:
             time.sleep(0.02)

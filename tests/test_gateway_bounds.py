@@ -177,7 +177,8 @@ def _fill(db: sqlite3.Connection, spare: int = 0) -> None:
 
 
 def test_full_disk_is_reported_as_sqlite_says_and_nothing_is_lost(tmp_path, caplog) -> None:
-    from peergrid.ingest.service import Config, Gateway
+    from peergrid.config import Config
+    from peergrid.ingest.service import Gateway
 
     cfg = Config(community=C, db=tmp_path / "gw.db", batch=50, batch_ms=5)
     gw = Gateway(cfg)

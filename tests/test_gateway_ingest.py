@@ -335,7 +335,8 @@ def test_retention_thins_old_readings_and_frames(tmp_path):
 
 def test_run_loop_settles_into_the_ledger(tmp_path):
     from peergrid.market import ledger
-    from peergrid.ingest.service import Config, Gateway
+    from peergrid.config import Config
+    from peergrid.ingest.service import Gateway
 
     cfgp = tmp_path / "gw.toml"
     cfgp.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = -1\n'

@@ -92,7 +92,8 @@ class SimBoard:
 
 def measure(boards: int = 20, rounds: int = 100) -> dict[str, Any]:
     from peergrid.control.controller import Feeder, Load
-    from peergrid.ingest.service import Config, Gateway
+    from peergrid.config import Config
+    from peergrid.ingest.service import Gateway
 
     tmp = Path(tempfile.mkdtemp(prefix="pg-lat-"))
     port = free_port()

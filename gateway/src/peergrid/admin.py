@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from peergrid.community import registry as reg
-from peergrid.ingest.service import Config, Gateway, JsonLog, write_broker_files
+from peergrid.community.broker import write_broker_files
+from peergrid.config import Config
+from peergrid.ingest.service import Gateway, JsonLog
 
 
 def _registry(cfg: Config) -> reg.Registry:
@@ -283,7 +285,9 @@ def _resource(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))}  {kind:7s} {rid:10s} {dev}[{tgt}] -> "
                   f"{val}: {why}")
     else:
-        loads, bats, feeder = r.resources(c)
+        from peergrid.control.controller import resources
+
+        loads, bats, feeder = resources(r.resource_rows(c))
         fmt = lambda v: "-" if v is None else f"{v // 3600:02d}:{v % 3600 // 60:02d}"  # noqa: E731
         for x in loads:
             print(f"load    {x.id:10s} {x.device}[{x.relay}] {x.rated_w} W prio {x.priority} on/off "

@@ -233,7 +233,7 @@ class InstallerApi:
         self.gw.validator.forget(req["device"])
         self.gw.validator.preload([x for x in r.devices(c) if x.id == req["device"]])
         if self.cfg.passwd_file is not None and self.cfg.acl_file is not None:
-            from peergrid.ingest.service import write_broker_files
+            from peergrid.community.broker import write_broker_files
 
             write_broker_files(self.cfg, r)
         import logging

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import cose, topics
+from protocol import topics
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS communities (
@@ -397,18 +397,18 @@ class Registry:
         self.db.execute("INSERT INTO feeders VALUES (?, ?, ?) ON CONFLICT(community) DO UPDATE SET"
                         " import_w=excluded.import_w, export_w=excluded.export_w", (community, import_w, export_w))
 
-    def resources(self, community: str) -> tuple[list[Any], list[Any], Any]:
-        """(loads, batteries, feeder or None) as peergrid.control.controller objects."""
-        from peergrid.control.controller import Battery, Feeder, Load
-
-        loads = [Load(*r) for r in self.db.execute(
+    def resource_rows(self, community: str) -> tuple[list[tuple], list[tuple], tuple | None]:
+        """The community's loads, batteries and feeder limits as rows, in the
+        field order of peergrid.control.controller's Load, Battery and Feeder
+        (controller.resources() builds them)."""
+        loads = [tuple(r) for r in self.db.execute(
             "SELECT id, device, relay, rated_w, priority, min_on_s, min_off_s, need_wh, deadline_s, available_s,"
             " max_switches_day FROM loads WHERE community=? ORDER BY id", (community,))]
-        bats = [Battery(*r) for r in self.db.execute(
+        bats = [tuple(r) for r in self.db.execute(
             "SELECT id, device, target, capacity_wh, max_charge_w, max_discharge_w, soc_min, soc_max, efficiency"
             " FROM batteries WHERE community=? ORDER BY id", (community,))]
         f = self.db.execute("SELECT import_w, export_w FROM feeders WHERE community=?", (community,)).fetchone()
-        return loads, bats, (Feeder(f[0], f[1]) if f else None)
+        return loads, bats, (tuple(f) if f else None)
 
     # -- broker files ---------------------------------------------------------
 
@@ -432,82 +432,9 @@ class Registry:
             acl_lines += [f"topic {access} {pattern}" for pattern, access in topics.device_acl(c, dev)]
             acl_lines.append("")
             n += 1
-        _atomic(passwd, "\n".join(pw_lines) + "\n")
-        _atomic(acl, "\n".join(acl_lines) + "\n")
+        atomic_write(passwd, "\n".join(pw_lines) + "\n")
+        atomic_write(acl, "\n".join(acl_lines) + "\n")
         return n
-
-
-# What the broker lets through (issue 17). The protocol's largest message is
-# one COSE frame (cose.MAX_FRAME: a payload of at most messages.MAX_PAYLOAD
-# bytes in its envelope); the broker drops a larger one without passing it on.
-MESSAGE_LIMIT = cose.MAX_FRAME
-# Its largest packets: a PUBLISH is 1 + 2 (remaining length) + 2 + MAX_TOPIC
-# + 2 (packet id) + MAX_FRAME = 583 bytes; a board's CONNECT, whose will is
-# a status frame, at most 3 + 10 + 2 * (2 + 33) (client id, user name) + 2 +
-# MAX_TOPIC + 2 + MAX_FRAME + 2 + 64 (password) = 729 bytes. A packet beyond
-# PACKET_LIMIT disconnects its sender before the broker holds it in memory.
-PACKET_LIMIT = 1024
-
-
-def max_connect_packet(password_len: int = 64) -> int:
-    """The largest CONNECT a board sends (see PACKET_LIMIT)."""
-    user = 2 * topics.MAX_ID + 1
-    return 3 + 10 + 2 * (2 + user) + 2 + topics.MAX_TOPIC + 2 + cose.MAX_FRAME + 2 + password_len
-
-
-def mosquitto_conf(port: int, passwd: Path, acl: Path, listen: str = "", pid_file: Path | None = None,
-                   persistence_dir: Path | None = None, extra: list[str] | tuple[str, ...] = ()) -> str:
-    """mosquitto's configuration for a PeerGrid broker (peergrid broker-files
-    writes it when [broker] conf_file is set).
-
-    * every account's client id is its user name (use_username_as_clientid,
-      a listener setting of mosquitto 2.x): no account can take over the
-      gateway's session or knock a board off by connecting with its id, and a
-      wrong password never touches the session it names;
-    * the gateway's session (clean_session false) and what is queued for it
-      outlive a restart of the broker (persistence);
-    * messages and packets beyond what the protocol makes are refused.
-    `extra`: lines appended as they are (log settings, `user`, TLS ...);
-    another listener needs its own `use_username_as_clientid true`."""
-    persistence_dir = persistence_dir or Path("/var/lib/mosquitto")
-    lines = [
-        "# written by `peergrid broker-files` from the gateway's config; changes here are overwritten.",
-        "# A reload (SIGHUP) rereads the password and ACL files; restart mosquitto when this file changes.",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {passwd}",
-        f"acl_file {acl}",
-    ]
-    if pid_file is not None:
-        lines.append(f"pid_file {pid_file}")
-    lines += [
-        "# the gateway's session keeps what it has not acknowledged, across a restart of the broker too",
-        "persistence true",
-        f"persistence_location {str(persistence_dir).rstrip('/')}/",
-        "autosave_interval 60",
-        "# far above mosquitto's default of 1000, which would drop readings queued for a gateway that is away",
-        "max_queued_messages 1000000",
-        "max_inflight_messages 1000",
-        f"# the protocol's largest message is a {MESSAGE_LIMIT}-byte frame (cose.MAX_FRAME)",
-        f"message_size_limit {MESSAGE_LIMIT}",
-        f"max_packet_size {PACKET_LIMIT}",
-        f"listener {int(port)}" + (f" {listen}" if listen else ""),
-        "# each account's client id is its user name: no account can take another's session",
-        "use_username_as_clientid true",
-    ]
-    lines += list(extra)
-    return "\n".join(lines) + "\n"
-
-
-def write_if_changed(path: Path, text: str) -> bool:
-    """Write atomically unless the file holds `text` already; True if written."""
-    try:
-        if path.read_text() == text:
-            return False
-    except OSError:
-        pass
-    _atomic(path, text)
-    return True
 
 
 def broker_user(community: str, device: str) -> str:
@@ -515,7 +442,8 @@ def broker_user(community: str, device: str) -> str:
     return f"{community}.{device}"
 
 
-def _atomic(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write a private file (0600) whole or not at all."""
     tmp = path.with_name(path.name + ".new")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -80,6 +80,13 @@ class Feeder:
     export_w: int
 
 
+def resources(rows: tuple[list[tuple], list[tuple], tuple | None]) -> tuple[list[Load], list[Battery], Feeder | None]:
+    """Loads, batteries and the feeder (or None) from the registry's rows
+    (peergrid.community.registry.Registry.resource_rows)."""
+    loads, bats, feeder = rows
+    return [Load(*r) for r in loads], [Battery(*r) for r in bats], (Feeder(*feeder) if feeder else None)
+
+
 @dataclass
 class LoadState:
     on: bool = False

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 from peergrid.community import registry as reg
-from peergrid.control.controller import Controller, Decision
+from peergrid.control.controller import Controller, Decision, resources
 from protocol import messages, topics
 from protocol.errors import E_REPLAY
 from protocol.link import CommandSealer
@@ -105,7 +105,7 @@ class ControlLoop:
     # -- resources -----------------------------------------------------------------
 
     def _load(self) -> None:
-        loads, bats, feeder = self.registry.resources(self.community)
+        loads, bats, feeder = resources(self.registry.resource_rows(self.community))
         houses = [d.id for d in self.registry.devices(self.community) if not d.revoked and d.grid_index() is not None]
         fp = (repr(loads), repr(bats), repr(feeder), tuple(houses))
         if fp == self._fingerprint:

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import signal
 import sqlite3
 import threading
 import time
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from peergrid.community import broker
 from peergrid.community import registry as reg
+from peergrid.config import Config
 from peergrid.ingest.metrics import Metrics
 from peergrid.ingest.mqttsock import Client as BufferedClient
 from peergrid.ingest.store import Store, quarantined
@@ -33,111 +32,6 @@ from peergrid.ingest.validate import Accepted, Duplicate, Rejected, Throttled, V
 from protocol import topics
 
 log = logging.getLogger("peergrid.gateway")
-
-
-@dataclass
-class Config:
-    community: str
-    db: Path
-    broker_host: str = "127.0.0.1"
-    broker_port: int = 1883
-    broker_user: str = "gateway"
-    broker_password: str = ""
-    client_id: str = ""
-    passwd_file: Path | None = None
-    acl_file: Path | None = None
-    broker_pid_file: Path | None = None
-    broker_conf_file: Path | None = None      # mosquitto's config, written by `peergrid broker-files`
-    broker_listen: str = ""                   # its listener's address ("": every interface)
-    broker_persistence_dir: Path | None = None
-    broker_conf_extra: list[str] = field(default_factory=list)
-    registry_poll_s: float = 0.25             # how often the running gateway looks for registry changes
-    max_skew_s: float = 300
-    max_future_s: float = 3600
-    max_late_s: float = 4 * 86400     # the longest a reading may wait in a board's flash (energy plausibility)
-    stale_after_s: float = 35
-    batch: int = 500
-    batch_ms: int = 3
-    quarantine_max: int = 10000
-    quarantine_bytes: int = 8 << 20           # frames, topics and reasons kept, at most
-    quarantine_frame_bytes: int = 512         # a longer frame is kept as this prefix, its length and SHA-256
-    tag_failures_per_s: int = 20              # E_TAG failures per device and second before it is throttled
-    http_port: int = 0
-    http_host: str = "127.0.0.1"
-    http_max_connections: int = 32
-    http_timeout_s: float = 10                # a request's line, headers and body must arrive within this
-    status_every_s: float = 10
-    raw_days: float = 400
-    full_days: float = 90
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def load(path: Path) -> "Config":
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise SystemExit(f"config {path} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise SystemExit(f"config {path}: {e}") from None
-        bad = _not_finite(raw)
-        if bad:
-            raise SystemExit(f"config {path}: {bad} is not a finite number (nan and inf are refused)")
-        g = raw.get("gateway", {})
-        b = raw.get("broker", {})
-        i = raw.get("ingest", {})
-        if "community" not in g or "db" not in g:
-            raise SystemExit(f"config {path}: [gateway] needs community and db")
-        base = Path(path).parent
-
-        def p(v: Any) -> Path | None:
-            return None if v is None else (base / v if not Path(v).is_absolute() else Path(v))
-
-        cfg = Config(
-            community=g["community"], db=p(g["db"]) or Path("gateway.db"),
-            broker_host=b.get("host", "127.0.0.1"), broker_port=int(b.get("port", 1883)),
-            broker_user=b.get("user", "gateway"), broker_password=b.get("password", ""),
-            client_id=b.get("client_id", ""), passwd_file=p(b.get("passwd_file")), acl_file=p(b.get("acl_file")),
-            broker_pid_file=p(b.get("pid_file")), broker_conf_file=p(b.get("conf_file")),
-            broker_listen=str(b.get("listen", "")), broker_persistence_dir=p(b.get("persistence_dir")),
-            broker_conf_extra=[str(x) for x in b.get("conf_extra", [])],
-            registry_poll_s=float(i.get("registry_poll_s", 0.25)),
-            max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
-            max_late_s=float(i.get("max_late_s", 4 * 86400)),
-            stale_after_s=float(i.get("stale_after_s", 35)), batch=int(i.get("batch", 500)),
-            batch_ms=int(i.get("batch_ms", 3)), quarantine_max=int(i.get("quarantine_max", 10000)),
-            quarantine_bytes=int(i.get("quarantine_bytes", 8 << 20)),
-            quarantine_frame_bytes=int(i.get("quarantine_frame_bytes", 512)),
-            tag_failures_per_s=int(i.get("tag_failures_per_s", 20)),
-            http_max_connections=int(g.get("http_max_connections", 32)),
-            http_timeout_s=float(g.get("http_timeout_s", 10)),
-            http_port=int(g.get("http_port", 0)), http_host=g.get("http_host", "127.0.0.1"), status_every_s=float(g.get("status_every_s", 10)),
-            raw_days=float(raw.get("store", {}).get("raw_days", 400)),
-            full_days=float(raw.get("store", {}).get("full_days", 90)), extra=raw)
-        for name, ok in (("[gateway] http_timeout_s", cfg.http_timeout_s > 0),
-                         ("[gateway] http_max_connections", cfg.http_max_connections >= 1),
-                         ("[ingest] quarantine_bytes", cfg.quarantine_bytes >= 4096),
-                         ("[ingest] quarantine_frame_bytes", 0 <= cfg.quarantine_frame_bytes <= cfg.quarantine_bytes),
-                         ("[ingest] tag_failures_per_s", cfg.tag_failures_per_s >= 0)):
-            if not ok:
-                raise SystemExit(f"config {path}: {name} is out of range")
-        return cfg
-
-
-def _not_finite(v: Any, at: str = "") -> str | None:
-    """The first float of a config that is NaN or infinite (TOML has both)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return at or "a value"
-    if isinstance(v, dict):
-        for k, x in v.items():
-            bad = _not_finite(x, f"{at}.{k}" if at else str(k))
-            if bad:
-                return bad
-    if isinstance(v, list):
-        for k, x in enumerate(v):
-            bad = _not_finite(x, f"{at}[{k}]")
-            if bad:
-                return bad
-    return None
 
 
 class Gateway:
@@ -395,7 +289,7 @@ class Gateway:
         body = {"t": int(self.clock()), "devices": len(p), "online": sum(v["online"] for v in p.values()),
                 "stale": sum(v["stale"] for v in p.values()), "metrics": self.metrics.snapshot()}
         text = json.dumps(body, separators=(",", ":"))
-        if len(text) > reg.MESSAGE_LIMIT:
+        if len(text) > broker.MESSAGE_LIMIT:
             # the broker passes no message beyond the protocol's largest
             # frame: totals here, every counter on /metrics
             m = body["metrics"]
@@ -559,42 +453,6 @@ class Gateway:
             self.client.loop_stop()
         log.info("gateway stopped cleanly")
         return 0
-
-
-@dataclass
-class BrokerFiles:
-    accounts: int           # device accounts written
-    reloaded: bool          # mosquitto was sent SIGHUP
-    conf_changed: bool      # mosquitto.conf was (re)written: restart mosquitto
-
-
-def write_broker_files(cfg: Config, r: reg.Registry) -> BrokerFiles:
-    """mosquitto's password and ACL files from the registry, its config
-    ([broker] conf_file, if set: registry.mosquitto_conf) and a reload.
-    Every command that changes accounts calls this."""
-    if cfg.passwd_file is None or cfg.acl_file is None:
-        raise reg.RegistryError("[broker] passwd_file and acl_file are not set in the config")
-    n = r.broker_files(cfg.passwd_file, cfg.acl_file, cfg.broker_user, reg.mosquitto_hash(cfg.broker_password))
-    changed = False
-    if cfg.broker_conf_file is not None:
-        changed = reg.write_if_changed(cfg.broker_conf_file, reg.mosquitto_conf(
-            cfg.broker_port, cfg.passwd_file.absolute(), cfg.acl_file.absolute(), cfg.broker_listen,
-            cfg.broker_pid_file.absolute() if cfg.broker_pid_file else None,
-            cfg.broker_persistence_dir.absolute() if cfg.broker_persistence_dir else None, cfg.broker_conf_extra))
-    return BrokerFiles(n, reload_broker(cfg.broker_pid_file), changed)
-
-
-def reload_broker(pid_file: Path | None) -> bool:
-    """Ask mosquitto to reread its password and ACL files (SIGHUP)."""
-    import os
-
-    if pid_file is None or not pid_file.exists():
-        return False
-    try:
-        os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
-        return True
-    except (ValueError, ProcessLookupError, PermissionError):
-        return False
 
 
 class JsonLog(logging.Formatter):

@@ -65,6 +65,7 @@ class Demo:
         import numpy as np
 
         from peergrid.sim import profiles as prof
+        from peergrid.community import broker
         from peergrid.community import registry as reg
         from peergrid.control.controller import Battery, Load
 
@@ -107,7 +108,7 @@ class Demo:
         r.db.close()
         # the production config (peergrid broker-files): client ids bound to
         # accounts, size limits, a persistent queue for the gateway
-        (self.dir / "mosquitto.conf").write_text(reg.mosquitto_conf(
+        (self.dir / "mosquitto.conf").write_text(broker.mosquitto_conf(
             self.port, self.dir / "passwd", self.dir / "acl", "127.0.0.1", self.dir / "mosquitto.pid", self.dir,
             ["log_dest none"] + (["user root"] if os.geteuid() == 0 else [])))
         self.procs.append(subprocess.Popen([_mosquitto(), "-c", str(self.dir / "mosquitto.conf")],
@@ -122,7 +123,8 @@ class Demo:
             'stale_s = 300\nstale_margin_w = 2000\ntimezone = "Europe/Zurich"\n')
 
     def start(self) -> None:
-        from peergrid.ingest.service import Config, Gateway
+        from peergrid.config import Config
+        from peergrid.ingest.service import Gateway
         from peergrid.sim.simboard import SimClock, SimHouse
         from peergrid.sim.vboard import VirtualBoard, default_config
         from peergrid.community import registry as reg
