@@ -1,4 +1,5 @@
-# Per-channel cumulative energy registers and their wear-bounded persistence.
+# Per-channel cumulative energy registers and their wear-bounded persistence,
+# and Result: what one channel measured, whichever front end measured it.
 #
 # Registers: for every channel an import and an export register in whole Wh
 # plus the part of a Wh not yet counted, all integers. Energy is kept in
@@ -77,6 +78,22 @@ FLAG_CLEAN = const(1)
 def record_len(nch):
     """Bytes one record of nch channels takes in a slot."""
     return _HDR_LEN + _CH_LEN * nch + _CRC_LEN
+
+
+class Result:
+    """Measured values of one channel in protocol units (integers), whichever
+    front end measured them (metering.py's ADC path or the ATM90E32); the
+    energy they add goes into the registers below."""
+
+    def __init__(self):
+        self.vrms_dv = 0
+        self.irms_ma = 0
+        self.p_w = 0
+        self.s_va = 0
+        self.pf_permille = 0
+        self.freq_chz = 0
+        self.fault = 0              # metering.FAULT_* bits seen in the period
+        self.p_exact = 0.0          # real power before rounding, W
 
 
 class Registers:

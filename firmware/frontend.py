@@ -2,7 +2,7 @@
 # channel of the board and adds the energy since the last call to the
 # channel registers (firmware/energy.py):
 #
-#   fe.update(regs) -> list of metering.Result (vrms_dv, irms_ma, p_w, s_va,
+#   fe.update(regs) -> list of energy.Result (vrms_dv, irms_ma, p_w, s_va,
 #                      pf_permille, freq_chz), one per channel, in board order
 #   fe.has_vref      False: powers are apparent at the nominal voltage (the
 #                    reading carries F_NO_VREF)
@@ -13,6 +13,7 @@
 # only the modules that one needs (firmware.metering and firmware.dsp for
 # the ADC, firmware.atm90e32 for the chips): code and data share ~110 KB of
 # heap on an ESP32.
+from firmware.energy import Result
 
 
 def open_frontend(hal, board, cal=None, frames=1000, lut=None):
@@ -175,21 +176,6 @@ class AdcFrontEnd:
         self.s_cover_ms = 0
         self.s_meas_ms = 0
         return m * 1000 // c if c > 0 else None
-
-
-class Result:
-    """Measured values of one channel in protocol units (integers), whichever
-    front end measured them (metering.py's ADC path or the ATM90E32)."""
-
-    def __init__(self):
-        self.vrms_dv = 0
-        self.irms_ma = 0
-        self.p_w = 0
-        self.s_va = 0
-        self.pf_permille = 0
-        self.freq_chz = 0
-        self.fault = 0              # metering.FAULT_* bits seen in the period
-        self.p_exact = 0.0          # real power before rounding, W
 
 
 class AtmFrontEnd:

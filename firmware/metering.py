@@ -15,7 +15,7 @@ import math
 from array import array
 
 from firmware import dsp
-from firmware.frontend import Result
+from firmware.energy import Result
 
 try:
     from micropython import const
