@@ -45,8 +45,15 @@ def test_firmware_bundle_builds_and_loads_on_micropython(board) -> None:
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == sha, rel
     assert not (out / "config.json").exists()
     bdef = json.loads((ROOT / "boards" / board / "board.json").read_text())
-    # the virtual board's parts go only into the sim board's bundle
-    assert bool(list(out.rglob("vboard.mpy"))) == (bdef.get("mcu") == "sim")
+    # the bundle is the board folders whole (firmware/, protocol/) and umqtt;
+    # the simulated hardware (boardsim/) goes only into the sim board's
+    pkgs = ["firmware", "protocol"] + (["boardsim"] if bdef.get("mcu") == "sim" else [])
+    want = {f"lib/{pkg}/{f.stem}.mpy" for pkg in pkgs for f in (ROOT / pkg).glob("*.py")}
+    got = {str(f.relative_to(out)) for f in (out / "lib").rglob("*") if f.is_file()}
+    assert {g for g in got if not g.startswith("lib/umqtt_pinned/")} == want
+    if bdef.get("mcu") != "sim":
+        sim = {f.stem for f in (ROOT / "boardsim").glob("*.py")} - {"__init__"}
+        assert not [f for f in out.rglob("*.mpy") if f.stem in sim], "a simulation module in a board's bundle"
     assert list((out / "lib" / "umqtt_pinned").glob("simple.mpy"))
     mods = "firmware.board firmware.console firmware.main protocol.link umqtt_pinned.simple".split()
     code = "import " + ", ".join(mods) + "\nprint('ok', firmware.board.FW_VERSION)"
