@@ -20,8 +20,7 @@ import gc
 
 from protocol import link as plink
 from protocol import messages
-from protocol.topics import CMD
-from protocol.errors import ProtocolError, OK
+from firmware import commands
 from firmware.energy import RegisterStore
 from firmware.frontend import AdcFrontEnd
 from firmware.outputs import Outputs, Relay, BatteryOut
@@ -89,20 +88,19 @@ class Board:
         self.next_sync = hal.io_ms()
         self.cmdq = []
         self.net = net
-        # RS485: inverter and battery (firmware/modbus.py, firmware/sunspec.py)
+        # RS485: inverter and battery (firmware/inverters.py, imported only
+        # with an RS485 master: a board without one never loads it)
         self.master = rs485
         self.inv = None
         self.inv_ok = False
         self.bat = None
         self.bat_ok = False
         self.bat_vals = None
-        self.next_discover = hal.ticks_ms()
+        self.inverters = None
         if rs485 is not None:
-            from firmware import sunspec
-            if cfg.get("inverter"):
-                self.inv = sunspec.Inverter(rs485, cfg["inverter"].get("unit", 1))
-            if cfg.get("battery"):
-                self.bat = sunspec.Battery(rs485, cfg["battery"].get("unit", 1))
+            from firmware import inverters
+            inverters.attach(self, rs485, cfg)
+            self.inverters = inverters
         relays = []
         rdefs = board.get("relays") or []
         rcfg = cfg["relays"]
@@ -249,7 +247,7 @@ class Board:
         if self.on_event is not None:
             self.on_event({"ev": kind, "i": i, "v": v, "why": why})
 
-    # -- commands ----------------------------------------------------------
+    # -- commands (handled in firmware/commands.py) -------------------------
 
     def _on_cmd(self, topic, msg):
         if len(self.cmdq) < 8:
@@ -257,103 +255,7 @@ class Board:
         else:
             self.stats["cmd_ignored"] += 1
 
-    def _handle_cmds(self, now):
-        while self.cmdq:
-            topic, frame = self.cmdq.pop(0)
-            try:
-                payload = self.link.verify_command(topic, frame)
-            except ProtocolError as e:
-                # wrong topic or not authentic: counted, never answered
-                self.rejects[e.code] = self.rejects.get(e.code, 0) + 1
-                self.stats["cmd_ignored"] += 1
-                continue
-            try:
-                cmd = messages.decode(CMD, payload)
-            except ProtocolError as e:
-                # authentic but malformed: answered if it has a counter
-                self.rejects[e.code] = self.rejects.get(e.code, 0) + 1
-                ctr = plink.command_counter(payload)
-                if ctr is None:
-                    self.stats["cmd_ignored"] += 1
-                else:
-                    self.stats["cmd_rejected"] += 1
-                    self._ack(ctr, e.code, None, 0)
-                continue
-            result, value, left = self.outputs.handle(cmd, now)
-            if result == OK:
-                self.stats["cmd_ok"] += 1
-            else:
-                self.stats["cmd_rejected"] += 1
-                self.rejects[result] = self.rejects.get(result, 0) + 1
-            self._ack(cmd["ctr"], result, value, left)
-            self.hal.wdt_feed()
-            if self.on_event is not None:
-                self.on_event({"ev": "cmd", "ctr": cmd["ctr"], "result": result})
-
-    def _ack(self, ctr, result, value, left):
-        unix, synced = self.hal.time()
-        fields = {"boot": self.boot, "seq": self._next_seq(), "t": unix,
-                  "flags": 0 if synced else messages.F_CLOCK_UNSYNCED,
-                  "ctr": ctr, "result": result, "lease": left}
-        if value is not None:
-            fields["value"] = value
-        self.uplink.publish(self.link.t_ack, self.link.ack(fields))
-
     # -- readings ----------------------------------------------------------
-
-    def _rs485(self, now):
-        """Read inverter and battery; rediscover a missing one now and then."""
-        inv = None
-        bat = None
-        flags = 0
-        if self.inv is not None:
-            if not self.inv_ok and self.hal.ticks_diff(now, self.next_discover) >= 0:
-                self.inv_ok = self._try(self.inv.discover)
-            if self.inv_ok:
-                try:
-                    inv = self.inv.read()
-                except Exception:  # noqa: BLE001 - unplugged, timeout, garbage
-                    self.stats["inv_errors"] += 1
-                    inv = None
-                    if self.master.is_down(self.inv.unit):
-                        self.inv_ok = False
-            if inv is None:
-                flags |= messages.F_INV_MISSING
-        if self.bat is not None:
-            if not self.bat_ok and self.hal.ticks_diff(now, self.next_discover) >= 0:
-                self.bat_ok = self._try(self.bat.discover)
-            if self.bat_ok:
-                try:
-                    bat = self.bat.read()
-                except Exception:  # noqa: BLE001
-                    self.stats["bat_errors"] += 1
-                    bat = None
-                    if self.master.is_down(self.bat.unit):
-                        self.bat_ok = False
-            if bat is None:
-                flags |= messages.F_BAT_MISSING
-        if (self.inv is not None and not self.inv_ok) or (self.bat is not None and not self.bat_ok):
-            if self.hal.ticks_diff(now, self.next_discover) >= 0:
-                self.next_discover = self.hal.ticks_add(now, 6 * self.period_ms)
-        else:
-            # kept current while every device answers, so one that goes
-            # missing after days is looked for at once (a deadline left
-            # behind for 2^29 ms would read as far in the future)
-            self.next_discover = now
-        return inv, bat, flags
-
-    def _try(self, fn):
-        try:
-            return bool(fn())
-        except Exception:  # noqa: BLE001
-            return False
-
-    def _clean3(self, v):
-        # an item the device does not say (SunSpec "not implemented") stays
-        # None: null on the wire, unknown, never 0
-        if v is None:
-            return None
-        return [None if x is None else int(x) for x in v]
 
     def measure(self, now, dt_ms):
         rs = self.fe.update(self.regs, dt_ms)
@@ -366,7 +268,10 @@ class Board:
             ch[4 * i + 1] = imp
             ch[4 * i + 2] = exp
             ch[4 * i + 3] = r.irms_ma
-        inv, bat, flags = self._rs485(now)
+        inv = bat = None
+        flags = 0
+        if self.inverters is not None:
+            inv, bat, flags = self.inverters.poll(self, now)
         self.store_save(now)
         fe = self.fe
         clip = 0
@@ -395,7 +300,7 @@ class Board:
         live = fe.has_vref and not ff & 1
         vrms = r0.vrms_dv if live else None
         freq = r0.freq_chz if live and r0.freq_chz else None
-        return vrms, freq, self._clean3(inv), self._clean3(bat), flags
+        return vrms, freq, inv, bat, flags
 
     def store_save(self, now):
         try:
@@ -513,7 +418,7 @@ class Board:
         now = hal.ticks_ms()
         self._uptime(now)
         if self.cmdq:
-            self._handle_cmds(now)
+            commands.handle(self, now)
         self.outputs.tick(now)
         if hal.ticks_diff(now, self.next_due) >= 0:
             dt = hal.ticks_diff(now, self.last_meas)

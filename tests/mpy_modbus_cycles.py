@@ -4,7 +4,7 @@
 # config). argv: port, rs485 JSON, config JSON (its inverter/battery entries).
 # Prints one JSON line after discovery, then one per line read on stdin:
 # "go" reads the inverter and the battery as the board does each period
-# (firmware/board.py's _rs485: a device not found is looked for again, one
+# (firmware/inverters.py's poll: a device not found is looked for again, one
 # whose unit backs off is lost until found again), "stats" prints the
 # master's counters and latencies, "quit" ends.
 import json

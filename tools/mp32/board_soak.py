@@ -53,10 +53,10 @@ def _modules():
         mods.append("firmware.atm90e32")
     else:
         mods += ["firmware.dsp", "firmware.metering"]
-    mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.board",
-             "firmware.main", "firmware.hal_esp32"]
+    mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.commands",
+             "firmware.board", "firmware.main", "firmware.hal_esp32"]
     if cfg.get("inverter") or cfg.get("battery"):
-        mods += ["firmware.modbus", "firmware.sunspec"]
+        mods += ["firmware.modbus", "firmware.sunspec", "firmware.inverters"]
     return mods
 
 
