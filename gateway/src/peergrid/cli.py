@@ -37,6 +37,28 @@ def _finite(text: str) -> float:
     return v
 
 
+# the operator's own tools (peergrid/operate): each parses its arguments;
+# a --config given before the command is handed on
+OPERATE = {"init": ("peergrid.operate.init", "make or update a community directory: config, CA, broker, units"),
+           "doctor": ("peergrid.operate.doctor", "check the broker, database, clock, files and ports; say what to do"),
+           "backup": ("peergrid.operate.backup", "a consistent backup of the database, ledger and keys, while running"),
+           "restore": ("peergrid.operate.restore", "restore a backup into a gateway's directory")}
+
+
+def _operate(argv: list[str]) -> int | None:
+    pre: list[str] = []
+    i = 0
+    while i < len(argv) and (argv[i] in ("-c", "--config") or argv[i].startswith("--config=")):
+        n = 1 if "=" in argv[i] else 2
+        pre += argv[i:i + n]
+        i += n
+    if i >= len(argv) or argv[i] not in OPERATE:
+        return None
+    import importlib
+
+    return int(importlib.import_module(OPERATE[argv[i]][0]).main(pre + argv[i + 1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="peergrid", description="PeerGrid gateway")
     p.add_argument("--version", action="version", version=f"peergrid {__version__}")
@@ -52,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(tools/footprint.py) and refuse a board that leaves less than 25 %% of it free")
     sub.add_parser("vboard", help="run the firmware as a virtual board (peergrid vboard --help)",
                    add_help=False)
+    for name, (_, text) in OPERATE.items():
+        sub.add_parser(name, help=f"{text} (peergrid {name} --help)", add_help=False)
     p.add_argument("--config", "-c", default="peergrid.toml", help="gateway config (TOML)")
     sub.add_parser("run", help="run the gateway: ingest, validate, store")
     sub.add_parser("status", help="devices online and stale, rejections by reason, ingest rate")
@@ -181,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ls_.add_argument("--key", help="the gateway's public key (hex) to insist on")
     if argv is None:
         argv = sys.argv[1:]
+    rc = _operate(argv)
+    if rc is not None:
+        return rc
     if argv and argv[0] == "vboard":
         from peergrid.sim.vboard import main as vboard_main
 

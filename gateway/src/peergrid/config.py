@@ -27,6 +27,15 @@ class Config:
     broker_listen: str = ""                   # its listener's address ("": every interface)
     broker_persistence_dir: Path | None = None
     broker_conf_extra: list[str] = field(default_factory=list)
+    # TLS for the boards (peergrid init): a second listener with the broker's
+    # certificate from the community CA; the gateway stays on the first
+    broker_tls_port: int = 0                  # 0: no TLS listener
+    broker_tls_listen: str = ""               # its address ("": every interface)
+    broker_names: list[str] = field(default_factory=list)   # what boards dial: the certificate's names
+    ca_file: Path | None = None               # the community CA's certificate (boards get it)
+    ca_key_file: Path | None = None           # its key: signs the broker's certificate
+    cert_file: Path | None = None             # the broker's certificate and key
+    key_file: Path | None = None
     registry_poll_s: float = 0.25             # how often the running gateway looks for registry changes
     max_skew_s: float = 300
     max_future_s: float = 3600
@@ -76,6 +85,10 @@ class Config:
             broker_pid_file=p(b.get("pid_file")), broker_conf_file=p(b.get("conf_file")),
             broker_listen=str(b.get("listen", "")), broker_persistence_dir=p(b.get("persistence_dir")),
             broker_conf_extra=[str(x) for x in b.get("conf_extra", [])],
+            broker_tls_port=int(b.get("tls_port", 0)), broker_tls_listen=str(b.get("tls_listen", "")),
+            broker_names=[str(x) for x in b.get("names", [])],
+            ca_file=p(b.get("ca_file")), ca_key_file=p(b.get("ca_key_file")),
+            cert_file=p(b.get("cert_file")), key_file=p(b.get("key_file")),
             registry_poll_s=float(i.get("registry_poll_s", 0.25)),
             max_skew_s=float(i.get("max_skew_s", 300)), max_future_s=float(i.get("max_future_s", 3600)),
             max_late_s=float(i.get("max_late_s", 4 * 86400)),
@@ -93,7 +106,10 @@ class Config:
                          ("[gateway] http_max_connections", cfg.http_max_connections >= 1),
                          ("[ingest] quarantine_bytes", cfg.quarantine_bytes >= 4096),
                          ("[ingest] quarantine_frame_bytes", 0 <= cfg.quarantine_frame_bytes <= cfg.quarantine_bytes),
-                         ("[ingest] tag_failures_per_s", cfg.tag_failures_per_s >= 0)):
+                         ("[ingest] tag_failures_per_s", cfg.tag_failures_per_s >= 0),
+                         ("[broker] tls_port", 0 <= cfg.broker_tls_port < 65536),
+                         ("[broker] tls_port needs ca_file, cert_file and key_file",
+                          not cfg.broker_tls_port or None not in (cfg.ca_file, cfg.cert_file, cfg.key_file))):
             if not ok:
                 raise SystemExit(f"config {path}: {name} is out of range")
         return cfg

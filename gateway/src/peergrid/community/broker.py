@@ -37,7 +37,8 @@ def max_connect_packet(password_len: int = 64) -> int:
 
 
 def mosquitto_conf(port: int, passwd: Path, acl: Path, listen: str = "", pid_file: Path | None = None,
-                   persistence_dir: Path | None = None, extra: list[str] | tuple[str, ...] = ()) -> str:
+                   persistence_dir: Path | None = None, extra: list[str] | tuple[str, ...] = (),
+                   tls: TlsListener | None = None) -> str:
     """mosquitto's configuration for a PeerGrid broker (peergrid broker-files
     writes it when [broker] conf_file is set).
 
@@ -48,7 +49,10 @@ def mosquitto_conf(port: int, passwd: Path, acl: Path, listen: str = "", pid_fil
     * the gateway's session (clean_session false) and what is queued for it
       outlive a restart of the broker (persistence);
     * messages and packets beyond what the protocol makes are refused.
-    `extra`: lines appended as they are (log settings, `user`, TLS ...);
+    * with `tls`, a second listener for the boards that speaks only TLS
+      (1.2 or later) with the broker's certificate from the community CA;
+      the same accounts, ACL and client-id binding apply on both.
+    `extra`: lines appended as they are (log settings, `user` ...);
     another listener needs its own `use_username_as_clientid true`."""
     persistence_dir = persistence_dir or Path("/var/lib/mosquitto")
     lines = [
@@ -76,6 +80,17 @@ def mosquitto_conf(port: int, passwd: Path, acl: Path, listen: str = "", pid_fil
         "# each account's client id is its user name: no account can take another's session",
         "use_username_as_clientid true",
     ]
+    if tls is not None:
+        lines += [
+            "# the boards' listener: TLS only, the broker's certificate from the community CA",
+            f"listener {int(tls.port)}" + (f" {tls.listen}" if tls.listen else ""),
+            "use_username_as_clientid true",
+            f"cafile {tls.ca_file}",
+            f"certfile {tls.cert_file}",
+            f"keyfile {tls.key_file}",
+            "tls_version tlsv1.2",
+            "require_certificate false",
+        ]
     lines += list(extra)
     return "\n".join(lines) + "\n"
 
@@ -89,6 +104,23 @@ def write_if_changed(path: Path, text: str) -> bool:
         pass
     reg.atomic_write(path, text)
     return True
+
+
+@dataclass
+class TlsListener:
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    listen: str = ""
+
+
+def tls_listener(cfg: Config) -> TlsListener | None:
+    """The boards' TLS listener of a config, if it has one."""
+    if not cfg.broker_tls_port or cfg.ca_file is None or cfg.cert_file is None or cfg.key_file is None:
+        return None
+    return TlsListener(cfg.broker_tls_port, cfg.ca_file.absolute(), cfg.cert_file.absolute(),
+                       cfg.key_file.absolute(), cfg.broker_tls_listen)
 
 
 @dataclass
@@ -110,7 +142,8 @@ def write_broker_files(cfg: Config, r: reg.Registry) -> BrokerFiles:
         changed = write_if_changed(cfg.broker_conf_file, mosquitto_conf(
             cfg.broker_port, cfg.passwd_file.absolute(), cfg.acl_file.absolute(), cfg.broker_listen,
             cfg.broker_pid_file.absolute() if cfg.broker_pid_file else None,
-            cfg.broker_persistence_dir.absolute() if cfg.broker_persistence_dir else None, cfg.broker_conf_extra))
+            cfg.broker_persistence_dir.absolute() if cfg.broker_persistence_dir else None, cfg.broker_conf_extra,
+            tls_listener(cfg)))
     return BrokerFiles(n, reload_broker(cfg.broker_pid_file), changed)
 
 
