@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peergrid import schema
 from protocol import topics
 
 SCHEMA = """
@@ -146,6 +147,8 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
+    # an older database is upgraded here, a newer one refused (peergrid/schema.py)
+    schema.migrate(db)
     return db
 
 

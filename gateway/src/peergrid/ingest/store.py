@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS readings (
     t_recv REAL NOT NULL, flags INTEGER NOT NULL, grid_w INTEGER, grid_imp_wh INTEGER,
     grid_exp_wh INTEGER, vrms_dv INTEGER, freq_chz INTEGER, ch TEXT NOT NULL, inv TEXT, bat TEXT);
 CREATE INDEX IF NOT EXISTS readings_dev_t ON readings (community, device, t);
+CREATE INDEX IF NOT EXISTS readings_t ON readings (community, t, t_recv);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY, t_recv REAL NOT NULL, topic TEXT NOT NULL, device TEXT,
     code INTEGER NOT NULL, reason TEXT NOT NULL, frame BLOB NOT NULL, length INTEGER, digest BLOB);
