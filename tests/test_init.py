@@ -167,14 +167,22 @@ class Community:
         assert r.returncode == 0, r.stderr
         return r.stdout
 
+    def https(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.d / "ca.pem"))
+
     def register(self, token: str, device: str) -> dict[str, Any]:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.cfg.http_port}/installer/register", method="POST",
+            f"https://127.0.0.1:{self.cfg.http_port}/installer/register", method="POST",
             data=json.dumps({"member": device, "device": device, "board": "sim",
                              "channels": [{"role": "grid", "rating_a": 100}]}).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=self.https()) as r:
             return json.loads(r.read())
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.cfg.http_port}/metrics", timeout=10,
+                                    context=self.https()) as r:
+            return r.read().decode()
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -242,3 +250,32 @@ def test_the_generated_community_runs_and_boards_need_the_community_ca(community
     # the gateway's own listener is loopback only and nobody but the gateway gets in
     assert f"listener {c.cfg.broker_port} 127.0.0.1" in (c.d / "mosquitto.conf").read_text()
     assert c.cli("status").startswith(f"community {C}: 1 devices, 0 online")
+
+
+@pytest.mark.broker
+def test_the_installer_api_is_https_with_the_routers_certificate(community, tmp_path) -> None:
+    # the token and a board's secrets cross the LAN: only over TLS, and the
+    # electrician's laptop checks it reaches the community's gateway
+    from peergrid.commissioning.commission import Gateway
+    from peergrid.commissioning.errors import Stop
+
+    c = community
+    token = c.cli("installer-token", "electrician", "--days", "1").split("(shown only now):")[1].split()[0]
+    with socket.create_connection(("127.0.0.1", c.cfg.http_port), 5) as s:      # plain HTTP: no answer
+        s.settimeout(5)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        try:
+            answer = s.recv(64)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+    assert not answer.startswith(b"HTTP/"), answer
+    other = tmp_path / "other"
+    other.mkdir()
+    pki.make_ca(other / "ca.pem", other / "ca.key", "elm")
+    with pytest.raises(Stop, match="not the community's"):
+        Gateway(f"https://127.0.0.1:{c.cfg.http_port}", token, other / "ca.pem").call("GET", "/installer/device/x")
+    gw = Gateway(f"https://localhost:{c.cfg.http_port}", token, c.d / "ca.pem")
+    with pytest.raises(Stop, match="refused"):             # through TLS to the API itself: no such device
+        gw.call("GET", "/installer/device/nobody")
+    refused = [ln for ln in c.metrics().splitlines() if "http_tls_refused" in ln and not ln.startswith("#")]
+    assert refused and float(refused[0].split()[-1]) >= 2, refused       # the plain request and the wrong CA

@@ -48,6 +48,7 @@ class Config:
     quarantine_frame_bytes: int = 512         # a longer frame is kept as this prefix, its length and SHA-256
     tag_failures_per_s: int = 20              # E_TAG failures per device and second before it is throttled
     http_port: int = 0
+    http_tls: bool = False                    # HTTPS with [broker] cert_file and key_file (peergrid init sets it)
     http_host: str = "127.0.0.1"
     http_max_connections: int = 32
     http_timeout_s: float = 10                # a request's line, headers and body must arrive within this
@@ -99,7 +100,7 @@ class Config:
             tag_failures_per_s=int(i.get("tag_failures_per_s", 20)),
             http_max_connections=int(g.get("http_max_connections", 32)),
             http_timeout_s=float(g.get("http_timeout_s", 10)),
-            http_port=int(g.get("http_port", 0)), http_host=g.get("http_host", "127.0.0.1"), status_every_s=float(g.get("status_every_s", 10)),
+            http_port=int(g.get("http_port", 0)), http_tls=bool(g.get("http_tls", False)), http_host=g.get("http_host", "127.0.0.1"), status_every_s=float(g.get("status_every_s", 10)),
             raw_days=float(raw.get("store", {}).get("raw_days", 400)),
             full_days=float(raw.get("store", {}).get("full_days", 90)), extra=raw)
         for name, ok in (("[gateway] http_timeout_s", cfg.http_timeout_s > 0),
@@ -108,6 +109,8 @@ class Config:
                          ("[ingest] quarantine_frame_bytes", 0 <= cfg.quarantine_frame_bytes <= cfg.quarantine_bytes),
                          ("[ingest] tag_failures_per_s", cfg.tag_failures_per_s >= 0),
                          ("[broker] tls_port", 0 <= cfg.broker_tls_port < 65536),
+                         ("[gateway] http_tls needs [broker] cert_file and key_file",
+                          not cfg.http_tls or None not in (cfg.cert_file, cfg.key_file)),
                          ("[broker] tls_port needs ca_file, cert_file and key_file",
                           not cfg.broker_tls_port or None not in (cfg.ca_file, cfg.cert_file, cfg.key_file))):
             if not ok:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -98,9 +99,14 @@ def find_port() -> str:
 
 
 class Gateway:
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, ca: Path | None = None) -> None:
+        """ca: the community CA (ca.pem from the operator) that an https
+        gateway's certificate must chain to; without it, the system's."""
         self.url = url.rstrip("/")
         self.token = token
+        self.ctx: ssl.SSLContext | None = None
+        if self.url.startswith("https://"):
+            self.ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -108,7 +114,7 @@ class Gateway:
                                      headers={"Authorization": f"Bearer {self.token}",
                                               "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=15) as r:
+            with urllib.request.urlopen(req, timeout=15, context=self.ctx) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             try:
@@ -117,6 +123,10 @@ class Gateway:
                 msg = str(e)
             raise Stop(f"The gateway refused: {msg}") from None
         except (urllib.error.URLError, OSError) as e:
+            if isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError):
+                raise Stop(f"The gateway at {self.url} is not the community's: its certificate does not check "
+                           "out against the CA given (--ca ca.pem, from the operator). Stop here and ask the "
+                           "operator; never send the token to it.") from None
             raise Stop(f"Cannot reach the gateway at {self.url} ({e}). Check the laptop's network; the "
                        "commissioning resumes where it stopped.") from None
 
@@ -382,6 +392,8 @@ def main(argv: list[str] | None = None, operator: Operator | None = None) -> int
     p.add_argument("--port", help="the board's serial port (found on USB when not given)")
     p.add_argument("--gateway", default=os.environ.get("PEERGRID_GATEWAY"), help="the gateway's URL")
     p.add_argument("--token", default=os.environ.get("PEERGRID_INSTALLER_TOKEN"), help="installer token")
+    p.add_argument("--ca", type=Path, default=os.environ.get("PEERGRID_CA"),
+                   help="the community CA (ca.pem from the operator) for an https gateway")
     p.add_argument("--resume", type=Path, help="continue a commissioning from its state file")
     p.add_argument("--state", type=Path, help="state file (default commission-<device>.json)")
     a = p.parse_args(argv)
@@ -411,7 +423,7 @@ def main(argv: list[str] | None = None, operator: Operator | None = None) -> int
                "PEERGRID_INSTALLER_TOKEN)")
         return 2
     try:
-        c = Commissioning(state, op, Gateway(a.gateway, a.token), a.port, sheet)
+        c = Commissioning(state, op, Gateway(a.gateway, a.token, a.ca), a.port, sheet)
     except Stop as e:
         op.say("STOP: " + e.msg)
         return 2

@@ -1,6 +1,10 @@
 """The gateway's HTTP server (metrics and the installer API), built to stay
 up and small when whoever reaches its port is hostile.
 
+- HTTPS when given a TLS context (`server_context`: the router's
+  certificate, TLS 1.2 or later): the handshake runs in the connection's
+  own thread within `request_s`, so a client that stalls it holds only its
+  slot; a failed handshake is counted (`http_tls_refused`) and closed.
 - A bounded number of connections (`max_connections`, a quarter of them per
   client address); one more is answered 503 at once, without a thread.
 - One request per connection (HTTP/1.0), and the whole of it (request line,
@@ -24,6 +28,7 @@ import logging
 import math
 import re
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,7 +89,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, addr: tuple[str, int], handler: type, max_connections: int = 32,
-                 request_s: float = 10.0, metrics: Any = None) -> None:
+                 request_s: float = 10.0, metrics: Any = None, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.max_connections = max(1, max_connections)
         self.per_address = max(1, self.max_connections // 4)
         self.request_s = request_s
@@ -131,6 +137,14 @@ class Server(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            if self.tls is not None:
+                try:
+                    request.settimeout(self.request_s)
+                    request = self.tls.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError):
+                    self.count("tls_refused")
+                    request.close()
+                    return
             super().process_request_thread(request, client_address)
         finally:
             self._release(client_address[0])
@@ -138,6 +152,15 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.count("errors")
         log.warning("HTTP connection from %s failed", client_address[0], exc_info=True)
+
+
+def server_context(cert_file: Any, key_file: Any) -> ssl.SSLContext:
+    """TLS for the gateway's HTTP server with the router's certificate (the
+    broker's, from the community CA: laptops verify it with ca.pem)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
 
 
 class Handler(BaseHTTPRequestHandler):

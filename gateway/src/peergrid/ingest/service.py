@@ -305,7 +305,7 @@ class Gateway:
         (peergrid.http.server: bounded connections and time, bodies read only
         after authentication, strict JSON, no exception text in answers)."""
         gw = self
-        from peergrid.http.server import Handler, HttpError, Server
+        from peergrid.http.server import Handler, HttpError, Server, server_context
         from peergrid.commissioning.installer import MAX_BODY, ApiError, InstallerApi
 
         api = InstallerApi(self)
@@ -354,6 +354,7 @@ class Gateway:
                            self.cfg.http_timeout_s, self.metrics)
         self.http_port = self.http.server_address[1]
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        tls = server_context(self.cfg.cert_file, self.cfg.key_file) if self.cfg.http_tls else None
 
     # -- run ---------------------------------------------------------------------------
 

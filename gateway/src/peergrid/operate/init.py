@@ -86,8 +86,9 @@ def config_text(a: argparse.Namespace, password: str, names: list[str], user_lin
 [gateway]
 community = {_q(a.community)}
 db = "gateway.db"
-http_port = {a.http_port}          # metrics and the installer API
+http_port = {a.http_port}          # metrics and the installer API, over HTTPS
 http_host = {_q(a.http_host)}
+http_tls = true                    # with the broker's certificate: laptops check it against ca.pem
 
 [broker]                           # the gateway's own connection: loopback only
 host = "127.0.0.1"
@@ -281,7 +282,8 @@ next steps:
        systemctl enable --now {' '.join(UNITS)}
   2. check it:              peergrid -c {cfg_path} doctor
   3. give an electrician a token:  peergrid -c {cfg_path} installer-token NAME --days 7
-  4. commission each house: peergrid commission --sheet house.toml --gateway http://{names[0]}:{cfg.http_port} --token ...
+  4. commission each house: peergrid commission --sheet house.toml --gateway https://{names[0]}:{cfg.http_port} \\
+         --ca ca.pem --token ...   (give the electrician {cfg.ca_file} with the token)
   boards reach the broker at {names[0]}:{cfg.broker_tls_port} over TLS, trusting {cfg.ca_file}
   back up {d} (peergrid -c {cfg_path} backup): the CA key and the ledger key cannot be made again""", file=out)
     return 0
