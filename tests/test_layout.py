@@ -150,7 +150,7 @@ def test_packages_import_only_what_they_may(pkg: str) -> None:
         if _package(m) != pkg:
             continue
         for d in sorted(_internal(m)):
-            if _package(d) not in ALLOWED[pkg]:
+            if d != "peergrid" and _package(d) not in ALLOWED[pkg]:     # (the root: __version__)
                 bad.append(f"{m} imports {d}")
     assert not bad, "\n".join(bad)
 

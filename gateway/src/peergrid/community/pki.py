@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from peergrid.community.registry import atomic_write
+
 CA_DAYS = 20 * 365              # the CA outlives the boards it is flashed into
 SERVER_DAYS = 825               # the broker's certificate: renewed by rerunning init
 RENEW_DAYS = 30                 # init and doctor act within this many days of expiry
@@ -47,16 +49,6 @@ class CertInfo:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -104,7 +96,7 @@ def make_ca(cert: Path, key: Path, community: str, *, days: int = CA_DAYS,
                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
          .add_extension(x509.SubjectKeyIdentifier.from_public_key(k.public_key()), critical=False)
          .sign(k, hashes.SHA256()))
-    _write_private(key, _key_pem(k))
+    atomic_write(key, _key_pem(k))
     _write_public(cert, c.public_bytes(serialization.Encoding.PEM))
     return True
 
@@ -130,7 +122,7 @@ def make_server_cert(cert: Path, key: Path, ca_cert: Path, ca_key: Path, names: 
          .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_k.public_key()), critical=False)
          .sign(ca_k, hashes.SHA256()))
-    _write_private(key, _key_pem(k))
+    atomic_write(key, _key_pem(k))
     _write_public(cert, c.public_bytes(serialization.Encoding.PEM))
 
 
