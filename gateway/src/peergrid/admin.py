@@ -346,6 +346,11 @@ def status(cfg: Config, r: reg.Registry) -> int:
     print(f"community {cfg.community}: {len(devs)} devices, {online} online, {len(stale)} stale")
     if stale:
         print("  stale: " + ", ".join(stale[:20]) + (" ..." if len(stale) > 20 else ""))
+    # the running gateway's own state: its process and the broker link (ingest/brokerlink.py)
+    from peergrid.ingest.brokerlink import describe, read_state
+
+    for line in describe(read_state(cfg.db)):
+        print(line)
     print(f"ingest: {n60 / 60:.1f} messages/s over the last minute")
     rows = list(db.execute("SELECT what, SUM(n) FROM counters WHERE community=? GROUP BY what ORDER BY 2 DESC",
                            (cfg.community,)))

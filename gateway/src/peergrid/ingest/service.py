@@ -25,8 +25,8 @@ import paho.mqtt.client as mqtt
 from peergrid.community import broker
 from peergrid.community import registry as reg
 from peergrid.config import Config
+from peergrid.ingest.brokerlink import BrokerLink, LinkClient, classify_connack, reconnect_max, state_path
 from peergrid.ingest.metrics import Metrics
-from peergrid.ingest.mqttsock import Client as BufferedClient
 from peergrid.ingest.store import Store, quarantined
 from peergrid.ingest.validate import Accepted, Duplicate, Rejected, Throttled, Validator, fault_warnings
 from protocol import topics
@@ -65,6 +65,8 @@ class Gateway:
         self.client: mqtt.Client | None = None
         self.http: Any = None
         self.connected = threading.Event()
+        # the broker's state for the operator (status, doctor, /metrics); paho retries with this back-off
+        self.link = BrokerLink(cfg.broker_host, cfg.broker_port, 1, reconnect_max(cfg.extra))
         self._next_retain = time.monotonic() + 60
         self.control = None
         if cfg.extra.get("control"):
@@ -81,16 +83,18 @@ class Gateway:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         if rc != 0:
-            log.error("broker refused the gateway: %s", rc)
+            self.link.failed(*classify_connack(rc))     # logged there; paho retries
             return
         client.subscribe([(t, 1) for t in topics.subscriptions(self.cfg.community)])
         self.connected.set()
+        self.link.up()
         log.info("connected to %s:%d", self.cfg.broker_host, self.cfg.broker_port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         self.connected.clear()
-        if not self.stop_event.is_set():
+        if not self.stop_event.is_set() and self.link.connected:     # not after a refused CONNACK
             log.warning("broker connection lost (%s); reconnecting", rc)
+            self.link.down(str(rc))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         t0 = time.monotonic()
@@ -343,7 +347,7 @@ class Gateway:
                 self.body_length(0)            # a GET with a body is refused (413)
                 try:
                     with one:                  # one shared read connection
-                        text = gw.metrics.prometheus(gw.presence())
+                        text = gw.metrics.prometheus(gw.presence()) + gw.link.prometheus()
                 except sqlite3.Error:
                     log.exception("metrics: presence unavailable")
                     self.send_json(503, {"error": "the gateway's database is unavailable; try again"})
@@ -361,10 +365,10 @@ class Gateway:
     def start(self) -> None:
         cfg = self.cfg
         cid = cfg.client_id or f"peergrid-gw-{cfg.community}"
-        c = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
-                           manual_ack=True)
+        c = LinkClient(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False, manual_ack=True)
+        c.link = self.link
         c.username_pw_set(cfg.broker_user, cfg.broker_password)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=self.link.min_delay, max_delay=self.link.max_delay)
         c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
         c.on_connect = self._on_connect
@@ -375,6 +379,7 @@ class Gateway:
         threading.Thread(target=self._watch_registry, name="registry", daemon=True).start()
         if cfg.http_port >= 0 and cfg.extra.get("gateway", {}).get("http", True):
             self._serve_http()
+        self.link.attach(state_path(cfg.db))
         c.connect_async(cfg.broker_host, cfg.broker_port, keepalive=30)
         c.loop_start()
         if self.control is not None:
@@ -423,7 +428,8 @@ class Gateway:
         if settler is not None:
             settler.on_held = lambda member, device, reason, start: self.metrics.warn("held", device)
         self.start()
-        log.info("gateway for %s running (db %s)", self.cfg.community, self.cfg.db)
+        log.info("gateway for %s running (db %s); connecting to the broker at %s:%d as %s", self.cfg.community,
+                 self.cfg.db, self.cfg.broker_host, self.cfg.broker_port, self.cfg.broker_user)
         next_status = 0.0
         next_settle = 0.0
         while not self.stop_event.wait(0.5):
@@ -438,6 +444,7 @@ class Gateway:
                     log.exception("settlement failed; retrying")
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self.cfg.status_every_s
+                self.link.save()                 # the heartbeat `peergrid status` reads
                 try:
                     self._publish_status()
                 except Exception:  # noqa: BLE001
@@ -452,6 +459,7 @@ class Gateway:
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
+        self.link.save(running=False)
         log.info("gateway stopped cleanly")
         return 0
 
