@@ -285,6 +285,20 @@ def test_http_port_free_or_taken_by_another_program(tmp_path) -> None:
     assert f"sport = :{port}" in taken.advice
 
 
+def test_why_a_connection_failed_is_told_in_words() -> None:
+    # what the gateway logs and the doctor prints, per kind of failure
+    assert brokerlink.classify(socket.gaierror(-2, "Name or service not known"), "gw.oak.lan", 1883) == (
+        "dns", "cannot resolve the host name 'gw.oak.lan' (DNS: Name or service not known)")
+    assert brokerlink.classify(ConnectionRefusedError(111, "refused"), "h", 1883)[0] == "refused"
+    assert brokerlink.classify(TimeoutError(), "h", 1883)[0] == "timeout"
+    assert brokerlink.classify(OSError(113, "No route to host"), "h", 1883)[0] == "unreachable"
+    assert brokerlink.classify_connack(5)[0] == "auth" and brokerlink.classify_connack(3)[0] == "connack"
+    for bad in (0, "30", True, 7200):
+        with pytest.raises(SystemExit, match="reconnect_max_s"):
+            brokerlink.reconnect_max({"broker": {"reconnect_max_s": bad}})
+    assert brokerlink.reconnect_max({}) == 30
+
+
 # -- the gateway without its broker --------------------------------------------------------------------
 
 CH = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
