@@ -354,11 +354,11 @@ class Gateway:
                     return
                 self.send_text(200, text, "text/plain; version=0.0.4")
 
+        tls = server_context(self.cfg.cert_file, self.cfg.key_file) if self.cfg.http_tls else None
         self.http = Server((self.cfg.http_host, self.cfg.http_port), H, self.cfg.http_max_connections,
-                           self.cfg.http_timeout_s, self.metrics)
+                           self.cfg.http_timeout_s, self.metrics, tls)
         self.http_port = self.http.server_address[1]
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
-        tls = server_context(self.cfg.cert_file, self.cfg.key_file) if self.cfg.http_tls else None
 
     # -- run ---------------------------------------------------------------------------
 
