@@ -115,6 +115,7 @@ key_file = "broker.key"
 retail = {a.retail}                # minor units per kWh
 feed_in = {a.feed_in}
 interval_min = {a.interval_min}
+grace_s = {a.grace_s}                      # late readings get this long after an interval ends
 key_file = "ledger.key"
 
 [installer]                        # what commissioning gives the boards
@@ -208,6 +209,8 @@ def run(a: argparse.Namespace, out: Any = sys.stdout) -> int:
         a.feed_in = int(_ask("feed-in price, minor units per kWh", a.feed_in, interactive, "--feed-in"))
         if not 0 <= a.feed_in <= a.retail:
             raise InitError("prices: 0 <= feed-in <= retail")
+        if not 0 <= a.grace_s <= 86400:
+            raise InitError("--grace-s: 0 to 86400 seconds")
         for p, what in ((a.port, "--port"), (a.tls_port, "--tls-port"), (a.http_port, "--http-port")):
             _port(p, what)
         if a.http_host is None:
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retail", type=int, help="retail price, minor units per kWh")
     ap.add_argument("--feed-in", type=int, help="feed-in price, minor units per kWh")
     ap.add_argument("--interval-min", type=int, default=15, choices=[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60])
+    ap.add_argument("--grace-s", type=int, default=120, help="seconds late readings get before an interval "
+                    "is settled (default 120)")
     ap.add_argument("--port", type=int, default=1883, help="the gateway's loopback listener (default 1883)")
     ap.add_argument("--tls-port", type=int, default=8883, help="the boards' TLS listener (default 8883)")
     ap.add_argument("--tls-listen", default="", help="the TLS listener's address (default: every interface)")
