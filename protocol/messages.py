@@ -83,6 +83,9 @@ SCHEMAS = {
         (14, "lost_wh", _U, False, 0, _U32),     # energy at risk after unclean reset, Wh
         (15, "spool_err", _U, False, 0, _U32),   # readings lost to a failed flash write
         (16, "meas", _U, False, 0, 1000),        # share of the time measured since the last status, permille
+        (17, "tls", _U, False, 0, 1),            # 1: TLS, the broker's certificate checked; 0: plain text
+        (18, "tls_err", _U, False, 0, _U32),     # TLS handshakes refused since boot
+        (19, "tls_why", _T, False, 0, 24),       # the last refusal's reason
     ),
     ACK: _COMMON + (
         (5, "ctr", _U, True, 1, _U32),           # counter of the command acknowledged
