@@ -214,6 +214,11 @@ class Board:
             fields["lost_wh"] = self.store.lost_wh_bound
         if self.stats["spool_errors"]:
             fields["spool_err"] = self.stats["spool_errors"]
+        u = self.uplink
+        fields["tls"] = 1 if u.tls else 0       # 0: the link to the broker is plain text
+        if u.stats["tls_err"]:
+            fields["tls_err"] = u.stats["tls_err"]
+            fields["tls_why"] = u.stats["tls_why"]
         meas = self.fe.take_fraction()
         if meas is not None:
             fields["meas"] = meas

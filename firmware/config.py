@@ -67,7 +67,21 @@ def parse(text):
     b = _need(cfg, "broker", "host, port, user, password")
     if not isinstance(b, dict) or "host" not in b:
         raise ConfigError("config: broker.host missing")
-    b.setdefault("port", 1883)
+    t = b.get("tls")
+    if t is not None:
+        # {"ca": the community CA certificate, base64 of its DER (at most
+        # 2 KB), "name": the name the broker's certificate must carry}
+        n = t.get("name") if isinstance(t, dict) else None
+        ca = t.get("ca") if isinstance(t, dict) else None
+        der = b""
+        if isinstance(ca, str) and len(ca) <= 2732:
+            try:
+                der = binascii.a2b_base64(ca)
+            except ValueError:
+                pass
+        if not isinstance(n, str) or not 0 < len(n) <= 253 or " " in n or len(der) < 100 or der[0] != 0x30:
+            raise ConfigError("config: broker.tls needs ca (base64 DER, at most 2 KB) and name")
+    b.setdefault("port", 8883 if t else 1883)
     if not isinstance(cfg["period_s"], int) or not 1 <= cfg["period_s"] <= 3600:
         raise ConfigError("config: period_s must be 1..3600")
     # timers on the board's tick clock must stay below 2^29 ms (6.2 days):

@@ -7,7 +7,12 @@
 #     `timeout_s`": a peer that stops half-way through a packet raises
 #     OSError instead of hanging in umqtt's read loops;
 #   * connect() takes an address resolved once by the caller (no DNS per
-#     reconnect) and times out;
+#     reconnect) and times out; given an ssl.SSLContext (`tls`) it speaks
+#     TLS, the broker's certificate checked for `name` (umqtt's own ssl
+#     option goes through ussl.wrap_socket, which checks nothing unless
+#     told to); the handshake runs under the same socket timeout, and `hs`
+#     is 1 while it runs, so the caller can tell a refused handshake from a
+#     refused connection;
 #   * publish() at QoS 1 returns the packet id at once instead of waiting for
 #     the PUBACK (umqtt.simple waits for it forever); poll() reads whatever
 #     arrived (PUBACK, SUBACK, PINGRESP, commands) without waiting and
@@ -39,16 +44,20 @@ _CONNACK = const(0x20)
 class TimedSocket:
     """A socket whose blocking mode has a deadline. umqtt switches between
     setblocking(False) (poll) and setblocking(True) (read the rest of a
-    packet); here True means settimeout(timeout_s)."""
+    packet); here True means settimeout(timeout_s). `raw`: the TCP socket
+    under a TLS socket, which has no settimeout of its own (and whose
+    setblocking(True) would mean "forever" on the ESP32 port)."""
 
-    def __init__(self, sock, timeout_s):
+    def __init__(self, sock, timeout_s, raw=None):
         self.s = sock
+        self.r = raw or sock
         self.t = timeout_s
         self.nread = 0
-        sock.settimeout(timeout_s)
+        self.q = None               # a bytearray: writes are held there until flush()
+        self.r.settimeout(timeout_s)
 
     def setblocking(self, flag):
-        self.s.settimeout(self.t if flag else 0)
+        self.r.settimeout(self.t if flag else 0)
 
     def read(self, n):
         d = self.s.read(n)
@@ -63,6 +72,9 @@ class TimedSocket:
         if n is None:
             n = len(buf)
         mv = memoryview(buf)
+        if self.q is not None:
+            self.q += mv[:n]
+            return n
         done = 0
         while done < n:
             w = self.s.write(mv[done:n])
@@ -71,6 +83,14 @@ class TimedSocket:
             done += w
         return n
 
+    def flush(self):
+        """Send what was held in one write: umqtt writes CONNECT and
+        SUBSCRIBE field by field, and each small write would be a TLS record
+        of its own and wait on Nagle's algorithm (about 40 ms each)."""
+        q = self.q
+        self.q = None
+        self.write(q)
+
     def close(self):
         self.s.close()
 
@@ -78,10 +98,14 @@ class TimedSocket:
 class BoardMQTT(MQTTClient):
     """umqtt.simple with deadlines and non-blocking QoS 1 publishing."""
 
-    def __init__(self, client_id, addr, user=None, password=None, keepalive=30, timeout_s=5):
+    def __init__(self, client_id, addr, user=None, password=None, keepalive=30, timeout_s=5,
+                 tls=None, name=None):
         MQTTClient.__init__(self, client_id, "", port=1, user=user, password=password,
                             keepalive=keepalive)
         self.addr = addr
+        self.tls = tls              # ssl.SSLContext (CERT_REQUIRED, the community CA) or None
+        self.name = name            # the name the broker's certificate must carry
+        self.hs = 0                 # 1 while the TLS handshake runs
         self.timeout_s = timeout_s
         self.acked = []             # packet ids PUBACKed since the caller last looked
         self.rx = 0                 # packets received (for keepalive accounting)
@@ -92,13 +116,19 @@ class BoardMQTT(MQTTClient):
 
     def connect(self, clean_session=True):
         s = socket.socket()
+        w = s
         try:
             s.settimeout(self.timeout_s)
             s.connect(self.addr)
+            if self.tls is not None:
+                self.hs = 1
+                w = self.tls.wrap_socket(s, server_hostname=self.name)
+                self.hs = 0
         except Exception:
             s.close()
             raise
-        self.sock = TimedSocket(s, self.timeout_s)
+        self.sock = TimedSocket(w, self.timeout_s, s)
+        self.sock.q = bytearray()
         # CONNECT: variable header "MQTT" level 4, flags, keepalive; payload
         # client id, will topic and message, user name, password
         flags = 2 if clean_session else 0
@@ -119,6 +149,7 @@ class BoardMQTT(MQTTClient):
         if self.user is not None:
             self._send_str(self.user)
             self._send_str(self.pswd)
+        self.sock.flush()
         resp = self.sock.read(4)
         if not resp or resp[0] != _CONNACK or resp[1] != 2:
             raise MQTTException("bad CONNACK")
@@ -183,10 +214,12 @@ class BoardMQTT(MQTTClient):
     def subscribe(self, topic, qos=0):
         """Send SUBSCRIBE without waiting; poll() checks the SUBACK."""
         self.pid = self.pid % 65535 + 1
+        self.sock.q = bytearray()
         self._fixed(0x82, 2 + 2 + len(topic) + 1)
         self.sock.write(struct.pack("!H", self.pid))
         self._send_str(topic)
         self.sock.write(bytes((qos,)))
+        self.sock.flush()
         return self.pid
 
     def poll(self, limit=6):

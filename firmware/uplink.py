@@ -7,6 +7,14 @@
 #
 # All timing here is real time (hal.io_ms): the broker and the network do
 # not care how fast the board's simulated clock runs.
+#
+# TLS (config broker.tls = {"ca": base64 of the community CA's DER, "name"}):
+# one ssl.SSLContext for the board's life, CERT_REQUIRED against that CA
+# only, the broker's certificate checked for `name`. A refused handshake
+# (wrong CA, out of its dates, wrong name, a peer that does not speak TLS,
+# a timeout) is never retried in plain text: it is counted in stats
+# tls_err with a short reason in tls_why (both go into the next status the
+# board gets through) and retried with the usual back-off.
 from firmware.mqtt import BoardMQTT
 
 _IDLE, _UP = 0, 1
@@ -28,6 +36,8 @@ class Uplink:
         self.port = b["port"]
         self.user = b.get("user")
         self.password = b.get("password")
+        self.tls = b.get("tls")     # None: plain text (the status says so)
+        self.ctx = None
         self.keepalive_ms = cfg["keepalive_s"] * 1000
         self.backoff_min = cfg["backoff_s"][0] * 1000
         self.backoff_max = cfg["backoff_s"][1] * 1000
@@ -42,7 +52,8 @@ class Uplink:
         self.rx_seen = 0
         self.ping_out = False
         self.net_started = False
-        self.stats = {"connects": 0, "failures": 0, "drops": 0, "pings": 0, "last_error": ""}  # type: dict
+        self.stats = {"connects": 0, "failures": 0, "drops": 0, "pings": 0, "last_error": "",
+                      "tls_err": 0, "tls_why": ""}  # type: dict
 
     @property
     def connected(self):
@@ -76,7 +87,14 @@ class Uplink:
         try:
             self._connect()
         except Exception as e:  # noqa: BLE001
-            self._fail("connect: %r" % (e,))
+            c = self.client
+            if self.tls and (self.ctx is None or c is not None and c.hs):
+                w = _why(e)
+                self.stats["tls_err"] += 1
+                self.stats["tls_why"] = w
+                self._fail("tls: " + w)
+            else:
+                self._fail("connect: %r" % (e,))
 
     def poll(self):
         """Read what arrived (acks, commands) without the connect logic."""
@@ -87,6 +105,14 @@ class Uplink:
                 self._drop("session: %r" % (e,))
 
     def _connect(self):
+        t = self.tls
+        if t and self.ctx is None:
+            import ssl
+            from binascii import a2b_base64
+            x = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            x.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]  # missing in the 1.28 stubs
+            x.load_verify_locations(cadata=a2b_base64(t["ca"]))
+            self.ctx = x
         if self.addr is None:
             try:
                 self.addr = self.net.resolve(self.host, self.port)
@@ -98,7 +124,8 @@ class Uplink:
         # communities on a broker that does not (boards without an account
         # keep their device id)
         c = BoardMQTT(self.user or self.link.device, self.addr, self.user, self.password,
-                      keepalive=self.keepalive_ms // 1000, timeout_s=self.cfg["sock_timeout_s"])
+                      keepalive=self.keepalive_ms // 1000, timeout_s=self.cfg["sock_timeout_s"],
+                      tls=self.ctx, name=t and t["name"])
         c.set_callback(self._on_msg)
         c.set_last_will(self.link.t_status, bytes(self.will()), retain=True, qos=1)
         self.client = c
@@ -193,3 +220,23 @@ class Uplink:
             except Exception:  # noqa: BLE001
                 pass
         self._close()
+
+
+# A refused handshake's reason, short enough for the status, from words in
+# the exception's text (mbedTLS's verification result as MicroPython words
+# it, or the socket's or mbedTLS's error, named or described); else the
+# text's end, where the error's name is. One string, split only when a
+# handshake failed: a table of tuples would cost the board's heap 0.4 KB.
+_WHY = ("expired:cert expired,future:cert not yet valid,CN:wrong name,CA:wrong CA,"
+        "TIMEDOUT:timeout,RESET:closed (not TLS?),EOF:closed (not TLS?),ECORD:not TLS,ecord:not TLS")
+
+
+def _why(e):
+    m = str(e)
+    for p in _WHY.split(","):
+        k, r = p.split(":")
+        if k in m:
+            return r
+    if m.endswith("')"):
+        m = m[:-2]      # OSError(code, 'text'): the text
+    return m[-24:]
