@@ -301,6 +301,10 @@ class Commissioning(CheckSteps):
         self.st["community"] = self.creds["community"]
         self.op.say(f"  registered with the gateway: member {self.creds['member']}, broker account "
                     f"{self.creds['broker_user']}")
+        tls = self.creds.get("broker_tls")
+        self.op.say(f"  the board talks to the broker over TLS (port {tls['port']}, certificate checked for "
+                    f"{tls['name']})" if tls else
+                    "  the board talks to the broker in plain text: the gateway has no TLS listener for boards")
 
     def _config(self) -> dict[str, Any]:
         sh = self.st["sheet"]
@@ -317,6 +321,12 @@ class Commissioning(CheckSteps):
                          for x in sh["ct"]},
             "relays": [{"failsafe": 0, "load": ""} for _ in range(max([r["index"] for r in sh.get("relay", [])] or [-1]) + 1)],
         }
+        tls = c.get("broker_tls")
+        if tls:
+            # the gateway's TLS listener: the board checks the broker's
+            # certificate against the community CA, for this name
+            cfg["broker"]["port"] = tls["port"]
+            cfg["broker"]["tls"] = {"ca": tls["ca"], "name": tls["name"]}
         for r in sh.get("relay", []):
             cfg["relays"][r["index"]] = {"failsafe": int(r.get("failsafe", 0)), "load": r["load"]}
         if sh.get("inverter"):

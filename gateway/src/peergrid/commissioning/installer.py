@@ -19,7 +19,12 @@ whose fields are checked here (check_register, check_report), each fault a
 Endpoints (JSON):
   POST /installer/register   {member, device, board, channels, rotate?}
         -> {community, device, secret (hex), broker_user, broker_password,
-            broker_host, broker_port, member}
+            broker_host, broker_port, member, broker_tls}
+        broker_tls, when the gateway has a TLS listener for the boards
+        ([broker] tls_port): {port, ca: the community CA certificate as
+        base64 of its DER, name: the name the board checks in the broker's
+        certificate ([broker] names' first, else the broker_host given
+        to installers)}; otherwise null and the board talks plain text.
         creates the member (if new) and the device, writes the broker's
         password and ACL files and reloads the broker; with rotate (resuming
         a commissioning whose secret was not written) it issues new ones.
@@ -30,6 +35,7 @@ Endpoints (JSON):
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -142,6 +148,7 @@ class InstallerApi:
         conf = self.cfg.extra.get("installer", {})
         self.broker_host = conf.get("broker_host", self.cfg.broker_host)
         self.broker_port = int(conf.get("broker_port", self.cfg.broker_port))
+        self.broker_tls_port = int(conf.get("broker_tls_port", self.cfg.broker_tls_port))
         key = Path(conf.get("key_file", "gateway.key"))
         self.key_path = key if key.is_absolute() else self.cfg.db.parent / key
         self._one = threading.Lock()
@@ -201,8 +208,26 @@ class InstallerApi:
                 db.close()
             self._one.release()
 
+    def broker_tls(self) -> dict[str, Any] | None:
+        """What a board needs to reach the broker's TLS listener and check
+        its certificate, or None when the gateway has no TLS listener."""
+        if not self.cfg.broker_tls_port or self.cfg.ca_file is None:
+            return None
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from peergrid.community import pki
+
+        try:
+            der = pki.load_cert(self.cfg.ca_file).public_bytes(Encoding.DER)
+        except pki.PkiError as e:
+            raise ApiError(503, f"the broker's TLS listener has no community CA to give the board ({e}); "
+                                "the operator runs `peergrid init`") from None
+        name = self.cfg.broker_names[0] if self.cfg.broker_names else self.broker_host
+        return {"port": self.broker_tls_port, "ca": base64.b64encode(der).decode(), "name": name}
+
     def register(self, db: sqlite3.Connection, who: str, req: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg.community
+        tls = self.broker_tls()         # before anything is written: a gateway that cannot say it refuses
         r = reg.Registry(db)
         member = None
         for mid, name, left in r.members(c):
@@ -252,7 +277,7 @@ class InstallerApi:
         return {"community": c, "device": req["device"], "member": member, "new_member": new_member,
                 "member_has_key": r.member_key(c, member) == mkey if mkey else False, "secret": secret.hex(),
                 "broker_user": reg.broker_user(c, req["device"]), "broker_password": password,
-                "broker_host": self.broker_host, "broker_port": self.broker_port}
+                "broker_host": self.broker_host, "broker_port": self.broker_port, "broker_tls": tls}
 
     def device(self, db: sqlite3.Connection, device: str) -> dict[str, Any]:
         c = self.cfg.community

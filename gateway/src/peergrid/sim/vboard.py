@@ -37,19 +37,37 @@ def micropython() -> str:
 
 def firmware_path(mpy_dir: Path | None = None) -> str:
     """MICROPYPATH for the firmware: compiled .mpy files if given, else the
-    sources; umqtt from build/lib (make umqtt)."""
+    sources; then the interpreter's frozen modules (`ssl` is one, as on an
+    ESP32 image; MICROPYPATH replaces the default path, which has them);
+    umqtt from build/lib (make umqtt)."""
     lib = ROOT / "build" / "lib"
     if not (lib / "umqtt_pinned" / "simple.py").exists():
         raise RuntimeError("umqtt missing in build/lib: run `make umqtt`")
     first = str(mpy_dir) if mpy_dir else str(ROOT)
-    return ":".join([first, str(lib)])
+    return ":".join([first, ".frozen", str(lib)])
+
+
+def board_tls(ca_file: Path, name: str) -> dict[str, str]:
+    """A board config's broker.tls: the community CA (a PEM file) as base64
+    of its DER, and the name the broker's certificate must carry."""
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from peergrid.community import pki
+
+    return {"ca": base64.b64encode(pki.load_cert(ca_file).public_bytes(Encoding.DER)).decode(), "name": name}
 
 
 def default_config(community: str, device: str, secret: bytes, host: str, port: int,
-                   user: str | None, password: str | None, **over: Any) -> dict[str, Any]:
+                   user: str | None, password: str | None, tls: dict[str, str] | None = None,
+                   **over: Any) -> dict[str, Any]:
+    """tls: the broker.tls entry ({"ca", "name"}, see board_tls): the board
+    then speaks TLS to host:port and checks the broker's certificate."""
     cfg: dict[str, Any] = {
         "community": community, "device": device, "secret": secret.hex(),
-        "broker": {"host": host, "port": port, "user": user, "password": password},
+        "broker": {"host": host, "port": port, "user": user, "password": password,
+                   **({"tls": tls} if tls is not None else {})},
         "period_s": 10, "status_s": 600, "replay_per_s": 20,
         "backoff_s": [1, 4], "ack_timeout_s": 3, "sock_timeout_s": 2, "keepalive_s": 10,
         "frames": 400, "spool_kb": 1536,
@@ -306,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", type=float, default=1.0, help="board clock speed factor")
     p.add_argument("--heap", help="MicroPython heap size, e.g. 110K")
     p.add_argument("--inverter", action="store_true", help="a SunSpec inverter and battery on RS485")
+    p.add_argument("--ca", type=Path, help="TLS: the community CA (PEM) the broker's certificate must chain to")
+    p.add_argument("--name", help="TLS: the name the broker's certificate must carry (default: the broker's host)")
     a = p.parse_args(argv)
     host, _, port = a.broker.partition(":")
     folder = Path(a.dir)
@@ -317,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         extra: dict[str, Any] = {}
         if a.inverter:
             extra = {"inverter": {"unit": 1}, "battery": {"unit": 1, "max_w": 5000}}
-        cfg = default_config(a.community, a.device, secret, host, int(port or 1883), a.user, a.password, **extra)
+        tls = board_tls(a.ca, a.name or host) if a.ca else None
+        cfg = default_config(a.community, a.device, secret, host, int(port or (8883 if tls else 1883)), a.user,
+                             a.password, tls=tls, **extra)
     vb = VirtualBoard(folder, cfg, speed=a.speed, heap=a.heap)
     vb.start()
     print(f"virtual board {cfg['community']}/{cfg['device']} running in {folder} (Ctrl-C stops it)")
