@@ -13,6 +13,14 @@
 2. The virtual board (MicroPython unix port) against a real mosquitto with a
    broker outage: readings per hour, the spool's capacity in hours, and the
    replay rate once the broker is back.
+3. What TLS costs the board (MicroPython unix port, the firmware's BoardMQTT
+   with the SSLContext firmware/uplink.py makes) against mosquitto's TLS
+   listener with certificates from peergrid.community.pki, alternating with
+   plain connects to the same broker: the handshake's time (tls_handshake_ms,
+   the median), and the GC heap it takes (tls_heap_bytes: the context, held
+   for the board's life, plus what a TLS connect allocates beyond a plain
+   one, measured with the collector off). mbedTLS's own buffers are outside
+   the GC heap (README, "TLS from board to broker").
 
     python tests/bench/bench_board.py            # 24 simulated hours, 3 h outage
     python tests/bench/bench_board.py --quick    # 2 simulated hours, 30 min outage
@@ -32,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from harness import Broker, mpy_build  # noqa: E402
+from harness import Broker, free_port, mpy_build, wait_port  # noqa: E402
 from peergrid.sim.vboard import VirtualBoard, default_config  # noqa: E402
 from protocol import topics  # noqa: E402
 import footprint  # noqa: E402
@@ -70,10 +78,154 @@ def heap_figures(hours: float, outage_h: float, tmp: Path) -> dict:
     return out
 
 
+# Runs on the MicroPython unix port: n plain and n TLS connects, alternating,
+# each with one QoS 1 reading and its PUBACK; prints one JSON line.
+TLS_DRIVER = """
+import gc, json, socket, ssl, sys, time
+from binascii import a2b_base64
+from firmware.mqtt import BoardMQTT
+
+with open(sys.argv[1]) as f:
+    A = json.load(f)
+
+
+class Timed:
+    # the context as BoardMQTT uses it, the handshake timed
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.us = 0
+        self.cipher = None
+
+    def wrap_socket(self, sock, server_hostname=None):
+        t = time.ticks_us()
+        w = self.ctx.wrap_socket(sock, server_hostname=server_hostname)
+        self.us = time.ticks_diff(time.ticks_us(), t)
+        self.cipher = w.cipher()
+        return w
+
+
+addr = [socket.getaddrinfo(A["host"], p)[0][-1] for p in (A["port"], A["tls_port"])]
+der = a2b_base64(A["ca"])
+ctxs = []
+gc.collect()
+b0 = gc.mem_alloc()
+for i in range(4):
+    # as firmware/uplink.py makes it; four, kept, so that the collector's
+    # leftovers do not decide the figure
+    x = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    x.verify_mode = ssl.CERT_REQUIRED
+    x.load_verify_locations(cadata=der)
+    ctxs.append(x)
+gc.collect()
+out = {"ctx": (gc.mem_alloc() - b0) // 4, "runs": []}
+ctx = ctxs[0]
+frame = bytes(110)
+for i in range(2 * A["n"]):
+    tls = i % 2
+    tm = Timed(ctx) if tls else None
+    c = BoardMQTT(A["user"], addr[tls], A["user"], A["pw"], keepalive=30, timeout_s=5, tls=tm, name=A["name"])
+    gc.collect()
+    a0 = gc.mem_alloc()
+    gc.disable()
+    t0 = time.ticks_us()
+    c.connect()
+    t1 = time.ticks_us()
+    a1 = gc.mem_alloc()
+    gc.enable()
+    gc.collect()
+    a2 = gc.mem_alloc()
+    t2 = time.ticks_us()
+    pid = c.publish(A["topic"], frame, qos=1)
+    while pid not in c.acked:
+        c.poll()
+    t3 = time.ticks_us()
+    c.sock.close()
+    c = None
+    out["runs"].append([tls, time.ticks_diff(t1, t0), tm.us if tm else 0, a1 - a0, a2 - a0,
+                        time.ticks_diff(t3, t2)])
+    if tm:
+        out["cipher"] = tm.cipher
+print(json.dumps(out))
+"""
+
+
+def tls_figures(tmp: Path, mpy: Path, n: int) -> dict:
+    """Part 3: TLS against plain, the firmware's own MQTT client on the unix
+    port, mosquitto with the gateway's generated config (its TLS listener)."""
+    import base64
+    import shutil
+    import statistics
+    import subprocess
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from peergrid.community import pki
+    from peergrid.community.broker import TlsListener, mosquitto_conf
+    from peergrid.sim.vboard import firmware_path, micropython
+
+    d = tmp / "tls"
+    d.mkdir()
+    pki.make_ca(d / "ca.pem", d / "ca.key", "oak")
+    pki.make_server_cert(d / "broker.pem", d / "broker.key", d / "ca.pem", d / "ca.key", ["broker.oak"])
+    (d / "passwd").write_text("")
+    subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(d / "passwd"),
+                    "bench1", "bench-pw"], check=True, capture_output=True)
+    (d / "acl").write_text("user bench1\n" + "".join(f"topic {a} {t}\n" for t, a in topics.device_acl("oak", "bench1")))
+    port, tls_port = free_port(), free_port()
+    (d / "mosquitto.conf").write_text(mosquitto_conf(
+        port, d / "passwd", d / "acl", "127.0.0.1", persistence_dir=d,
+        extra=["log_dest none"] + (["user root"] if os.geteuid() == 0 else []),
+        tls=TlsListener(tls_port, d / "ca.pem", d / "broker.pem", d / "broker.key", "127.0.0.1")))
+    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(d / "mosquitto.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, broker)
+        wait_port(tls_port, broker)
+        ca = base64.b64encode(pki.load_cert(d / "ca.pem").public_bytes(Encoding.DER)).decode()
+        (d / "args.json").write_text(json.dumps({
+            "host": "127.0.0.1", "port": port, "tls_port": tls_port, "user": "bench1", "pw": "bench-pw",
+            "ca": ca, "name": "broker.oak", "n": n, "topic": topics.topic("oak", "bench1", topics.READING)}))
+        (d / "driver.py").write_text(TLS_DRIVER)
+        env = dict(os.environ, MICROPYPATH=firmware_path(mpy))
+        r = subprocess.run([micropython(), str(d / "driver.py"), str(d / "args.json")], env=env,
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise SystemExit(f"bench_board: the TLS driver failed: {r.stderr[-800:]}")
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    med = statistics.median
+    runs = got["runs"]
+    plain = [x for x in runs if not x[0]]
+    tls = [x for x in runs if x[0]]
+    handshake_alloc = int(med(x[3] for x in tls) - med(x[3] for x in plain))
+    fig = {
+        "runtime": "MicroPython unix port (64-bit), real mosquitto TLS listener (tls_version tlsv1.2, "
+                   "ECDSA P-256 certificates from peergrid.community.pki)",
+        "connects": n, "cipher": got.get("cipher"),
+        "tls_handshake_ms": round(med(x[2] for x in tls) / 1000, 1),
+        "connect_ms_plain": round(med(x[1] for x in plain) / 1000, 2),
+        "connect_ms_tls": round(med(x[1] for x in tls) / 1000, 1),
+        "publish_ack_ms_plain": round(med(x[5] for x in plain) / 1000, 2),
+        "publish_ack_ms_tls": round(med(x[5] for x in tls) / 1000, 2),
+        "tls_heap_context_bytes": got["ctx"],
+        "tls_heap_handshake_bytes": handshake_alloc,
+        "tls_heap_session_bytes": int(med(x[4] for x in tls) - med(x[4] for x in plain)),
+        "tls_heap_bytes": got["ctx"] + handshake_alloc,
+    }
+    print(f"TLS (unix port): handshake {fig['tls_handshake_ms']} ms ({fig['cipher']}), connect "
+          f"{fig['connect_ms_plain']} ms plain / {fig['connect_ms_tls']} ms TLS; GC heap: context "
+          f"{fig['tls_heap_context_bytes']} B, a connect's allocations +{handshake_alloc} B, held while connected "
+          f"+{fig['tls_heap_session_bytes']} B")
+    return fig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--store-and-forward-only", action="store_true", help="only part 2")
+    ap.add_argument("--store-and-forward-only", action="store_true", help="only part 2 (and 3)")
+    ap.add_argument("--tls-only", action="store_true", help="only part 3")
     ap.add_argument("--speed", type=float, default=400.0)
     a = ap.parse_args()
     hours = 2.0 if a.quick else 24.0
@@ -81,8 +233,13 @@ def main() -> None:
     speed = a.speed
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        boards = {} if a.store_and_forward_only else heap_figures(hours, outage_h, tmp)
+        boards = {} if a.store_and_forward_only or a.tls_only else heap_figures(hours, outage_h, tmp)
         mpy = mpy_build(tmp / "mpy")
+        tls = tls_figures(tmp, mpy, 5 if a.quick else 20)
+        if a.tls_only:
+            print(json.dumps({"bench": "board", "quick": a.quick, "tls_handshake_ms": tls["tls_handshake_ms"],
+                              "tls_heap_bytes": tls["tls_heap_bytes"], "tls": tls}))
+            return
         (tmp / "mq").mkdir()
         broker = Broker(tmp / "mq")
         secret = os.urandom(32)
@@ -136,7 +293,8 @@ def main() -> None:
             }
             result = {"bench": "board", "quick": a.quick, "runtime": "32-bit MicroPython v1.28 (WebAssembly port)",
                       "simulated_hours": hours, "outage_hours": outage_h, "boards": boards,
-                      "store_and_forward": unix}
+                      "store_and_forward": unix, "tls_handshake_ms": tls["tls_handshake_ms"],
+                      "tls_heap_bytes": tls["tls_heap_bytes"], "tls": tls}
         finally:
             vb.close()
             broker.stop()

@@ -10,6 +10,10 @@ Measures:
     readings accepted and committed per second (first to last commit)
   * latency at 2,000 readings/s: publish to the commit of its batch, p50/p99
   * replay burst: 100 boards x 360 buffered readings, none rejected or lost
+  * TLS: the same readings once through the broker's plain listener and
+    once through a TLS listener like the boards' (certificates from
+    peergrid.community.pki, each generator one TLS session), one after the
+    other in the same run: both rates and their ratio
   * gateway CPU seconds per 1,000 readings, peak RSS (VmHWM)
 
     python tests/bench/bench_ingest.py            # 10,000 devices, 100,000 readings sustained
@@ -58,11 +62,32 @@ def seal(devs: list[tuple[str, bytes]], per_dev: int, seq0: int, buffered: bool 
 _links: dict[str, DeviceLink] = {}
 
 
-def _connect_raw(port: int, client_id: str, user: str, password: str):
+class TlsBroker(Broker):
+    """harness.Broker with a TLS listener beside the plain one: the same
+    accounts and ACL, the broker's certificate from the community CA, TLS 1.2
+    or later (what peergrid.community.broker gives the boards)."""
+
+    def __init__(self, workdir: Path, tls_port: int, ca: Path, cert: Path, key: Path) -> None:
+        self.tls_lines = [f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+                          "tls_version tlsv1.2"]
+        super().__init__(workdir)
+
+    def start(self) -> None:
+        conf = self.dir / "mosquitto.conf"
+        text = conf.read_text()
+        if self.tls_lines[0] not in text:
+            conf.write_text(text + "\n".join(self.tls_lines) + "\n")
+        super().start()
+
+
+def _connect_raw(port: int, client_id: str, user: str, password: str, tls: tuple[str, str] | None = None):
     """A minimal MQTT 3.1.1 publisher on a plain socket: CONNECT, then
     pre-encoded QoS 1 PUBLISH packets written in large chunks, PUBACKs
     read in bulk by a thread. Much cheaper per message than paho, so the
-    load generator leaves the CPU to the gateway it measures."""
+    load generator leaves the CPU to the gateway it measures. With `tls`
+    (CA file, server name) the socket speaks TLS, the broker's certificate
+    checked; its PUBACKs are then read between writes (_drain), since one
+    TLS connection must not be read and written by two threads at once."""
     import socket
     import struct
     import threading
@@ -72,6 +97,11 @@ def _connect_raw(port: int, client_id: str, user: str, password: str):
 
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=tls[0])
+        s = ctx.wrap_socket(s, server_hostname=tls[1])
     vh = s16(b"MQTT") + bytes((4, 0xC2)) + struct.pack("!H", 60)
     body = vh + s16(client_id.encode()) + s16(user.encode()) + s16(password.encode())
     s.sendall(bytes((0x10,)) + _varint(len(body)) + body)
@@ -79,6 +109,9 @@ def _connect_raw(port: int, client_id: str, user: str, password: str):
     if len(ack) != 4 or ack[0] != 0x20 or ack[3] != 0:
         raise SystemExit(f"loadgen: CONNECT refused {ack!r}")
     acked = [0]
+    if tls is not None:
+        acked.append(0)                    # bytes of PUBACKs read so far
+        return s, acked
 
     def reader() -> None:
         buf = b""
@@ -93,6 +126,26 @@ def _connect_raw(port: int, client_id: str, user: str, password: str):
 
     threading.Thread(target=reader, daemon=True).start()
     return s, acked
+
+
+def _drain(s, acked: list[int], wait: float) -> None:
+    """Count the PUBACKs (4 bytes each) waiting on a TLS socket, waiting up
+    to `wait` seconds for the first."""
+    import ssl
+
+    s.settimeout(wait)
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return
+            acked[1] += len(d)
+            acked[0] = acked[1] // 4
+            s.settimeout(0)
+    except (ssl.SSLWantReadError, BlockingIOError, TimeoutError):
+        pass
+    finally:
+        s.settimeout(None)
 
 
 def _varint(n: int) -> bytes:
@@ -114,8 +167,8 @@ def _publish_packet(topic: str, frame: bytes, pid: int) -> bytes:
 
 
 def generator(port: int, frames: list[tuple[str, bytes, str, int]], rate: float, out_file: str | None,
-              start_at: float) -> None:
-    s, acked = _connect_raw(port, f"loadgen-{os.getpid()}", "loadgen", "loadgen-pass")
+              start_at: float, tls: tuple[str, str] | None = None) -> None:
+    s, acked = _connect_raw(port, f"loadgen-{os.getpid()}", "loadgen", "loadgen-pass", tls)
     packets = [_publish_packet(t, f, i % 65535 + 1) for i, (t, f, _, _) in enumerate(frames)]
     while time.time() < start_at:
         time.sleep(0.001)
@@ -139,27 +192,37 @@ def generator(port: int, frames: list[tuple[str, bytes, str, int]], rate: float,
                 s.sendall(b"".join(chunk))
                 sent += len(chunk)
                 chunk, size = [], 0
+                if tls is not None:
+                    _drain(s, acked, 0)
                 while sent - acked[0] > 20000:     # keep at most 20,000 unacknowledged
-                    time.sleep(0.001)
+                    if tls is not None:
+                        _drain(s, acked, 0.01)
+                    else:
+                        time.sleep(0.001)
         if chunk:
             s.sendall(b"".join(chunk))
     deadline = time.time() + 120
     while acked[0] < len(packets) and time.time() < deadline:
-        time.sleep(0.01)
+        if tls is not None:
+            _drain(s, acked, 0.01)
+        else:
+            time.sleep(0.01)
     s.sendall(b"\xe0\x00")
     s.close()
     if out_file:
         Path(out_file).write_text(json.dumps(log))
 
 
-def run_load(port: int, chunks: list[list], rate_total: float, tmp: Path, tag: str) -> list[tuple[str, int, float]]:
+def run_load(port: int, chunks: list[list], rate_total: float, tmp: Path, tag: str,
+             tls: tuple[str, str] | None = None) -> list[tuple[str, int, float]]:
     start_at = time.time() + 0.5
     procs = []
     files = []
     for i, ch in enumerate(chunks):
         f = str(tmp / f"{tag}-{i}.json")
         files.append(f)
-        p = mp.Process(target=generator, args=(port, ch, rate_total / len(chunks) if rate_total else 0, f, start_at))
+        p = mp.Process(target=generator, args=(port, ch, rate_total / len(chunks) if rate_total else 0, f, start_at,
+                                               tls))
         p.start()
         procs.append(p)
     for p in procs:
@@ -226,7 +289,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "mq").mkdir()
-        broker = Broker(tmp / "mq")
+        from peergrid.community import pki
+
+        pki.make_ca(tmp / "ca.pem", tmp / "ca.key", C)
+        pki.make_server_cert(tmp / "broker.pem", tmp / "broker.key", tmp / "ca.pem", tmp / "ca.key", ["broker.bench"])
+        tls_port = free_port()
+        tls = (str(tmp / "ca.pem"), "broker.bench")
+        broker = TlsBroker(tmp / "mq", tls_port, tmp / "ca.pem", tmp / "broker.pem", tmp / "broker.key")
         broker.add_user("gateway", "gw-pass", [(f"pg/{C}/#", "readwrite"), (f"pgw/{C}/#", "readwrite")])
         broker.add_user("loadgen", "loadgen-pass", [(f"pg/{C}/+/reading", "write")])
         broker.apply()
@@ -289,6 +358,25 @@ def main() -> None:
             run_load(broker.port, [burst[i::n_gen] for i in range(n_gen)], 0, tmp, "burst")
             wait_stored(db, base + len(burst), 300)
             burst_s = time.time() - tb
+            # 4. the same load through the plain listener and through the TLS one, one after the other
+            # (the boards of the burst sit hundreds of readings ahead: their registers would jump)
+            n_pair = 1 if a.quick else 3
+            seq0 = per_dev + 2
+            pair: dict[str, float] = {}
+            pair_total = 0
+            for mode, s0 in (("plain", seq0), ("tls", seq0 + n_pair)):
+                fr = seal(devs[burst_boards:], n_pair, s0)
+                pair_total += len(fr)
+                with sqlite3.connect(str(db), timeout=30) as c:
+                    c.execute("DELETE FROM batches")
+                base = stored_count(db)
+                tp = time.time()
+                run_load(tls_port if mode == "tls" else broker.port, [fr[i::n_gen] for i in range(n_gen)], 0, tmp,
+                         "pair-" + mode, tls if mode == "tls" else None)
+                wait_stored(db, base + len(fr), 300)
+                with sqlite3.connect(str(db), timeout=30) as c:
+                    tmax = c.execute("SELECT MAX(t_done) FROM batches").fetchone()[0]
+                pair[mode] = len(fr) / max(tmax - tp - 0.5, 1e-6)
             with sqlite3.connect(str(db), timeout=30) as c:
                 rejected = c.execute("SELECT COALESCE(SUM(n), 0) FROM counters WHERE what LIKE 'reject:%'").fetchone()[0]
                 total = c.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
@@ -306,7 +394,9 @@ def main() -> None:
             "rate_for_latency": 2000, "latency_readings": len(lats),
             "p50_ms": round(pct(lats, 50), 1), "p99_ms": round(pct(lats, 99), 1),
             "burst_readings": len(burst), "burst_s": round(burst_s, 1), "rejected": rejected,
-            "stored_total": total, "expected_total": len(frames) + len(lat_frames) + len(burst),
+            "stored_total": total, "expected_total": len(frames) + len(lat_frames) + len(burst) + pair_total,
+            "tls_readings": pair_total // 2, "plain_readings_per_s_paired": round(pair["plain"]),
+            "tls_readings_per_s": round(pair["tls"]), "tls_ratio": round(pair["tls"] / pair["plain"], 3),
             "cpu_s_per_1000": round(cpu_per_1000, 3), "peak_rss_mb": round(rss, 1), "generators": n_gen,
         }
         print(json.dumps(result))
