@@ -34,9 +34,10 @@ SECRETS = ("peergrid.toml", "ca.key", "broker.key", "ledger.key", "gateway.key",
 KEPT = ("peergrid.toml", "ca.key", "ca.pem", "ledger.key", "gateway.key", "broker.key", "broker.pem")
 
 
-def _init(d: Path, *extra: str, ports: tuple[int, int, int] | None = None) -> tuple[int, str, str]:
+def _init(d: Path, *extra: str, ports: tuple[int, int, int] | None = None,
+          names: tuple[str, str] = ("127.0.0.1", "localhost")) -> tuple[int, str, str]:
     p, t, h = ports or (free_port(), free_port(), free_port())
-    args = [str(d), "--community", C, "--address", "127.0.0.1", "--name", "localhost", "--retail", "3187",
+    args = [str(d), "--community", C, "--address", names[0], "--name", names[1], "--retail", "3187",
             "--feed-in", "812", "--interval-min", "1", "--port", str(p), "--tls-port", str(t),
             "--http-port", str(h), "--user", _me(), "-y", *extra]
     r = subprocess.run([sys.executable, "-m", "peergrid.cli", "init", *args], capture_output=True, text=True,
@@ -279,3 +280,80 @@ def test_the_installer_api_is_https_with_the_routers_certificate(community, tmp_
         gw.call("GET", "/installer/device/nobody")
     refused = [ln for ln in c.metrics().splitlines() if "http_tls_refused" in ln and not ln.startswith("#")]
     assert refused and float(refused[0].split()[-1]) >= 2, refused       # the plain request and the wrong CA
+
+
+@pytest.mark.broker
+def test_from_init_to_a_settled_reading_from_the_real_firmware_over_tls(tmp_path) -> None:
+    # the README's "Run a community" end to end: init, the generated broker
+    # and gateway, a house registered through the installer API, and the real
+    # firmware on MicroPython publishing over TLS with the community CA it
+    # was given; its readings are stored and its interval settled
+    import sqlite3
+
+    from peergrid.market import ledger
+    from peergrid.sim.vboard import VirtualBoard, default_config
+
+    d = tmp_path / "community"
+    rc, _, err = _init(d, "--interval-min", "1", "--grace-s", "3", names=("localhost", "127.0.0.1"))
+    assert rc == 0, err
+    c = Community(d)
+    c.start()
+    vb = None
+    try:
+        token = c.cli("installer-token", "electrician", "--days", "1").split("(shown only now):")[1].split()[0]
+        req = urllib.request.Request(
+            f"https://localhost:{c.cfg.http_port}/installer/register", method="POST",
+            data=json.dumps({"member": "Miller", "device": "house-1", "board": "sim",
+                             "channels": [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 32},
+                                          {"role": "load", "rating_a": 50}, {"role": "ev", "rating_a": 50}]}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10, context=c.https()) as r:
+            creds = json.loads(r.read())
+        tls = creds["broker_tls"]
+        assert tls["port"] == c.cfg.broker_tls_port and tls["name"] == "localhost"
+        cfg = default_config(C, "house-1", bytes.fromhex(creds["secret"]), "127.0.0.1", tls["port"],
+                             creds["broker_user"], creds["broker_password"],
+                             tls={"ca": tls["ca"], "name": tls["name"]}, period_s=5)
+        cfg["sim"]["start"] = int(time.time())           # the board's clock: now, as NTP would set it
+        vb = VirtualBoard(tmp_path / "board", cfg, speed=1)
+        vb.start()
+        db = sqlite3.connect(str(d / "gateway.db"), timeout=10)
+        deadline = time.monotonic() + 40
+        first = None
+        while first is None and time.monotonic() < deadline:
+            first = db.execute("SELECT MIN(t) FROM readings WHERE device='house-1'").fetchone()[0]
+            time.sleep(0.5)
+        assert first is not None, "no reading from the board stored: " + (d / "mosquitto.log").read_text()[-800:]
+        # the first whole minute after the first reading is the board's first
+        # interval with both ends measured; it is settled once it ended, the
+        # 3 s grace passed and the settler came round
+        start = (int(first) // 60 + 1) * 60
+        deadline = time.monotonic() + max(0, start + 60 - time.time()) + 40
+        settled = None
+        while settled is None and time.monotonic() < deadline:
+            settled = db.execute("SELECT ledger_n FROM settled WHERE community=? AND start=?", (C, start)).fetchone()
+            time.sleep(1)
+        assert settled is not None, "the board's first whole interval was not settled"
+        raw = subprocess.run([sys.executable, "-m", "peergrid.cli", "-c", str(d / "peergrid.toml"), "ledger",
+                              "export"], capture_output=True, timeout=60).stdout
+        entries = {e.n: e for e in ledger.verify(raw)}
+        body = entries[settled[0]].body
+        flows = dict(zip(body["flows"][0::3], zip(body["flows"][1::3], body["flows"][2::3])))
+        assert body["start"] == start and creds["member"] in flows, body
+
+        # the member's settled energy is what its board measured in that
+        # minute: between the register steps of the readings inside it and
+        # those of the readings around it (the boundaries are interpolated)
+        def regs(where: str, order: str) -> tuple[int, int]:
+            return db.execute(f"SELECT grid_imp_wh, grid_exp_wh FROM readings WHERE device='house-1' AND {where}"
+                              f" ORDER BY t {order} LIMIT 1", (start, start + 60)).fetchone()
+        inner = [regs("t >= ? AND t <= ?", o) for o in ("ASC", "DESC")]
+        outer = [regs("t <= ? AND t >= ? - 120", "DESC"), regs("t >= ? + 60 AND t >= ?", "ASC")]
+        for k in (0, 1):
+            lo, hi = inner[1][k] - inner[0][k], outer[1][k] - outer[0][k]
+            assert lo <= flows[creds["member"]][k] <= hi, (k, flows, inner, outer)
+        assert sum(flows[creds["member"]]) > 0, "the board measured nothing"
+    finally:
+        if vb is not None:
+            vb.stop()
+        c.stop()
