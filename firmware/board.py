@@ -60,7 +60,12 @@ class Board:
             if "gain" not in k:
                 self.uncalibrated = True
         self.adc_cal = None             # where the ADC's linearisation came from
-        lut = self._adc_lut(fsroot)
+        lut = None
+        if (board.get("frontend") or {}).get("type", "adc") == "adc":
+            from firmware import adccal     # boot only: firmware/main.py unloads it
+            lut, self.adc_cal = adccal.lut(hal, fsroot)
+            if lut is None:
+                self.uncalibrated = True
         self.fe = AdcFrontEnd.open_frontend(hal, board, cal=cal, frames=cfg["frames"], lut=lut)
         lut = None
         self.store = RegisterStore(hal.flash("energy", 16 * 4096), nch, max_w=23000,
@@ -129,57 +134,6 @@ class Board:
         self.spool_failure = None       # the last exception a spool write raised
         self.clip = 0                   # the last reading's clipped and faulty CTs (bit masks)
         self.ctf = 0
-
-    def _adc_lut(self, fsroot):
-        """The converter's per-chip linearisation table: from calibration
-        points cached in flash (adc_cal.bin), else measured now from the
-        chip's eFuse calibration (hal.adc_calibration(): read_uv against the
-        raw code while the mains wave sweeps the voltage input) and cached.
-        None (an ideal converter, the reading flagged uncalibrated) when
-        neither is possible, e.g. no mains at the first boot: the next boot
-        tries again."""
-        if (self.board.get("frontend") or {}).get("type", "adc") != "adc":
-            return None
-        from array import array
-        path = fsroot.rstrip("/") + "/adc_cal.bin"
-        pts = None
-        try:
-            with open(path, "rb") as f:
-                raw = array("i", f.read())
-            if len(raw) >= 4 and not len(raw) % 2:
-                pts = [(raw[i], raw[i + 1]) for i in range(0, len(raw), 2)]
-                for i in range(1, len(pts)):
-                    # a damaged cache: codes and voltages must both rise
-                    if not (0 <= pts[i - 1][0] < pts[i][0] <= 4095 and pts[i - 1][1] <= pts[i][1]):
-                        pts = None
-                        break
-                if pts:
-                    self.adc_cal = "flash"
-        except (OSError, ValueError):
-            pts = None
-        if pts is None:
-            try:
-                pts = self.hal.adc_calibration()
-            except (ValueError, OSError):
-                pts = None
-            if pts:
-                self.adc_cal = "efuse"
-                try:
-                    raw = array("i", bytes(8 * len(pts)))
-                    for i in range(len(pts)):
-                        raw[2 * i] = pts[i][0]
-                        raw[2 * i + 1] = pts[i][1]
-                    with open(path + ".new", "wb") as f:
-                        f.write(raw)
-                    import os
-                    os.rename(path + ".new", path)
-                except OSError:
-                    pass        # used now, measured again at the next boot
-        if not pts:
-            self.uncalibrated = True
-            return None
-        from firmware.metering import lut_from_points
-        return lut_from_points(pts)
 
     # -- messages ---------------------------------------------------------
 

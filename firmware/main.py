@@ -137,6 +137,7 @@ def main(root=""):
     b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
     del fconfig
     unload("firmware.config")      # 3.2 KB of code the board at work never calls
+    unload("firmware.adccal")      # the ADC's linearisation, read once at boot
 
     def console():
         from firmware.console import Console, Ops

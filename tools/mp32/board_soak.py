@@ -52,7 +52,7 @@ def _modules():
     if (board.get("frontend") or {}).get("type") == "atm90e32":
         mods.append("firmware.atm90e32")
     else:
-        mods += ["firmware.dsp", "firmware.metering"]
+        mods += ["firmware.dsp", "firmware.metering", "firmware.adccal"]
     mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.commands",
              "firmware.board", "firmware.main", "firmware.hal_esp32"]
     if cfg.get("inverter") or cfg.get("battery"):
@@ -177,6 +177,7 @@ def _start():
     # as firmware/main.py does once the board is built
     from firmware.main import unload
     unload("firmware.config")
+    unload("firmware.adccal")
 
 
 def _run():
