@@ -82,6 +82,11 @@ def parse(text):
         if not isinstance(n, str) or not 0 < len(n) <= 253 or " " in n or len(der) < 100 or der[0] != 0x30:
             raise ConfigError("config: broker.tls needs ca (base64 DER, at most 2 KB) and name")
     b.setdefault("port", 8883 if t else 1883)
+    ntp = cfg.get("ntp")
+    if ntp is not None and (not isinstance(ntp, str) or not 0 < len(ntp) <= 253 or " " in ntp):
+        # the router's NTP server: a board checks certificates' dates, so its
+        # clock must come from somewhere even without the Internet
+        raise ConfigError("config: ntp must be a host name or address")
     if not isinstance(cfg["period_s"], int) or not 1 <= cfg["period_s"] <= 3600:
         raise ConfigError("config: period_s must be 1..3600")
     # timers on the board's tick clock must stay below 2^29 ms (6.2 days):

@@ -7,6 +7,8 @@
 
 
 class Net:
+    ntp = None      # the NTP server (config "ntp", the router); None: ntptime's default
+
     def start(self):
         pass
 
@@ -52,7 +54,7 @@ class WifiNet(Net):  # pragma: no cover - needs an ESP32
         return self.wlan.isconnected()
 
     def sync_time(self, hal):
-        return _ntp(hal)
+        return _ntp(hal, self.ntp)
 
 
 class LanNet(Net):
@@ -76,7 +78,7 @@ class LanNet(Net):
         return self.lan.isconnected()
 
     def sync_time(self, hal):
-        return _ntp(hal)
+        return _ntp(hal, self.ntp)
 
 
 def lan_args(netdef, machine, network):
@@ -106,10 +108,12 @@ def lan_args(netdef, machine, network):
     return kw
 
 
-def _ntp(hal):
+def _ntp(hal, host=None):
     try:
         import ntptime
         ntptime.timeout = 2
+        if host:
+            ntptime.host = host
         ntptime.settime()
     except Exception:   # noqa: BLE001 - no answer: stay unsynced, try later
         return False
@@ -122,7 +126,10 @@ def open_net(board, cfg, unix_now=None):
     kind = board.get("network", {}).get("type", "host")
     if kind == "wifi":
         n = cfg.get("net", {})
-        return WifiNet(n.get("ssid", ""), n.get("password", ""))
-    if kind == "ethernet":
-        return LanNet(board["network"])
-    return HostNet(unix_now)
+        net = WifiNet(n.get("ssid", ""), n.get("password", ""))
+    elif kind == "ethernet":
+        net = LanNet(board["network"])
+    else:
+        return HostNet(unix_now)
+    net.ntp = cfg.get("ntp")
+    return net

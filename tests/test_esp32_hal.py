@@ -355,6 +355,35 @@ def test_no_ntp_answer_stays_unsynced(esp, monkeypatch):
     assert _ntp(hal) is False and hal.time()[1] is False
 
 
+def test_the_board_asks_the_routers_ntp_server_it_was_given(esp, monkeypatch):
+    # a community without the Internet: the board's clock (and so its TLS
+    # date checks) comes from the router named at commissioning
+    from firmware import config as fconfig
+
+    hal = hal_esp32.Esp32Hal(board_def("devkitc-3ct"), wdt_ms=0)
+    asked = []
+    fake = types.SimpleNamespace(timeout=1, host="pool.ntp.org",
+                                 settime=lambda: asked.append(fake.host) or fmachine.RTC().datetime(
+                                     (2031, 1, 2, 3, 4, 5, 6, 0)))
+    monkeypatch.setitem(sys.modules, "ntptime", fake)
+    net = open_net(board_def("devkitc-3ct"), {"net": {"ssid": "x", "password": "y"}, "ntp": "192.168.1.2"})
+    assert net.ntp == "192.168.1.2" and net.sync_time(hal) is True and asked == ["192.168.1.2"]
+    fake.host = "pool.ntp.org"          # (a fresh boot)
+    net = open_net(board_def("devkitc-3ct"), {"net": {"ssid": "x", "password": "y"}})
+    assert net.ntp is None and net.sync_time(hal) is True and asked[-1] == "pool.ntp.org"   # ntptime's own
+    for bad in ("", "a b", 7, "x" * 254):
+        with pytest.raises(fconfig.ConfigError, match="ntp"):
+            fconfig.parse(json.dumps(_good_config(ntp=bad)))
+    assert fconfig.parse(json.dumps(_good_config(ntp="gw.oak.lan")))[0]["ntp"] == "gw.oak.lan"
+
+
+def _good_config(**over):
+    cfg = {"community": "oak", "device": "d1", "secret": "11" * 32,
+           "broker": {"host": "192.168.1.2", "user": "oak.d1", "password": "pw"}}
+    cfg.update(over)
+    return cfg
+
+
 # -- UTF-8 on both interpreters ----------------------------------------------
 
 BAD_TEXT = ["c0af", "e080af", "f08080af", "eda080", "edbfbf", "f4908080", "f5808080", "c3", "e282",

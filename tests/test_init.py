@@ -310,7 +310,7 @@ def test_from_init_to_a_settled_reading_from_the_real_firmware_over_tls(tmp_path
         with urllib.request.urlopen(req, timeout=10, context=c.https()) as r:
             creds = json.loads(r.read())
         tls = creds["broker_tls"]
-        assert tls["port"] == c.cfg.broker_tls_port and tls["name"] == "localhost"
+        assert tls["port"] == c.cfg.broker_tls_port and tls["name"] == "localhost" and creds["ntp"] == "localhost"
         cfg = default_config(C, "house-1", bytes.fromhex(creds["secret"]), "127.0.0.1", tls["port"],
                              creds["broker_user"], creds["broker_password"],
                              tls={"ca": tls["ca"], "name": tls["name"]}, period_s=5)

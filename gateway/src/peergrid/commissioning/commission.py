@@ -327,6 +327,8 @@ class Commissioning(CheckSteps):
             # certificate against the community CA, for this name
             cfg["broker"]["port"] = tls["port"]
             cfg["broker"]["tls"] = {"ca": tls["ca"], "name": tls["name"]}
+        if c.get("ntp"):
+            cfg["ntp"] = c["ntp"]       # the router's NTP server: the board's clock without the Internet
         for r in sh.get("relay", []):
             cfg["relays"][r["index"]] = {"failsafe": int(r.get("failsafe", 0)), "load": r["load"]}
         if sh.get("inverter"):

@@ -19,7 +19,7 @@ whose fields are checked here (check_register, check_report), each fault a
 Endpoints (JSON):
   POST /installer/register   {member, device, board, channels, rotate?}
         -> {community, device, secret (hex), broker_user, broker_password,
-            broker_host, broker_port, member, broker_tls}
+            broker_host, broker_port, member, broker_tls, ntp}
         broker_tls, when the gateway has a TLS listener for the boards
         ([broker] tls_port): {port, ca: the community CA certificate as
         base64 of its DER, name: the name the board checks in the broker's
@@ -149,6 +149,10 @@ class InstallerApi:
         self.broker_host = conf.get("broker_host", self.cfg.broker_host)
         self.broker_port = int(conf.get("broker_port", self.cfg.broker_port))
         self.broker_tls_port = int(conf.get("broker_tls_port", self.cfg.broker_tls_port))
+        # the router's NTP server for the boards ([installer] ntp_host): a
+        # board checks the broker certificate's dates, so it needs a clock
+        # even where the Internet (ntptime's default pool) is out of reach
+        self.ntp_host = conf.get("ntp_host") or None
         key = Path(conf.get("key_file", "gateway.key"))
         self.key_path = key if key.is_absolute() else self.cfg.db.parent / key
         self._one = threading.Lock()
@@ -277,7 +281,8 @@ class InstallerApi:
         return {"community": c, "device": req["device"], "member": member, "new_member": new_member,
                 "member_has_key": r.member_key(c, member) == mkey if mkey else False, "secret": secret.hex(),
                 "broker_user": reg.broker_user(c, req["device"]), "broker_password": password,
-                "broker_host": self.broker_host, "broker_port": self.broker_port, "broker_tls": tls}
+                "broker_host": self.broker_host, "broker_port": self.broker_port, "broker_tls": tls,
+                "ntp": self.ntp_host}
 
     def device(self, db: sqlite3.Connection, device: str) -> dict[str, Any]:
         c = self.cfg.community

@@ -121,6 +121,7 @@ key_file = "ledger.key"
 [installer]                        # what commissioning gives the boards
 broker_host = {_q(names[0])}
 broker_port = {a.tls_port}
+ntp_host = {_q(names[0])}          # boards set their clocks here (run an NTP server on the router: chrony)
 key_file = "gateway.key"
 """
 
