@@ -232,6 +232,8 @@ def test_a_good_house_passes_with_a_signed_report(site) -> None:
     assert db.execute("SELECT device FROM commission_reports").fetchall() == [("oak3",)]
     assert db.execute("SELECT name FROM members").fetchall() == [("Miller, Oak Lane 3",)]
     state = (site.tmp / "commission-oak3.json").read_text()
+    # the state keeps the site sheet, Wi-Fi password included: the file is the electrician's alone
+    assert "secret-wifi" in state and (site.tmp / "commission-oak3.json").stat().st_mode & 0o077 == 0
     secret = db.execute("SELECT secret FROM devices WHERE id='oak3'").fetchone()[0].hex()
     assert secret not in state and secret not in json.dumps(signed)
     # the member's voting key: public half in the registry and the report, private half only with the member

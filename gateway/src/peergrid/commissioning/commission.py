@@ -155,8 +155,13 @@ class Commissioning(CheckSteps):
     # -- bookkeeping ------------------------------------------------------------
 
     def save(self) -> None:
+        """The state file, whole or not at all, and private (0600): the site
+        sheet in it holds the house's Wi-Fi password."""
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.st, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.st, indent=1))
+        os.chmod(tmp, 0o600)            # (a .tmp left by an older version kept its mode)
         tmp.replace(self.state_path)
 
     def done(self, step: str) -> None:
