@@ -234,3 +234,37 @@ class MpyPeer:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(5)
+
+
+def wait_until(pred, timeout: float, what: str, log: Path | None = None, every: float = 0.05) -> None:
+    """Until pred() is true (a database still locked or being made counts as
+    not yet); on timeout an AssertionError naming `what` with the end of `log`."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if pred():
+                return
+        except sqlite3.OperationalError:
+            pass
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-1500:] if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out: {what}; log: {tail}")
+        time.sleep(every)
+
+
+def board_client(user: str, password: str, port: int, client_id: str | None = None):
+    """A connected paho client with a board's broker account (loop running)."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or user)
+    c.username_pw_set(user, password)
+    up = threading.Event()
+    c.on_connect = lambda *a: up.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    assert up.wait(10), "board could not connect"
+    return c

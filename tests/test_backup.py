@@ -29,10 +29,9 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port, stop_process, wait_port
+from harness import board_client, free_port, stop_process, wait_port, wait_until
 from peergrid.community import registry as reg
 from peergrid.community.broker import write_broker_files
 from peergrid.config import Config
@@ -56,13 +55,7 @@ class Board:
         self.link = DeviceLink(C, device, secret)
         self.seq, self.wh, self.t = 0, 10_000.0, None
         self.sent: list[int] = []
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=reg.broker_user(C, device))
-        self.c.username_pw_set(reg.broker_user(C, device), password)
-        up = threading.Event()
-        self.c.on_connect = lambda *a: up.set()
-        self.c.connect("127.0.0.1", port)
-        self.c.loop_start()
-        assert up.wait(10), "board could not connect"
+        self.c = board_client(reg.broker_user(C, device), password, port)
 
     def send(self, t: float, flags: int = 0) -> None:
         if self.t is not None:
@@ -101,16 +94,7 @@ def _seqs(db: Path) -> dict[str, set[int]]:
 
 
 def _wait(pred, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if pred():
-                return
-        except sqlite3.OperationalError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out: {what}; log: {log.read_text()[-1500:] if log.exists() else ''}")
-        time.sleep(0.1)
+    wait_until(pred, timeout, what, log, every=0.1)
 
 
 def _start(cfg: Path, log: Path) -> subprocess.Popen:

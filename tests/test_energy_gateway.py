@@ -22,15 +22,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port, wait_port
+from harness import board_client, free_port, wait_port
 from peergrid.market import ledger
 from peergrid.community import registry as reg
 from protocol import messages
@@ -54,13 +52,7 @@ class Board:
         self.watts = watts
         self.t0 = time.time()
         self.truth: list[tuple[float, float]] = []       # (t, import) of the accepted honest readings
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{C}.{device}")
-        self.c.username_pw_set(reg.broker_user(C, device), password)
-        up = threading.Event()
-        self.c.on_connect = lambda *a: up.set()
-        self.c.connect("127.0.0.1", port)
-        self.c.loop_start()
-        assert up.wait(10), "board could not connect"
+        self.c = board_client(reg.broker_user(C, device), password, port, client_id=f"{C}.{device}")
 
     def imp(self, t: float) -> int:
         return 10_000 + int(self.watts * (t - self.t0) / 3600)

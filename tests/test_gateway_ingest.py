@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port, wait_port
+from harness import free_port, wait_port, wait_until
 from peergrid.community import registry as reg
 from protocol import cbor, cose, topics
 from protocol.link import DeviceLink
@@ -109,16 +109,7 @@ class Rig:
             return {w: n for w, n in db.execute("SELECT what, SUM(n) FROM counters GROUP BY what")}
 
     def wait(self, pred, timeout: float = 15, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if pred():
-                    return
-            except sqlite3.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out: {what}; log: {(self.tmp / 'gw.log').read_text()[-1500:]}")
-            time.sleep(0.05)
+        wait_until(pred, timeout, what, self.tmp / "gw.log")
 
 
 class Board:
