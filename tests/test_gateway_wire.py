@@ -113,6 +113,26 @@ def test_gateway_frames_open_on_micropython(peer) -> None:
     assert dict((k, from_json(v)) for k, v in out["msg"])["online"] == 0
 
 
+
+def test_a_board_that_lies_in_its_tls_status_is_refused(monkeypatch) -> None:
+    # a member's own board, its firmware changed to skip the schema: the frame
+    # is authentic (its MAC is right) but claims what no board may say
+    dl = link.DeviceLink("oak", "d3f9a2", SECRET)
+    base = dict(boot=1, seq=2, t=3, fw="x", cfg=b"\x01", reset=0, heap=1, uptime=1, buffered=0, online=0,
+                board="sim")
+    ver = UplinkVerifier(lambda c, d: SECRET)
+    honest = ver.open(dl.t_status, bytes(dl.status(dict(base, tls=1, tls_err=3, tls_why="wrong CA"))))
+    assert (honest.fields["tls"], honest.fields["tls_err"], honest.fields["tls_why"]) == (1, 3, "wrong CA")
+    lies = [dict(tls=2), dict(tls_why="x" * 25), dict(tls_err=2**32), dict(tls="yes")]
+    with monkeypatch.context() as m:
+        m.setattr(messages, "_check", lambda typ, v, lo, hi, name: v)
+        frames = [bytes(dl.status(dict(base, **lie))) for lie in lies]
+    for lie, frame in zip(lies, frames):
+        with pytest.raises(ProtocolError) as ei:
+            ver.open(dl.t_status, frame)
+        assert ei.value.name() in ("range", "schema"), (lie, ei.value)
+
+
 # ---- property tests: random messages and random CBOR through both codecs and cbor2
 
 channels = st.lists(st.tuples(st.integers(-10_000_000, 10_000_000), st.integers(0, 2**48),
