@@ -19,6 +19,8 @@ class DeviceLink:
         self.t_status = topics.topic(community, device, topics.STATUS)
         self.t_ack = topics.topic(community, device, topics.ACK)
         self.t_cmd = topics.topic(community, device, topics.CMD)
+        self.t_fwget = topics.topic(community, device, topics.FWGET)
+        self.t_fw = topics.topic(community, device, topics.FW)
         self._aad_reading = self.t_reading.encode()
         self._aad_status = self.t_status.encode()
         self._aad_ack = self.t_ack.encode()
@@ -48,6 +50,10 @@ class DeviceLink:
 
     def ack(self, fields):
         return self._seal_fields(topics.ACK, fields, self._aad_ack)
+
+    def fwget(self, fields):
+        """A request for a piece of a release (docs/OTA.md 2)."""
+        return self._seal_fields(topics.FWGET, fields, self.t_fwget.encode())
 
     def verify_command(self, topic, frame):
         """Steps 1-2 of PROTOCOL.md 7.5: the topic is this board's command

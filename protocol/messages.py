@@ -6,8 +6,8 @@
 # encoding. Integers carry units stated in the schema below; there are no
 # floats on the wire.
 from protocol import cbor
-from protocol.errors import ProtocolError, E_SCHEMA, E_VERSION, E_NONCANONICAL, E_RANGE
-from protocol.topics import READING, STATUS, ACK, CMD
+from protocol.errors import ProtocolError, E_SCHEMA, E_VERSION, E_NONCANONICAL, E_RANGE, E_TOO_BIG
+from protocol.topics import READING, STATUS, ACK, CMD, FWGET
 
 try:
     from micropython import const
@@ -34,6 +34,17 @@ CLIP_VREF = const(0x1000)     # key 11: the voltage reference clipped (bits 0-11
 # command operations
 OP_RELAY = const(1)           # value 0 = open (off), 1 = closed (on)
 OP_BATTERY = const(2)         # value W, positive charges, negative discharges
+OP_UPDATE = const(3)          # value: the release sequence number to fetch and install (target 0)
+OP_CONFIRM = const(4)         # value: the release on trial that proved itself (target 0)
+
+# firmware updates (docs/OTA.md): status key 22 "ota"
+OTA_IDLE = const(0)           # no update under way
+OTA_FETCH = const(1)          # downloading release "ota_rel" ("ota_got" bytes so far)
+OTA_TRIAL = const(2)          # running release "rel" on trial, waiting for OP_CONFIRM
+OTA_CONFIRMED = const(3)      # release "rel" confirmed
+OTA_REFUSED = const(4)        # release "ota_rel" refused ("ota_why"), the old one runs on
+OTA_ROLLED_BACK = const(5)    # release "ota_rel" failed its trial ("ota_why"), back on "rel"
+FW_CHUNK = const(1024)        # most bytes of a release file in one fw message
 
 # payload limits
 MAX_PAYLOAD = const(448)
@@ -86,6 +97,12 @@ SCHEMAS = {
         (17, "tls", _U, False, 0, 1),            # 1: TLS, the broker's certificate checked; 0: plain text
         (18, "tls_err", _U, False, 0, _U32),     # TLS handshakes refused since boot
         (19, "tls_why", _T, False, 0, 24),       # the last refusal's reason
+        (20, "rel", _U, False, 1, _U32),         # sequence number of the release running (absent: none)
+        (21, "rel_dig", _B, False, 0, 8),        # first 8 bytes of its digest (SHA-256 of its manifest)
+        (22, "ota", _U, False, 0, 5),            # OTA_*: where the last update stands
+        (23, "ota_rel", _U, False, 1, _U32),     # the release that update is about
+        (24, "ota_why", _T, False, 0, 24),       # why it was refused or rolled back
+        (25, "ota_got", _U, False, 0, _U32),     # bytes of it downloaded so far
     ),
     ACK: _COMMON + (
         (5, "ctr", _U, True, 1, _U32),           # counter of the command acknowledged
@@ -97,14 +114,20 @@ SCHEMAS = {
         (1, "ctr", _U, True, 1, _U32),           # strictly increasing per device
         (2, "t", _U, True, 0, _U32),             # issue time, Unix s (gateway clock)
         (3, "lease", _U, True, 1, 86400),        # s the command holds after receipt
-        (4, "op", _U, True, 1, 2),               # OP_*
+        (4, "op", _U, True, 1, 4),               # OP_*
         (5, "target", _U, True, 0, 15),          # relay or battery index
         (6, "value", _I, True, -_P_MAX, _P_MAX),
+    ),
+    FWGET: _COMMON + (
+        (5, "rel", _U, True, 1, _U32),           # release sequence number
+        (6, "file", _U, True, 0, 255),           # 0: the signed manifest, i: its i-th file
+        (7, "off", _U, True, 0, 1 << 24),        # byte offset in that file
+        (8, "len", _U, True, 1, FW_CHUNK),       # bytes asked for
     ),
 }
 # Which profile algorithm each message kind uses (cose.ALG_*): readings carry
 # a 64-bit tag to stay within the byte budget; everything else the full tag.
-ALGS = {READING: (4,), STATUS: (5,), ACK: (5,), CMD: (5,)}
+ALGS = {READING: (4,), STATUS: (5,), ACK: (5,), CMD: (5,), FWGET: (5,)}
 
 
 def _int_in(v, lo, hi, name):
@@ -315,3 +338,52 @@ def encode_reading(w, boot, seq, t, flags, vrms_dv, freq_chz, ch, nch, inv, bat,
     if ctf:
         w.head(0, 12)
         w.int(ctf)
+
+
+# -- fw: a piece of a release, gateway -> board (docs/OTA.md) ---------------
+# Not sealed: every byte is checked against the release's signed manifest
+# (the file's SHA-256) and in transit by its own check value, the first 8
+# bytes of the piece's SHA-256. Keys: 1 rel, 2 file, 3 off, 4 size (of the
+# whole file), 5 data, 6 check; or 1-3 and 7, an E_* code (nothing to send).
+FW_MAX = const(FW_CHUNK + 64)
+
+
+def encode_chunk(w, rel, file, off, size, data, check):
+    w.map(6)
+    for k, v in ((1, rel), (2, file), (3, off), (4, size)):
+        w.int(k)
+        w.int(v)
+    w.int(5)
+    w.value(bytes(data))
+    w.int(6)
+    w.value(bytes(check))
+
+
+def encode_chunk_error(w, rel, file, off, code):
+    w.map(4)
+    for k, v in ((1, rel), (2, file), (3, off), (7, code)):
+        w.int(k)
+        w.int(v)
+
+
+def decode_chunk(b):
+    """(rel, file, off, size, data, check, error) from a fw message; raises
+    ProtocolError when it is not one. error is 0 for a piece."""
+    if len(b) > FW_MAX:
+        raise ProtocolError(E_TOO_BIG, "fw message of %d bytes" % len(b))
+    m = cbor.loads(b, max_depth=1, max_items=16, max_container=8, max_size=FW_MAX)
+    if not isinstance(m, dict):
+        raise ProtocolError(E_SCHEMA, "fw must be a map")
+    rel = _int_in(m.get(1), 1, _U32, "rel")
+    file = _int_in(m.get(2), 0, 255, "file")
+    off = _int_in(m.get(3), 0, 1 << 24, "off")
+    if 7 in m:
+        return rel, file, off, 0, b"", b"", _int_in(m[7], 1, 255, "error")
+    size = _int_in(m.get(4), 0, 1 << 24, "size")
+    data = m.get(5)
+    check = m.get(6)
+    if not isinstance(data, bytes) or len(data) > FW_CHUNK or not isinstance(check, bytes) or len(check) != 8:
+        raise ProtocolError(E_SCHEMA, "fw data or check malformed")
+    if off + len(data) > size:
+        raise ProtocolError(E_RANGE, "fw piece beyond the file's end")
+    return rel, file, off, size, data, check, 0

@@ -12,9 +12,11 @@ READING = "reading"   # board -> gateway, QoS 1, not retained
 STATUS = "status"     # board -> gateway, QoS 1, retained (birth and last will)
 ACK = "ack"           # board -> gateway, QoS 1, not retained
 CMD = "cmd"           # gateway -> board, QoS 1, not retained
-UPLINK = (READING, STATUS, ACK)
-DOWNLINK = (CMD,)
-KINDS = (READING, STATUS, ACK, CMD)
+FWGET = "fwget"       # board -> gateway, QoS 0: a piece of a release asked for (sealed)
+FW = "fw"             # gateway -> board, QoS 0: that piece (not sealed: the release is signed)
+UPLINK = (READING, STATUS, ACK, FWGET)
+DOWNLINK = (CMD, FW)
+KINDS = (READING, STATUS, ACK, CMD, FWGET, FW)
 
 MAX_ID = const(16)
 MAX_TOPIC = const(64)
@@ -63,4 +65,5 @@ def device_acl(community, device):
     """(pattern, access) pairs a board's broker account gets."""
     base = ROOT + "/" + community + "/" + device + "/"
     return [(base + READING, "write"), (base + STATUS, "write"),
-            (base + ACK, "write"), (base + CMD, "read")]
+            (base + ACK, "write"), (base + CMD, "read"),
+            (base + FWGET, "write"), (base + FW, "read")]

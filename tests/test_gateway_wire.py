@@ -22,7 +22,7 @@ SECRET = bytes(range(32))
 
 
 def _msg(v: dict) -> dict:
-    return {k: (bytes.fromhex(x) if k == "cfg" else x) for k, x in v["message"].items()}
+    return {k: (bytes.fromhex(x) if k in ("cfg", "rel_dig") else x) for k, x in v["message"].items()}
 
 
 def _verifier(v: dict) -> UplinkVerifier:

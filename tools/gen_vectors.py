@@ -41,6 +41,11 @@ WILL = dict(boot=12, seq=0, t=T0 - 3600, fw="0.1.0", cfg=bytes.fromhex("5e1d0c9a
 ACK = dict(boot=12, seq=4713, t=T0 + 1, ctr=5, result=0, value=1, lease=60)
 ACK_REFUSED = dict(boot=12, seq=4714, t=T0 + 2, ctr=6, result=errors.E_TARGET)
 CMD = dict(ctr=5, t=T0, lease=60, op=messages.OP_RELAY, target=0, value=1)
+STATUS_TRIAL = dict(boot=13, seq=2, t=T0 + 900, fw="0.5.0", cfg=bytes.fromhex("5e1d0c9a33b2f1e4"), reset=4,
+                    heap=80112, uptime=40, buffered=0, online=1, board="devkitc-3ct", tls=1, rel=8,
+                    rel_dig=bytes.fromhex("9f86d081884c7d65"), ota=messages.OTA_TRIAL, ota_rel=8)
+FWGET = dict(boot=12, seq=4720, t=T0 + 30, rel=8, file=3, off=2048, len=1024)
+CMD_UPDATE = dict(ctr=7, t=T0 + 20, lease=3600, op=messages.OP_UPDATE, target=0, value=8)
 CMD_BAT = dict(ctr=6, t=T0 + 5, lease=120, op=messages.OP_BATTERY, target=0, value=-2500)
 
 
@@ -92,7 +97,12 @@ def main() -> None:
     ok("ack_applied", topics.ACK, t_a, bytes(dl.ack(ACK)), ACK, "command 5 applied")
     ok("ack_refused", topics.ACK, t_a, bytes(dl.ack(ACK_REFUSED)), ACK_REFUSED,
        "command 6 refused: no such output")
+    ok("status_trial", topics.STATUS, t_s, bytes(dl.status(STATUS_TRIAL)), STATUS_TRIAL,
+       "release 8 started on trial, waiting for its confirmation")
+    ok("fwget_piece", topics.FWGET, dl.t_fwget, bytes(dl.fwget(FWGET)), FWGET,
+       "asks for 1024 bytes of release 8's third file from offset 2048")
     cs = link.CommandSealer(C, D, SECRET)
+    ok("cmd_update", topics.CMD, t_c, cs.seal(CMD_UPDATE), CMD_UPDATE, "fetch and install release 8")
     ok("cmd_relay_on", topics.CMD, t_c, cs.seal(CMD), CMD, "relay 0 on for 60 s")
     ok("cmd_battery_discharge", topics.CMD, t_c, cs.seal(CMD_BAT), CMD_BAT, "battery 0 discharges 2500 W")
 

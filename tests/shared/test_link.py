@@ -96,9 +96,9 @@ def _sealed_cmd(payload_map):
 
 def test_authentic_malformed_command_keeps_its_counter():
     dl = link.DeviceLink("oak", "d3f9a2", SECRET)
-    # op 3 does not exist: verification passes, the schema refuses it, and
+    # op 5 does not exist: verification passes, the schema refuses it, and
     # the counter is still there to acknowledge the refusal with
-    frame = _sealed_cmd({1: 17, 2: 1795000000, 3: 60, 4: 3, 5: 0, 6: 1})
+    frame = _sealed_cmd({1: 17, 2: 1795000000, 3: 60, 4: 5, 5: 0, 6: 1})
     payload = dl.verify_command("pg/oak/d3f9a2/cmd", frame)
     raises_code(45, messages.decode, topics.CMD, payload)
     assert link.command_counter(payload) == 17

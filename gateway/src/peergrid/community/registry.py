@@ -424,6 +424,7 @@ class Registry:
         for c in comms:
             acl_lines += [f"topic read {t}" for t in topics.subscriptions(c)]
             acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.CMD}")
+            acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.FW}")
             acl_lines.append(f"topic readwrite pgw/{c}/#")
         acl_lines.append("")
         n = 0
