@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BOARD_PACKAGES = ("firmware", "protocol")     # what runs on a board: the whole of both folders
+UMQTT = ROOT / "build" / "lib" / "umqtt_pinned"
+NO_UMQTT = "umqtt is missing in build/lib: run `make umqtt` (the Makefile does this first)"
 
 
 def fail(msg: str) -> None:
@@ -38,6 +40,42 @@ def fail(msg: str) -> None:
 
 def boards() -> list[str]:
     return sorted(p.parent.name for p in (ROOT / "boards").glob("*/board.json"))
+
+
+class BuildError(Exception):
+    """The application could not be compiled (the message says why)."""
+
+
+def fits(bdir: Path) -> bool:
+    """The firmware fits the board's heap (code and data together) with 25 %
+    to spare, measured on the 32-bit MicroPython (tools/footprint.py; a
+    measurement of the same inputs is reused). A failed measurement prints why."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import footprint
+
+    return footprint.passed_before(bdir) or footprint.main([str(bdir)]) == 0
+
+
+def compile_lib(bdef: dict, lib: Path, mpy_cross: str, src_root: Path = ROOT) -> None:
+    """Compile what runs on a board of definition `bdef` into `lib`:
+    firmware/ and protocol/ (and boardsim/ for the sim board) from
+    `src_root`, and umqtt_pinned from build/lib. Raises BuildError."""
+    if not (UMQTT / "simple.py").exists():
+        raise BuildError(NO_UMQTT)
+    # a board gets the board folder and the wire contract; the sim board is
+    # the virtual board, whose bundle adds its simulated hardware
+    pkgs = BOARD_PACKAGES + (("boardsim",) if bdef.get("mcu") == "sim" else ())
+    jobs = []
+    for pkg in pkgs:
+        for src in sorted((src_root / pkg).glob("*.py")):
+            jobs.append((lib / pkg / (src.stem + ".mpy"), f"{pkg}/{src.name}", src_root))
+    for src in sorted(UMQTT.glob("*.py")):
+        jobs.append((lib / "umqtt_pinned" / (src.stem + ".mpy"), f"umqtt_pinned/{src.name}", UMQTT.parent))
+    for dst, rel, cwd in jobs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([mpy_cross, "-o", str(dst), rel], cwd=cwd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError(f"mpy-cross failed on {rel}: {r.stderr.strip()}")
 
 
 def main() -> int:
@@ -52,34 +90,18 @@ def main() -> int:
     if not (bdir / "board.json").exists():
         fail(f"no board {a.board!r}; the boards are: {', '.join(boards())}")
     bdef = json.loads((bdir / "board.json").read_text())
-    # the firmware must fit the board's heap (code and data together) with
-    # 25 % to spare, measured on the 32-bit MicroPython (tools/footprint.py)
-    sys.path.insert(0, str(ROOT / "tools"))
-    import footprint
-
-    if not footprint.passed_before(bdir) and footprint.main([str(bdir)]) != 0:
+    if not fits(bdir):
         fail(f"the firmware does not fit {a.board}'s heap (above); not built")
-    umqtt = ROOT / "build" / "lib" / "umqtt_pinned"
-    if not (umqtt / "simple.py").exists():
-        fail("umqtt is missing in build/lib: run `make umqtt` (the Makefile does this first)")
+    if not (UMQTT / "simple.py").exists():
+        fail(NO_UMQTT)
     out = Path(a.out) if a.out else ROOT / "build" / "firmware" / a.board
     if out.exists():
         shutil.rmtree(out)
     (out / "lib").mkdir(parents=True)
-    # a board gets the board folder and the wire contract; the sim board is
-    # the virtual board, whose bundle adds its simulated hardware
-    pkgs = BOARD_PACKAGES + (("boardsim",) if bdef.get("mcu") == "sim" else ())
-    jobs = []
-    for pkg in pkgs:
-        for src in sorted((ROOT / pkg).glob("*.py")):
-            jobs.append((src, out / "lib" / pkg / (src.stem + ".mpy"), f"{pkg}/{src.name}", ROOT))
-    for src in sorted(umqtt.glob("*.py")):
-        jobs.append((src, out / "lib" / "umqtt_pinned" / (src.stem + ".mpy"), f"umqtt_pinned/{src.name}", umqtt.parent))
-    for src, dst, rel, cwd in jobs:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([a.mpy_cross, "-o", str(dst), rel], cwd=cwd, capture_output=True, text=True)
-        if r.returncode != 0:
-            fail(f"mpy-cross failed on {rel}: {r.stderr.strip()}")
+    try:
+        compile_lib(bdef, out / "lib", a.mpy_cross)
+    except BuildError as e:
+        fail(str(e))
     shutil.copy(bdir / "board.json", out / "board.json")
     if bdef.get("mcu") != "sim":
         sys.path.insert(0, str(ROOT / "tools"))
