@@ -155,7 +155,9 @@ def state(b, hal):
             "fed": hal.fed, "frame_len": b.frame_len, "inflight": b.inflight, "live_len": b.live_len,
             "next_replay_in": hal.io_diff(b.next_replay, hal.io_ms()),
             "spool_capacity_records": b.spool.capacity_records(b.frame_len or 120), "inv_ok": b.inv_ok, "bat_ok": b.bat_ok,
-            "modbus": getattr(b.master, "stats", None) if b.master is not None else None}
+            "modbus": getattr(b.master, "stats", None) if b.master is not None else None,
+            "rel": b.rel, "ota": b.ota.report() if b.ota is not None else b.ota_last,
+            "ota_stats": b.ota.stats if b.ota is not None else None}
 
 
 class Reboot(Exception):
@@ -274,6 +276,10 @@ def main(argv):
             for i in range(b.nch):
                 src.set(i, w[i], pf[i] if pf else 1.0)
         b.step()
+        if b.reset_pending:
+            b.shutdown()
+            emit({"ev": "reboot", "why": b.reset_pending})
+            return 3
         if con is not None:
             try:
                 con.poll()

@@ -48,6 +48,8 @@ class Board:
         self.up_ms = 0
         self.up_last = hal.ticks_ms()
         self.boot = Counter(fsroot, "boot").bump()      # before anything is sent
+        self.fsroot = fsroot
+        self.reset_pending = None       # why the entry loop must save and reset (an update)
         self.seq = 0
         from firmware.config import secret     # config.py is needed at boot only (main.unload)
         self.link = plink.DeviceLink(cfg["community"], cfg["device"], secret(cfg))
@@ -120,6 +122,14 @@ class Board:
         self.outputs = Outputs(hal, relays, bats, Counter(fsroot, "cmd_ctr"),
                                cfg["cmd_timeout_s"], on_change=self._out_changed)
         self.uplink = Uplink(hal, net, cfg, self.link, self._on_cmd, self._will, self._birth)
+        self._t_fw = self.link.t_fw.encode()
+        self.outputs.on_fw = self._fw_cmd
+        self.ota = None                 # the update agent, while an update or a trial runs
+        self.rel = 0                    # the release running and its digest (status 20, 21)
+        self.rel_dig = b""
+        self.ota_fields = {}
+        from firmware import ota        # what runs, whether it is on trial (main.settle unloads it)
+        ota.boot(self)
         self.stats = {"readings": 0, "live": 0, "buffered": 0, "replayed": 0, "acked": 0,
                       "spool_errors": 0, "cmd_ok": 0, "cmd_rejected": 0, "cmd_ignored": 0,
                       "ack_timeouts": 0, "missed_periods": 0, "inv_errors": 0, "bat_errors": 0}
@@ -176,6 +186,7 @@ class Board:
         meas = self.fe.take_fraction()
         if meas is not None:
             fields["meas"] = meas
+        fields.update(self.ota.fields() if self.ota is not None else self.ota_fields)
         return self.link.status(fields)
 
     def _will(self):
@@ -208,7 +219,17 @@ class Board:
 
     # -- commands (handled in firmware/commands.py) -------------------------
 
+    def _fw_cmd(self, cmd, now):
+        if self.ota is None:
+            from firmware import ota
+            self.ota = ota.Ota(self, self.fsroot)
+        return self.ota.command(cmd, now)
+
     def _on_cmd(self, topic, msg):
+        if topic == self._t_fw:
+            if self.ota is not None:
+                self.ota.inbox = bytes(msg)     # one piece is asked for at a time
+            return
         if len(self.cmdq) < 8:
             self.cmdq.append((bytes(topic), bytes(msg)))
         else:
@@ -378,6 +399,8 @@ class Board:
         self._uptime(now)
         if self.cmdq:
             commands.handle(self, now)
+        if self.ota is not None:
+            self.ota.tick(now)
         self.outputs.tick(now)
         if hal.ticks_diff(now, self.next_due) >= 0:
             dt = hal.ticks_diff(now, self.last_meas)

@@ -29,10 +29,9 @@
 # square roots (decoding A and R) and one inversion (encoding the result).
 import struct
 
-try:
-    from hashlib import sha512 as _hashlib_sha512
-except ImportError:         # the MicroPython ports: no SHA-512 built in
-    _hashlib_sha512 = None
+import hashlib
+
+_hashlib_sha512 = getattr(hashlib, "sha512", None)   # None on the MicroPython ports
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -163,7 +162,7 @@ try:
     pow(2, 3, 5)
     _powmod = pow
 except Exception:           # a build without 3-argument pow
-    def _powmod(b, e, m):
+    def _powmod(b, e, m):  # type: ignore[misc]  # only where pow() lacks a modulus
         r = 1
         b %= m
         while e:

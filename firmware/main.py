@@ -103,6 +103,16 @@ def unload(name):
         delattr(mod, attr)
 
 
+def settle(b):
+    """Drop the modules only the start needed, once the Board is built."""
+    unload("firmware.config")      # 3.2 KB of code the board at work never calls
+    unload("firmware.adccal")      # the ADC's linearisation, read once at boot
+    if b.ota is None:
+        # the update agent and what it brought: back when an update command arrives
+        for m in ("firmware.ota", "firmware.release", "firmware.loader", "protocol.fw"):
+            unload(m)
+
+
 def open_hal(board, **kw):
     """The HAL backend for a board definition (board.json), by its "mcu".
     The firmware's one backend is the ESP32's; simulated boards build theirs
@@ -136,8 +146,7 @@ def main(root=""):
     master = _rs485(hal, board, cfg) if (cfg.get("inverter") or cfg.get("battery")) else None
     b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
     del fconfig
-    unload("firmware.config")      # 3.2 KB of code the board at work never calls
-    unload("firmware.adccal")      # the ADC's linearisation, read once at boot
+    settle(b)
 
     def console():
         from firmware.console import Console, Ops
@@ -148,6 +157,10 @@ def main(root=""):
     con = LazyConsole(port, console)
     while True:
         b.step()
+        if b.reset_pending:
+            # an update switched slots or a trial gave up: saved, then reset
+            b.shutdown()
+            _reset()
         con.poll()
         b.idle()
 

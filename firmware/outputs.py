@@ -66,6 +66,7 @@ class Outputs:
         self.last_valid = hal.ticks_ms()
         self.quiet = False              # no valid command for cmd_timeout_s
         self.stats = {"applied": 0, "rejected": 0, "failsafe": 0}
+        self.on_fw = None               # (cmd, now) -> ack fields: OP_UPDATE, OP_CONFIRM
 
     def _changed(self, kind, i, v, why):
         if self.on_change is not None:
@@ -100,6 +101,8 @@ class Outputs:
             self.stats["rejected"] += 1
             return E_EXPIRED, cur, left
         self.ctr.set(cmd["ctr"])
+        if op >= messages.OP_UPDATE and self.on_fw is not None:
+            return self.on_fw(cmd, now)
         if out is None:
             self.stats["rejected"] += 1
             return E_TARGET, None, 0

@@ -131,6 +131,7 @@ class Uplink:
         self.client = c
         c.connect()
         c.subscribe(self.link.t_cmd, qos=1)
+        c.subscribe(self.link.t_fw, qos=0)          # pieces of a firmware update
         c.publish(self.link.t_status, self.birth(), retain=True, qos=1)
         now = self.hal.io_ms()
         self.t_tx = now
@@ -162,13 +163,14 @@ class Uplink:
             self.t_tx = now
             self.stats["pings"] += 1
 
-    def publish(self, topic, frame, retain=False):
-        """QoS 1 publish; returns the packet id, or 0 if the session failed
-        (then it is dropped and will reconnect)."""
+    def publish(self, topic, frame, retain=False, qos=1):
+        """Publish; returns the packet id (1 for QoS 0), or 0 if the session
+        failed (then it is dropped and will reconnect)."""
         if self.state != _UP:
             return 0
         try:
-            pid = self.client.publish(topic, frame, retain=retain, qos=1)
+            pid = self.client.publish(topic, frame, retain=retain, qos=qos) if qos else \
+                self.client.publish(topic, frame, retain=retain) or 1
         except Exception as e:  # noqa: BLE001
             self._drop("publish: %r" % (e,))
             return 0

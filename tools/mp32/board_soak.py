@@ -175,9 +175,8 @@ def _start():
 
     S["board"] = Board(hal, _load("board.json"), cfg, digest, net, "/flash", on_event=on_event)
     # as firmware/main.py does once the board is built
-    from firmware.main import unload
-    unload("firmware.config")
-    unload("firmware.adccal")
+    from firmware.main import settle
+    settle(S["board"])
 
 
 def _run():

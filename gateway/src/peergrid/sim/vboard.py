@@ -155,11 +155,17 @@ class VirtualBoard:
             self.heap = str(self.code_bytes + self.data_heap)
         if self.heap:
             cmd += ["-X", f"heapsize={self.heap}"]
-        cmd += ["-m", "boardsim.vboard", str(self.dir), repr(float(self.speed)), pty,
-                self.cable.a_path if self.cable is not None else ""]
+        args = [str(self.dir), repr(float(self.speed)), pty, self.cable.a_path if self.cable is not None else ""]
         env = dict(os.environ)
         env.update(self.extra_env)
-        env["MICROPYPATH"] = firmware_path(self.mpy_dir)
+        if self.installed():
+            # the board's own flash holds its application (docs/OTA.md 3.1):
+            # the loader picks the slot, nothing comes from the source tree
+            cmd += [str(ROOT / "firmware" / "loader.py"), "boardsim.vboard"] + args
+            env["MICROPYPATH"] = ".frozen"
+        else:
+            cmd += ["-m", "boardsim.vboard"] + args
+            env["MICROPYPATH"] = firmware_path(self.mpy_dir)
         if fresh:
             self.events = queue.Queue()
         self.proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -167,6 +173,22 @@ class VirtualBoard:
         threading.Thread(target=self._reader, args=(self.proc, self.events), daemon=True).start()
         threading.Thread(target=self._err_reader, args=(self.proc,), daemon=True).start()
         return self.wait_for(lambda e: e.get("ev") in ("ready", "uncommissioned"), timeout)
+
+    def installed(self) -> bool:
+        """An application was installed on this board's flash (install())."""
+        return (self.dir / "lib").is_dir() or (self.dir / "ota.json").exists()
+
+    def install(self, release: Path) -> None:
+        """What `make deploy` does with a release: its application into the
+        flash root (slot ""), no update slots, no update state."""
+        release = Path(release)
+        for p in ("lib", "app"):
+            shutil.rmtree(self.dir / p, ignore_errors=True)
+        for p in ("ota.json", "ota.tmp"):
+            (self.dir / p).unlink(missing_ok=True)
+        shutil.copytree(release / "lib", self.dir / "lib")
+        for p in ("release_keys.json", "manifest.cose"):
+            shutil.copy(release / p, self.dir / p)
 
     def code_footprint(self) -> int:
         """Heap bytes the firmware's modules take once imported."""
