@@ -55,7 +55,18 @@ class Config:
     status_every_s: float = 10
     raw_days: float = 400
     full_days: float = 90
+    # [fleet]: firmware updates over the air (peergrid.fleet, docs/OTA.md 4)
+    release_keys: list[bytes] = field(default_factory=list)   # Ed25519 public keys a release must be signed by
+    release_store: Path | None = None         # where releases are kept (default: releases/ beside the database)
+    update_lease_s: int = 3600                # what an OP_UPDATE gives a board to fetch the release
+    rollout_timeout_s: float = 1800           # a board without an outcome within this has failed
+    serve_per_s: float = 50                   # release pieces served per board and second, at most
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def releases(self) -> Path:
+        """The release store: <store>/<board>/<seq>/."""
+        return self.release_store or self.db.parent / "releases"
 
     @staticmethod
     def load(path: Path) -> "Config":
@@ -103,12 +114,25 @@ class Config:
             http_port=int(g.get("http_port", 0)), http_tls=bool(g.get("http_tls", False)), http_host=g.get("http_host", "127.0.0.1"), status_every_s=float(g.get("status_every_s", 10)),
             raw_days=float(raw.get("store", {}).get("raw_days", 400)),
             full_days=float(raw.get("store", {}).get("full_days", 90)), extra=raw)
+        fl = raw.get("fleet", {})
+        keys = fl.get("release_keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) and _hex32(k) for k in keys):
+            raise SystemExit(f"config {path}: [fleet] release_keys must be a list of Ed25519 public keys, "
+                             "64 hex digits each")
+        cfg.release_keys = [bytes.fromhex(k) for k in keys]
+        cfg.release_store = p(fl.get("store"))
+        cfg.update_lease_s = int(fl.get("update_lease_s", 3600))
+        cfg.rollout_timeout_s = float(fl.get("rollout_timeout_s", 1800))
+        cfg.serve_per_s = float(fl.get("serve_per_s", 50))
         for name, ok in (("[gateway] http_timeout_s", cfg.http_timeout_s > 0),
                          ("[gateway] http_max_connections", cfg.http_max_connections >= 1),
                          ("[ingest] quarantine_bytes", cfg.quarantine_bytes >= 4096),
                          ("[ingest] quarantine_frame_bytes", 0 <= cfg.quarantine_frame_bytes <= cfg.quarantine_bytes),
                          ("[ingest] tag_failures_per_s", cfg.tag_failures_per_s >= 0),
                          ("[broker] tls_port", 0 <= cfg.broker_tls_port < 65536),
+                         ("[fleet] update_lease_s (60-86400)", 60 <= cfg.update_lease_s <= 86400),
+                         ("[fleet] rollout_timeout_s", cfg.rollout_timeout_s > 0),
+                         ("[fleet] serve_per_s (1-1000)", 1 <= cfg.serve_per_s <= 1000),
                          ("[gateway] http_tls needs [broker] cert_file and key_file",
                           not cfg.http_tls or None not in (cfg.cert_file, cfg.key_file)),
                          ("[broker] tls_port needs ca_file, cert_file and key_file",
@@ -116,6 +140,13 @@ class Config:
             if not ok:
                 raise SystemExit(f"config {path}: {name} is out of range")
         return cfg
+
+
+def _hex32(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == 32
+    except ValueError:
+        return False
 
 
 def _not_finite(v: Any, at: str = "") -> str | None:

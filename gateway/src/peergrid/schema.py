@@ -65,9 +65,31 @@ def _v2(db: sqlite3.Connection) -> None:
         db.execute("CREATE INDEX IF NOT EXISTS readings_t ON readings (community, t, t_recv)")
 
 
+# firmware updates over the air (peergrid.fleet, docs/OTA.md 4): what each
+# board runs and every step of its updates, and the rollouts. Created by
+# version 3 and, with the same statements, by peergrid.fleet.records.
+FLEET_TABLES = (
+    "CREATE TABLE IF NOT EXISTS firmware_events (id INTEGER PRIMARY KEY, community TEXT NOT NULL,"
+    " device TEXT NOT NULL, t REAL NOT NULL, boot INTEGER, rel INTEGER, digest TEXT, event TEXT NOT NULL,"
+    " detail TEXT NOT NULL DEFAULT '')",
+    "CREATE INDEX IF NOT EXISTS firmware_events_dev ON firmware_events (community, device, t)",
+    "CREATE TABLE IF NOT EXISTS fleet_devices (community TEXT NOT NULL, device TEXT NOT NULL, board TEXT,"
+    " boot INTEGER, rel INTEGER, rel_dig TEXT, ota INTEGER, ota_rel INTEGER, ota_why TEXT, ota_got INTEGER,"
+    " fw TEXT, last_status REAL, PRIMARY KEY (community, device))",
+    "CREATE TABLE IF NOT EXISTS fleet_rollouts (id INTEGER PRIMARY KEY, community TEXT NOT NULL,"
+    " board TEXT NOT NULL, seq INTEGER NOT NULL, first_n INTEGER NOT NULL, max_fail INTEGER NOT NULL,"
+    " device TEXT, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', created REAL NOT NULL,"
+    " updated REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS fleet_rollout_boards (rollout INTEGER NOT NULL, device TEXT NOT NULL,"
+    " wave INTEGER NOT NULL, state TEXT NOT NULL, first_sent REAL, sent_at REAL, tries INTEGER NOT NULL DEFAULT 0,"
+    " done_t REAL, detail TEXT NOT NULL DEFAULT '', PRIMARY KEY (rollout, device))",
+)
+
 # MIGRATIONS[k] brings version k + 1 to k + 2
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("schema history; readings indexed by time (the settler's late-reading search)", _v2),
+    Migration("firmware updates: firmware_events, fleet_devices, fleet_rollouts, fleet_rollout_boards",
+              FLEET_TABLES),
 )
 CURRENT = 1 + len(MIGRATIONS)
 

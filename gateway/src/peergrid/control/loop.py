@@ -12,7 +12,9 @@ the latest accepted readings and turns its decisions into signed commands
   new counter); after `retries` misses the device is marked degraded (log,
   metrics) until it acknowledges again.
 - Command counters are reserved in blocks in the database, so a restarted
-  gateway never reuses one.
+  gateway never reuses one. `Commands` holds them: the control loop and the
+  firmware updates (peergrid.fleet) share one, so a board never sees a
+  counter twice or a lower one, whoever sends (`ControlLoop.send_command`).
 - Every decision is logged with its reason and kept in the `decisions`
   table.
 """
@@ -58,10 +60,106 @@ class Output:
     acked_at: float | None = None
 
 
+AckHandler = Callable[[str, dict[str, Any]], None]
+
+
+class Commands:
+    """Sealed commands to a community's boards with counters from one
+    allocator: per device, strictly increasing, reserved in blocks of BLOCK
+    in the cmd_ctr table (a restarted gateway starts above every counter it
+    may have used). Thread-safe; whoever sends may ask for its acks back
+    (`send(..., on_ack=)`, routed by `on_ack`)."""
+
+    MAX_WAITING = 4096          # acks waited for by callers, at most (oldest forgotten)
+
+    def __init__(self, db: sqlite3.Connection, community: str, publish: Callable[[str, bytes], None],
+                 clock: Any = None) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+        self.registry = reg.Registry(db)
+        self.community = community
+        self.publish = publish
+        self.clock = clock or time.time
+        self.lock = threading.RLock()
+        self.ctr: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}
+        self.sealers: dict[str, tuple[bytes, CommandSealer]] = {}
+        self.waiting: dict[tuple[str, int], AckHandler] = {}
+
+    def next_ctr(self, device: str) -> int:
+        with self.lock:
+            c = self.ctr.get(device)
+            if c is None:
+                r = self.db.execute("SELECT reserved FROM cmd_ctr WHERE community=? AND device=?",
+                                    (self.community, device)).fetchone()
+                c = r[0] if r else 0
+                self.reserved[device] = c
+            c += 1
+            if c > self.reserved.get(device, 0):
+                self.reserved[device] = c + BLOCK
+                self.db.execute("INSERT INTO cmd_ctr VALUES (?, ?, ?) ON CONFLICT(community, device) DO UPDATE SET"
+                                " reserved=excluded.reserved", (self.community, device, self.reserved[device]))
+            self.ctr[device] = c
+            return c
+
+    def skip_ahead(self, device: str) -> None:
+        """The board has seen higher counters (a restored database?)."""
+        with self.lock:
+            self.ctr[device] = self.ctr.get(device, 0) + BLOCK
+
+    def sealer(self, device: str) -> CommandSealer | None:
+        with self.lock:
+            secret = self.registry.secret_for(self.community, device)
+            if secret is None:
+                return None
+            cached = self.sealers.get(device)
+            if cached is None or cached[0] != secret:
+                cached = (secret, CommandSealer(self.community, device, secret))
+                self.sealers[device] = cached
+            return cached[1]
+
+    def send(self, device: str, op: int, target: int, value: int, lease: int,
+             on_ack: AckHandler | None = None) -> int | None:
+        """Seal and publish one command; its counter, or None for a device
+        without a key (unknown or revoked). on_ack(device, ack message) is
+        called (on the MQTT thread) when the board acknowledges it."""
+        with self.lock:
+            s = self.sealer(device)
+            if s is None:
+                return None
+            ctr = self.next_ctr(device)
+            frame = s.seal({"ctr": ctr, "t": int(self.clock()), "lease": lease, "op": op, "target": target,
+                            "value": value})
+            if on_ack is not None:
+                self.waiting[(device, ctr)] = on_ack
+                if len(self.waiting) > self.MAX_WAITING:
+                    for k in list(self.waiting)[:256]:
+                        del self.waiting[k]
+        self.publish(topics.topic(self.community, device, topics.CMD), frame)
+        return ctr
+
+    def forget(self, device: str, ctr: int) -> None:
+        """No longer wait for the ack of this command (superseded)."""
+        with self.lock:
+            self.waiting.pop((device, ctr), None)
+
+    def on_ack(self, device: str, msg: dict[str, Any]) -> bool:
+        """Hand an ack to whoever sent its command with on_ack; False when
+        nobody waits for it (then it is the control loop's)."""
+        with self.lock:
+            h = self.waiting.pop((device, msg["ctr"]), None)
+        if h is None:
+            return False
+        if msg["result"] == E_REPLAY:
+            self.skip_ahead(device)
+        h(device, msg)
+        return True
+
+
 class ControlLoop:
     def __init__(self, db_path: Any, community: str, conf: dict[str, Any],
                  publish: Callable[[str, bytes], None], metrics: Any = None, clock: Any = None,
-                 speed: float = 1.0) -> None:
+                 speed: float = 1.0, commands: Commands | None = None) -> None:
         """clock: Unix time (default time.time), also used for durations when
         given (a simulation); speed: how much faster than the wall clock it
         runs, so the loop's waits shrink with it."""
@@ -91,9 +189,8 @@ class ControlLoop:
         self.stop_event = threading.Event()
         self.outputs: dict[tuple[str, int, int], Output] = {}
         self.by_ctr: dict[tuple[str, int], tuple[str, int, int]] = {}
-        self.ctr: dict[str, int] = {}
-        self.reserved: dict[str, int] = {}
-        self.sealers: dict[str, tuple[bytes, CommandSealer]] = {}
+        # counters and sealers: shared with the firmware updates when the gateway passes its own
+        self.commands = commands or Commands(self.db, community, publish, self.clock)
         self.degraded: set[str] = set()
         self.cycle_ms: list[float] = []
         self.stats = {"steps": 0, "decisions": 0, "commands": 0, "acks": 0, "retries": 0, "refused": 0}
@@ -158,6 +255,8 @@ class ControlLoop:
         self.wake.set()
 
     def on_ack(self, device: str, msg: dict[str, Any]) -> None:
+        if self.commands.on_ack(device, msg):
+            return                                     # a command sent through send_command with on_ack
         with self.lock:
             key = self.by_ctr.pop((device, msg["ctr"]), None)
             if key is None or key not in self.outputs:
@@ -180,35 +279,24 @@ class ControlLoop:
                         msg["result"])
             if msg["result"] == E_REPLAY:
                 # the board has seen higher counters (a restored database?): skip ahead
-                self.ctr[device] = self.ctr.get(device, 0) + BLOCK
+                self.commands.skip_ahead(device)
             out.sent_at = -1e12                        # send again at the next step
 
     # -- commands ------------------------------------------------------------------
 
     def _next_ctr(self, device: str) -> int:
-        c = self.ctr.get(device)
-        if c is None:
-            r = self.db.execute("SELECT reserved FROM cmd_ctr WHERE community=? AND device=?",
-                                (self.community, device)).fetchone()
-            c = r[0] if r else 0
-            self.reserved[device] = c
-        c += 1
-        if c > self.reserved.get(device, 0):
-            self.reserved[device] = c + BLOCK
-            self.db.execute("INSERT INTO cmd_ctr VALUES (?, ?, ?) ON CONFLICT(community, device) DO UPDATE SET"
-                            " reserved=excluded.reserved", (self.community, device, self.reserved[device]))
-        self.ctr[device] = c
-        return c
+        return self.commands.next_ctr(device)
 
     def _sealer(self, device: str) -> CommandSealer | None:
-        secret = self.registry.secret_for(self.community, device)
-        if secret is None:
-            return None
-        cached = self.sealers.get(device)
-        if cached is None or cached[0] != secret:
-            cached = (secret, CommandSealer(self.community, device, secret))
-            self.sealers[device] = cached
-        return cached[1]
+        return self.commands.sealer(device)
+
+    def send_command(self, device: str, op: int, target: int, value: int, lease: int,
+                     on_ack: Any = None) -> int | None:
+        """One command outside the loop's outputs (a firmware update, its
+        confirmation), with a counter from the same allocator; returns the
+        counter (None: no key for the device). on_ack(device, ack) gets its
+        acknowledgement."""
+        return self.commands.send(device, op, target, value, lease, on_ack)
 
     def _send(self, out: Output, now_m: float) -> None:
         s = self._sealer(out.device)
