@@ -36,7 +36,9 @@ ALLOWED = {
     "peergrid.control": {"peergrid.control", "peergrid.schema", "peergrid.community", "protocol"},
     "peergrid.ingest": {"peergrid.ingest", "peergrid.schema", "peergrid.community", "peergrid.config", "peergrid.http",
                         "peergrid.market", "peergrid.control", "peergrid.commissioning", "peergrid.sqltx",
-                        "protocol"},
+                        "peergrid.fleet", "protocol"},
+    "peergrid.fleet": {"peergrid.fleet", "peergrid.schema", "peergrid.community", "peergrid.config", "peergrid.sqltx",
+                       "protocol"},
     "peergrid.commissioning": {"peergrid.commissioning", "peergrid.schema", "peergrid.community", "peergrid.config",
                                "peergrid.http", "peergrid.market", "protocol"},
 }
