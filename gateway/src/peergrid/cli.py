@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ls_.add_argument("--to", dest="t_to", type=int, default=2**32, help="Unix time, intervals end by")
     ls_.add_argument("--csv", action="store_true")
     ls_.add_argument("--key", help="the gateway's public key (hex) to insist on")
+    from peergrid.fleet.cli import add_parser as fleet_parser
+
+    fleet_parser(sub)
     if argv is None:
         argv = sys.argv[1:]
     rc = _operate(argv)
@@ -217,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return commission_main(argv[1:])
     args = p.parse_args(argv)
+    if args.cmd == "fleet":
+        import os
+        from pathlib import Path
+
+        from peergrid.config import Config
+        from peergrid.fleet.cli import fleet
+
+        os.umask(0o077)
+        return fleet(args, Config.load(Path(args.config)))
     if args.cmd == "ledger" and args.lcmd == "export":
         from peergrid.admin import ledger_export
 

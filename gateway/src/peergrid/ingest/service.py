@@ -25,6 +25,8 @@ import paho.mqtt.client as mqtt
 from peergrid.community import broker
 from peergrid.community import registry as reg
 from peergrid.config import Config
+from peergrid.control.loop import Commands, ControlLoop
+from peergrid.fleet.service import Fleet
 from peergrid.ingest.brokerlink import BrokerLink, LinkClient, classify_connack, reconnect_max, state_path
 from peergrid.ingest.metrics import Metrics
 from peergrid.ingest.store import Store, quarantined
@@ -68,12 +70,15 @@ class Gateway:
         # the broker's state for the operator (status, doctor, /metrics); paho retries with this back-off
         self.link = BrokerLink(cfg.broker_host, cfg.broker_port, 1, reconnect_max(cfg.extra))
         self._next_retain = time.monotonic() + 60
+        # one command counter allocator for all the gateway commands (control
+        # loop, firmware updates): a board never sees a counter twice
+        self.commands = Commands(reg.connect(cfg.db), cfg.community, self._publish_cmd, clock)
         self.control = None
         if cfg.extra.get("control"):
-            from peergrid.control.loop import ControlLoop
-
             self.control = ControlLoop(cfg.db, cfg.community, cfg.extra["control"], self._publish_cmd, self.metrics,
-                                       clock=clock, speed=speed)
+                                       clock=clock, speed=speed, commands=self.commands)
+        # firmware updates (docs/OTA.md): serves fwget, records statuses, confirms trials, drives rollouts
+        self.fleet = Fleet(cfg, self.commands, lambda t, p: self._publish_cmd(t, p, 0), self.metrics, clock=clock)
 
     def _grid_index(self, community: str, device: str) -> int | None:
         d = self.validator._device(device)
@@ -132,20 +137,28 @@ class Gateway:
             self.q.put(("dup", msg.mid, msg.qos, None, None, t0))
             return
         self.metrics.accept(r.kind)
+        if r.kind == topics.FWGET:     # served (rate-limited), never stored: a replay costs one piece
+            self.fleet.on_fwget(r.device, r.msg)
+            self.q.put(("fwget", msg.mid, msg.qos, None, None, t0))
+            return
         for w in r.warnings:
             self.metrics.warn("clock", r.device)
         for name in fault_warnings(r.msg):
             self.metrics.warn(name, r.device)
-        if self.control is not None:
-            if r.kind == topics.READING:
+        if r.kind == topics.READING:
+            self.fleet.on_reading(r.device, r.msg)
+            if self.control is not None:
                 self.control.on_reading(r.device, r.msg, self._grid_index(r.community, r.device), r.t_recv)
-            elif r.kind == topics.ACK:
+        elif r.kind == topics.STATUS:
+            self.fleet.on_status(r.device, r.msg, r.t_recv)
+        elif r.kind == topics.ACK:
+            if not self.commands.on_ack(r.device, r.msg) and self.control is not None:
                 self.control.on_ack(r.device, r.msg)
         self.q.put(("ok", msg.mid, msg.qos, r, None, t0))
 
-    def _publish_cmd(self, topic: str, frame: bytes) -> None:
+    def _publish_cmd(self, topic: str, frame: bytes, qos: int = 1) -> None:
         if self.client is not None:
-            self.client.publish(topic, frame, qos=1)
+            self.client.publish(topic, frame, qos=qos)     # QoS 0: release pieces (fw)
 
     def _log_throttled(self, e: Throttled) -> None:
         key = f"{e.device}:throttled"
@@ -384,9 +397,11 @@ class Gateway:
         c.loop_start()
         if self.control is not None:
             self.control.start()
+        self.fleet.start()
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.fleet.stop()
         if self.control is not None:
             self.control.stop()
         if self.client is not None:
@@ -449,6 +464,7 @@ class Gateway:
                     self._publish_status()
                 except Exception:  # noqa: BLE001
                     log.exception("status publish failed")
+        self.fleet.stop()
         if self.control is not None:
             self.control.stop()
         # drain: let the writer commit and ack what is queued, then leave
