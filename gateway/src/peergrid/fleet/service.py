@@ -347,6 +347,9 @@ class Fleet:
             self.rec.update_board(r["id"], device, state="failed", done_t=now, detail="no key (unknown or revoked)")
             return
         self.sent[(device, ctr)] = ("update", r["id"])
+        if len(self.sent) > 4096:                  # acks that never came: forget the oldest
+            for k in list(self.sent)[:256]:
+                del self.sent[k]
         tries = b["tries"] + 1
         self.rec.update_board(r["id"], device, state="sent" if b["state"] == "waiting" else b["state"],
                               first_sent=b["first_sent"] or now, sent_at=now, tries=tries)
