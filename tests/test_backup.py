@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from harness import board_client, free_port, stop_process, wait_port, wait_until
+from peergrid import schema
 from peergrid.community import registry as reg
 from peergrid.community.broker import write_broker_files
 from peergrid.config import Config
@@ -182,7 +183,7 @@ def test_backup_under_load_restores_and_the_gateway_goes_on(tmp_path) -> None:
                                                    "passwd", "acl"}
         assert [s for (s,) in _q(bk / "gateway.db", "SELECT start FROM settled ORDER BY start")] == first, \
             "the backup came too late for this test: the next interval was settled already"
-        assert m["schema_version"] == 2 and m["ledger"]["entries"] == 4      # genesis and three settlements
+        assert m["schema_version"] == schema.CURRENT and m["ledger"]["entries"] == 4      # genesis and three settlements
         # a secret-holding backup: the directory 0700, every file 0600
         assert _mode(bk) == 0o700 and all(_mode(f) == 0o600 for f in bk.iterdir()), \
             {f.name: oct(_mode(f)) for f in bk.iterdir()}
