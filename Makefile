@@ -52,10 +52,10 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	touch $@
 
-bench: $(VENV)/.bench-stamp
+bench: $(VENV)/.bench-stamp umqtt
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-bench-quick: $(VENV)/.bench-stamp
+bench-quick: $(VENV)/.bench-stamp umqtt
 	@for b in tests/bench/bench_*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
 HOUSES ?= 100
