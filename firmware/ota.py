@@ -147,6 +147,7 @@ class Ota:
         self.stage_slot = s
         self.stage = stage
         self.rel = rel
+        self.next_ask = self.b.hal.ticks_ms()   # (a fixed 0 would be "later" for half the tick period)
         self.got = 0
         self.files = []
         self.phase = _FETCH
@@ -242,6 +243,8 @@ class Ota:
             self._refuse(str(e))
         except OSError as e:
             self._refuse("flash: %r" % (e,))
+        except Exception as e:  # noqa: BLE001 - an update must never stop the board
+            self._refuse(repr(e))
 
     def _ask(self, now):
         b = self.b
@@ -325,10 +328,13 @@ class Ota:
         if key is None:
             raise Refused("unknown key")
         tbs = cbor.dumps(["Signature1", prot, b"", payload], len(payload) + 64)
+        import firmware
         from firmware import ed25519
         ok = ed25519.verify(key, tbs, sig)
         tbs = None
-        del sys.modules["firmware.ed25519"]     # its tables leave the heap
+        sys.modules.pop("firmware.ed25519", None)      # its code and tables leave the heap
+        if hasattr(firmware, "ed25519"):
+            delattr(firmware, "ed25519")
         if not ok:
             raise Refused("bad signature")
         try:
@@ -375,7 +381,9 @@ class Ota:
         st["last"] = {"ota": messages.OTA_TRIAL, "rel": self.rel}
         loader.write_state(self.root, st)
         self.phase = _IDLE
-        self.last = st["last"]
+        # until the reset, the status still says fetching: the trial is the
+        # next start's to report, with the new release running
+        self.last = {"ota": messages.OTA_FETCH, "rel": self.rel, "got": self.got}
         self.b.reset_pending = "update"
 
     def _confirm(self):
