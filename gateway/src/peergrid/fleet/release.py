@@ -242,6 +242,7 @@ class ReleaseStore:
         self._m: OrderedDict[tuple[str, int], Manifest | None] = OrderedDict()
         self._files: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._held = 0
+        self.damaged = 0                      # reads of a stored file that no longer matches its manifest
 
     def dir(self, board: str, seq: int) -> Path:
         return self.root / board / str(seq)
@@ -328,7 +329,7 @@ class ReleaseStore:
             if off > len(data):
                 return E_RANGE
             return len(data), data[off:off + n]
-        path, size, _ = m.files[file - 1]
+        path, size, want = m.files[file - 1]
         if off > size:
             return E_RANGE
         base = self.dir(board, seq).resolve()
@@ -345,6 +346,12 @@ class ReleaseStore:
                 whole = p.read_bytes()[:size]
             except OSError:
                 return E_TARGET
+            if hashlib.sha256(whole).digest() != want:
+                # changed on disk since it was added: served as it is (the
+                # board's own check refuses it), never cached, so a mended
+                # store is served at once; counted and logged by the caller
+                self.damaged += 1
+                return size, whole[off:off + n]
             with self._lock:
                 self._files[key] = whole
                 self._held += len(whole)

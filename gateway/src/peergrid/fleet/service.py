@@ -87,6 +87,7 @@ class Fleet:
         self.registry = reg.Registry(self.db)
         self.rec = Records(self.db, cfg.community)
         self.lock = threading.Lock()
+        self.damaged_seen: set[tuple[Any, int, int]] = set()
         self.views: dict[str, View] = self.rec.views()      # the fleet thread's
         self.board_of: dict[str, str] = {d: str(v.board) for d, v in self.views.items() if valid_board(v.board)}
         self.trials: dict[str, Trial] = {d: Trial(v.rel, v.boot) for d, v in self.views.items()
@@ -162,7 +163,12 @@ class Fleet:
 
     def serve(self, device: str, rel: int, file: int, off: int, n: int) -> None:
         board = self.board_of.get(device)
+        damaged = self.store.damaged
         r = self.store.piece(board, rel, file, off, n) if board else E_TARGET
+        if self.store.damaged != damaged and (board, rel, file) not in self.damaged_seen:
+            self.damaged_seen.add((board, rel, file))          # logged once, counted every time
+            log.error("fleet: release %s/%d file %d in the store does not match its manifest (changed on disk?): "
+                      "the boards will refuse it; add the release again from its build", board, rel, file)
         w = self._w
         w.reset()
         if isinstance(r, int):
