@@ -56,9 +56,9 @@ def build_broken(rels: dict[str, Any], seq: int) -> Path:
             shutil.copytree(ROOT / pkg, src / pkg)
         p = src / "firmware" / "board.py"
         s = p.read_text()
-        s2 = s.replace("pid = up.publish(self.link.t_reading, memoryview(self.fly)[:self.fly_len])",
-                       "pid = 0    # broken on purpose: the reading never leaves")
-        assert s2 != s
+        s2 = s.replace("            self.live_len = n\n", "            self.live_len = 0    # broken: dropped\n") \
+            .replace("            self._spool(frame)\n", "            pass    # broken: dropped\n")
+        assert s2.count("broken: dropped") == 2
         p.write_text(s2)
     return rtool.build("sim", seq=seq, key=rels["key"], trial_s=30, src=src, out=rels["dir"] / f"broken{seq}")[0]
 
@@ -221,4 +221,22 @@ def test_a_trial_that_cannot_publish_rolls_back_by_itself(setup, rels) -> None:
     back = srv.wait_status(lambda s: s.get("ota") == messages.OTA_ROLLED_BACK and s.get("rel") == 1, 120)
     assert back["rel"] == 1 and back["ota_rel"] == 3 and back["ota_why"] == "no confirm"
     assert json.loads((vb.dir / "ota.json").read_text())["active"] == ""
+    assert vb.state()["rel"] == 1
+
+
+def test_another_boards_release_and_a_gateway_without_it_are_refused(setup, rels) -> None:
+    vb, srv = setup("ota3")
+    # a release for the devkitc-3ct, signed with the trusted key: the board's
+    # own check refuses it (a gateway keyed by board type would not even serve it)
+    srv.releases[5] = rtool.build("devkitc-3ct", seq=5, key=rels["key"], heap=80000, out=rels["dir"] / "dev5")[0]
+    vb.start()
+    srv.wait_status(lambda s: s.get("rel") == 1)
+    assert srv.command(messages.OP_UPDATE, 5)["result"] == 0
+    st = srv.wait_status(lambda s: s.get("ota") == messages.OTA_REFUSED and s.get("ota_rel") == 5)
+    assert st["ota_why"] == "wrong board" and st["rel"] == 1
+    # a release the gateway does not have: refused on its error, nothing switched
+    assert srv.command(messages.OP_UPDATE, 9)["result"] == 0
+    st = srv.wait_status(lambda s: s.get("ota") == messages.OTA_REFUSED and s.get("ota_rel") == 9)
+    assert st["ota_why"] == "gateway: error %d" % E_TARGET
+    assert json.loads((vb.dir / "ota.json").read_text()).get("trial") is None
     assert vb.state()["rel"] == 1
