@@ -271,7 +271,7 @@ def test_a_rollout_of_a_release_that_cannot_publish_halts_after_the_first_failur
     for d in first:
         ev = r.wait_event(d, "rolled_back", 6, 120)
         assert "no confirm" in ev["detail"], ev
-        assert r.boards[d].state()["rel"] == 1                 # back on the old release by itself
+        wait_until(lambda: _rel(r.boards[d]) == 1, 30, f"{d} is not back on release 1")   # by itself
     ro = cli_json(r.cfg, "fleet", "rollouts")[-1]
     wait_until(lambda: cli_json(r.cfg, "fleet", "rollouts")[-1]["state"] == "halted", 30, "the rollout went on")
     sent = {e["device"] for e in r.events() if e["event"] == "update_sent" and e["rel"] == 6}
