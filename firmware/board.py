@@ -128,8 +128,11 @@ class Board:
         self.rel = 0                    # the release running and its digest (status 20, 21)
         self.rel_dig = b""
         self.ota_fields = {}
-        from firmware import ota        # what runs, whether it is on trial (main.settle unloads it)
-        ota.boot(self)
+        from firmware import loader     # what runs, whether it is on trial (main.settle unloads it)
+        if loader.boot(self):           # on trial: the agent waits for the confirmation
+            from firmware import ota
+            self.ota = ota.Ota(self, fsroot)
+            self.ota.start_trial()
         self.stats = {"readings": 0, "live": 0, "buffered": 0, "replayed": 0, "acked": 0,
                       "spool_errors": 0, "cmd_ok": 0, "cmd_rejected": 0, "cmd_ignored": 0,
                       "ack_timeouts": 0, "missed_periods": 0, "inv_errors": 0, "bat_errors": 0}

@@ -19,8 +19,9 @@ from protocol import cbor, messages
 from protocol.fw import decode_chunk
 from protocol.errors import ProtocolError, OK, E_RANGE, E_TARGET
 from firmware import loader
+from firmware.loader import running, status_fields
 from firmware.release import (MAX_MANIFEST, MAX_FILES, sha as _sha, size as _size, rmtree, makedirs,
-                              good_path, open_sign1, running, trusted_keys, status_fields)
+                              good_path, open_sign1, trusted_keys)
 
 try:
     from micropython import const
@@ -34,18 +35,6 @@ _TRIAL = const(2)
 PIECE_WAIT_MS = const(3000)     # a piece not here by then is asked for again
 PIECE_GAP_MS = const(50)        # at most 20 requests a second
 FILE_TRIES = const(3)           # fetches of one file whose hash is wrong
-
-
-def boot(b):
-    """At start: what the Board reports (b.rel, b.rel_dig, b.ota_fields)
-    and, for a release on trial, the agent waiting for its confirmation."""
-    slot, b.rel, b.rel_dig, _, st = running(b.fsroot)
-    b.ota_last = st.get("last")
-    b.ota_fields = status_fields(b.rel, b.rel_dig, b.ota_last)
-    b.ota = None
-    if st.get("trial") and st.get("trial") == slot:
-        b.ota = Ota(b, b.fsroot)
-        b.ota.start_trial()
 
 
 class Refused(Exception):

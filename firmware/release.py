@@ -1,13 +1,11 @@
-# A release on the board's flash (docs/OTA.md 3.1): the slot's signed
-# manifest, the release keys it trusts, and the file-system helpers the OTA
-# agent (firmware/ota.py) writes a slot with. Loaded at start to say which
-# release runs, and with the agent; never kept by a board at work.
+# A release on the board's flash (docs/OTA.md 3.1): the signed manifest's
+# envelope, the release keys a slot trusts, and the file-system helpers the
+# OTA agent (firmware/ota.py) writes a slot with. Loaded with the agent only.
 import hashlib
 import json
 import os
 
 from protocol import cbor
-from protocol.errors import ProtocolError
 from firmware import loader
 
 try:
@@ -90,30 +88,6 @@ def open_sign1(raw):
     return kid, prot, payload, sig
 
 
-def manifest_of(raw):
-    """The manifest inside a signed manifest, unchecked (a release that runs)."""
-    payload = open_sign1(raw)[2]
-    return cbor.loads(payload, max_depth=3, max_items=4 * MAX_FILES + 32, max_container=MAX_FILES + 16,
-                      max_size=MAX_MANIFEST), payload
-
-
-def running(root):
-    """(slot, rel, first 8 bytes of its digest, trial_s, state): the
-    release this start runs (the loader has already chosen the slot)."""
-    st = loader.read_state(root)
-    slot = st.get("trial") or st.get("active", "")
-    rel, dig, trial_s = 0, b"", 600
-    try:
-        with open(loader.slot_root(root, slot).rstrip("/") + "/manifest.cose", "rb") as f:
-            m, payload = manifest_of(f.read())
-        rel = m["seq"]
-        trial_s = m.get("trial_s", 600)
-        dig = sha(payload).digest()[:8]
-    except (OSError, ValueError, KeyError, TypeError, ProtocolError):
-        pass
-    return slot, rel, dig, trial_s, st
-
-
 def trusted_keys(root, slot):
     try:
         with open(loader.slot_root(root, slot).rstrip("/") + "/release_keys.json") as f:
@@ -126,18 +100,3 @@ def trusted_keys(root, slot):
         return out
     except (OSError, ValueError, TypeError):
         return []
-
-
-def status_fields(rel, dig, o):
-    """Status keys 20-25 (PROTOCOL.md 6.4) from the release running and
-    the update's report (or the last outcome kept in /ota.json)."""
-    f = {}
-    if rel:
-        f["rel"] = rel
-        f["rel_dig"] = dig
-    if o:
-        f["ota"] = o.get("ota", 0)
-        for k, n in (("rel", "ota_rel"), ("why", "ota_why"), ("got", "ota_got")):
-            if o.get(k):
-                f[n] = o[k][:24] if k == "why" else o[k]
-    return f

@@ -49,10 +49,12 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     # the budget the firmware keeps to (README, "The board's heap"): a change
     # that loads more code or keeps more data has to say so here
     # (84,000 and 116,000: continuous metering, fault flags and the ADC calibration at
-    # boot added about 4 KB of code in issue 16; 86,000: firmware updates in issue 20,
-    # the fwget schema, status keys 20-25 and the board's hooks into the update
-    # agent, about 1.6 KB; the agent itself is loaded only while it works)
-    assert r["code_heap_bytes"] <= 86_000 and r["peak_live_heap_bytes"] <= 116_000, r
+    # boot added about 4 KB of code in issue 16; 86,000 and 117,500: firmware
+    # updates in issue 20, the fwget schema, status keys 20-25 and the board's
+    # hooks into the update agent, about 1.7 KB of code, and 0.5 KB of data,
+    # mostly the names the start-up check of the release leaves interned; the
+    # agent itself is loaded only while it works)
+    assert r["code_heap_bytes"] <= 86_000 and r["peak_live_heap_bytes"] <= 117_500, r
     # 24 h at one reading a minute: every one made, published once at least,
     # none left in the spool, none dropped, no spool error, no period missed
     assert r["readings_made"] == 24 * 60
