@@ -485,7 +485,22 @@ def test_a_rollout_goes_on_to_the_rest_once_the_first_boards_confirm(rig_factory
         c = b.next_cmd()
         assert (c["op"], c["value"]) == (messages.OP_UPDATE, 2)
         b.ack(c["ctr"])
-        b.boot, b.rel = 2, 2
+    # a board's word is not enough: b2 claims release 2 confirmed without a
+    # trial the gateway saw, and is not counted as updated
+    b2.boot, b2.rel = 2, 2
+    b2.status(ota=3, ota_rel=2)
+    time.sleep(1.5)
+    states = {b["device"]: b["state"] for b in rig.rollout(rid)["boards"]}
+    assert states["b2"] != "ok" and rig.rollout(rid)["state"] == "wave2", states
+    b2.boot = 3
+    for b in (b2, b3):
+        b.boot, b.rel = b.boot + 1, 2
+        b.status(ota=2, ota_rel=2)
+        time.sleep(0.3)
+        b.reading()
+        c = b.next_cmd()
+        assert (c["op"], c["value"]) == (messages.OP_CONFIRM, 2)
+        b.ack(c["ctr"])
         b.status(ota=3, ota_rel=2)
     wait_until(lambda: rig.rollout(rid)["state"] == "done", 5, "done")
     assert {b["device"]: b["state"] for b in rig.rollout(rid)["boards"]} == {f"b{i}": "ok" for i in range(4)}

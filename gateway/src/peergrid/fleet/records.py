@@ -116,6 +116,10 @@ class Records:
             out[row[0]] = View(*row)
         return out
 
+    def has_event(self, device: str, event: str, rel: int, since: float) -> bool:
+        return self.db.execute("SELECT 1 FROM firmware_events WHERE community=? AND device=? AND event=? AND rel=?"
+                               " AND t >= ? LIMIT 1", (self.community, device, event, rel, since)).fetchone() is not None
+
     def history(self, device: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         q = "SELECT device, t, boot, rel, digest, event, detail FROM firmware_events WHERE community=?"
         args: list[Any] = [self.community]

@@ -95,7 +95,7 @@ class Fleet:
         self.buckets: dict[str, list[float]] = {}
         self.serveq: queue.Queue[tuple[str, int, int, int, int]] = queue.Queue(SERVE_QUEUE)
         self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
-        self.sent: dict[tuple[str, int], tuple[str, int]] = {}   # (device, ctr) -> ("update", rollout) | ("confirm", 0)
+        self.sent: dict[tuple[str, int], tuple[str, int]] = {}   # (device, ctr) -> ("update", rollout) | ("confirm", rel)
         self.stats = {"served": 0, "bytes": 0, "throttled": 0, "refused": 0, "updates_sent": 0, "confirms_sent": 0}
         self.wake = threading.Event()
         self.stop_event = threading.Event()
@@ -253,7 +253,11 @@ class Fleet:
                 tr = self.trials.get(device)
                 if tr is not None and tr.ctr == msg["ctr"] and res == 0:
                     tr.done = True
-            if res:
+            if res == 0:
+                # the gateway's own evidence that the release works: it took a
+                # live reading of the trial and the board accepted its command
+                self.rec.event(device, "confirm_acked", what[1], None, None, f"command {msg['ctr']}", self.clock())
+            else:
                 self.rec.event(device, "command_refused", None, None, None, f"OP_CONFIRM refused: code {res}",
                                self.clock())
             return
@@ -292,7 +296,7 @@ class Fleet:
             if ctr is None:
                 tr.done = True
                 continue
-            self.sent[(device, ctr)] = ("confirm", 0)
+            self.sent[(device, ctr)] = ("confirm", tr.rel)
             tr.ctr, tr.sent_at, tr.tries = ctr, now, tr.tries + 1
             self._count("confirms_sent")
             dig, _ = self._digest(self.board_of.get(device), tr.rel, self.views.get(device) or View(device))
@@ -337,7 +341,12 @@ class Fleet:
         if v.rel == seq and v.ota == messages.OTA_TRIAL:
             return ("started", "on trial") if b["state"] == "sent" else None
         if v.rel == seq:
-            return "ok", "confirmed" if v.ota == messages.OTA_CONFIRMED else f"runs {seq}"
+            # a status is the board's word: a board is counted as updated only
+            # once the gateway confirmed the release on it itself (an account
+            # that claims a release it never proved stays without outcome)
+            if self.rec.has_event(b["device"], "confirm_acked", seq, b["first_sent"]):
+                return "ok", "confirmed"
+            return None
         if v.ota_rel == seq and v.ota == messages.OTA_REFUSED:
             return "failed", f"refused: {v.ota_why or '?'}"
         if v.ota_rel == seq and v.ota == messages.OTA_ROLLED_BACK:
