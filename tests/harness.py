@@ -268,3 +268,39 @@ def board_client(user: str, password: str, port: int, client_id: str | None = No
     c.loop_start()
     assert up.wait(10), "board could not connect"
     return c
+
+
+def peergrid_cli(cfg: Path, *args: str) -> tuple[int, str, str]:
+    """`peergrid -c cfg args...` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from peergrid import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["-c", str(cfg), *args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def peergrid_json(cfg: Path, *args: str):
+    """The JSON document of `peergrid -c cfg args... --json` (which must succeed)."""
+    rc, out, err = peergrid_cli(cfg, *args, "--json")
+    if rc != 0:
+        raise AssertionError(f"peergrid {' '.join(args)}: {err.strip()}")
+    return json.loads(out)
+
+
+def broken_firmware_tree(dst: Path) -> Path:
+    """A copy of the board's source tree (firmware, protocol, boardsim) whose
+    firmware measures but drops every reading, live and buffered: a release
+    built from it runs but can never prove itself (tools/release.py --src)."""
+    for pkg in ("firmware", "protocol", "boardsim"):
+        shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    p = dst / "firmware" / "board.py"
+    s = p.read_text()
+    broken = s.replace("            self.live_len = n\n", "            self.live_len = 0    # broken: dropped\n") \
+        .replace("            self._spool(frame)\n", "            pass    # broken: dropped\n")
+    assert broken.count("broken: dropped") == 2, "firmware/board.py changed: the breakage no longer applies"
+    p.write_text(broken)
+    return dst

@@ -7,9 +7,7 @@ firmware events; a trial that publishes a live reading is confirmed; a
 rollout goes on after its first wave confirms and halts on a failure."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import queue
@@ -22,8 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import board_client, free_port, registry_broker, stop_process, wait_until
-from peergrid import cli
+from harness import board_client, free_port, peergrid_cli, peergrid_json, registry_broker, stop_process, wait_until
 from peergrid.community import registry as reg
 from peergrid.config import Config
 from peergrid.ingest.service import Gateway
@@ -59,19 +56,6 @@ def build_release(out: Path, board: str, seq: int, key: Ed25519PrivateKey = KEY,
     (d / "manifest.cose").write_bytes(cbor2.dumps(cbor2.CBORTag(18, [prot, {4: kid}, payload, sig])))
     (d / "manifest.json").write_text(json.dumps({"seq": seq, "board": board}))
     return d
-
-
-def run_cli(cfg: Path, *args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["-c", str(cfg), *args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def cli_json(cfg: Path, *args: str) -> Any:
-    rc, out, err = run_cli(cfg, *args, "--json")
-    assert rc == 0, err
-    return json.loads(out)
 
 
 def write_config(tmp: Path, port: int = 1883, keys: bool = True, extra: str = "") -> Path:
@@ -166,7 +150,7 @@ class Rig:
         r.add_community(C)
         self.creds = {d: r.add_device(C, d, "sim", CH, r.add_member(C, d)) for d in devices}
         r.db.close()
-        assert run_cli(self.cfg, "broker-files")[0] == 0
+        assert peergrid_cli(self.cfg, "broker-files")[0] == 0
         self.broker = registry_broker(tmp, self.port)
         self.gw = Gateway(Config.load(self.cfg))
         self.gw.fleet.resend_s = 1.0          # (3 s in service) commands not answered are sent again sooner
@@ -187,10 +171,10 @@ class Rig:
         stop_process(self.broker)
 
     def events(self, device: str | None = None) -> list[dict[str, Any]]:
-        return cli_json(self.cfg, "fleet", "history", *([device] if device else []))
+        return peergrid_json(self.cfg, "fleet", "history", *([device] if device else []))
 
     def rollout(self, rid: int) -> dict[str, Any]:
-        return next(r for r in cli_json(self.cfg, "fleet", "rollouts") if r["id"] == rid)
+        return next(r for r in peergrid_json(self.cfg, "fleet", "rollouts") if r["id"] == rid)
 
 
 @pytest.fixture
@@ -212,12 +196,12 @@ def rig_factory(tmp_path):
 def test_release_store_checks_files_manifest_and_signature(tmp_path) -> None:
     cfg = write_config(tmp_path)
     good = build_release(tmp_path / "src", "devkit", 2)
-    rc, out, err = run_cli(cfg, "fleet", "add", str(good))
+    rc, out, err = peergrid_cli(cfg, "fleet", "add", str(good))
     assert rc == 0 and "added to" in out and "signature verified" in out, err
     stored = tmp_path / "releases" / "devkit" / "2"
     assert (stored / "lib/firmware/main.mpy").read_bytes() == (good / "lib/firmware/main.mpy").read_bytes()
-    assert run_cli(cfg, "fleet", "add", str(good))[1].count("already in") == 1        # the same again: nothing to do
-    rels = cli_json(cfg, "fleet", "releases")
+    assert peergrid_cli(cfg, "fleet", "add", str(good))[1].count("already in") == 1        # the same again: nothing to do
+    rels = peergrid_json(cfg, "fleet", "releases")
     digest = hashlib.sha256(cbor2.loads((good / "manifest.cose").read_bytes()).value[2]).hexdigest()
     assert [(r["board"], r["seq"], r["digest"]) for r in rels] == [("devkit", 2, digest)]
 
@@ -226,35 +210,35 @@ def test_release_store_checks_files_manifest_and_signature(tmp_path) -> None:
     data = bytearray((bad / "lib/protocol/cbor.mpy").read_bytes())
     data[100] ^= 1
     (bad / "lib/protocol/cbor.mpy").write_bytes(bytes(data))
-    rc, _, err = run_cli(cfg, "fleet", "add", str(bad))
+    rc, _, err = peergrid_cli(cfg, "fleet", "add", str(bad))
     assert rc == 1 and "SHA-256 differs" in err and not (tmp_path / "releases" / "devkit" / "3").exists()
     # a file missing, a file longer than the manifest says
     short = build_release(tmp_path / "short", "devkit", 4)
     (short / "release_keys.json").unlink()
-    assert "missing" in run_cli(cfg, "fleet", "add", str(short))[2]
+    assert "missing" in peergrid_cli(cfg, "fleet", "add", str(short))[2]
     (short / "release_keys.json").write_text(json.dumps([PUB.hex()]) + " ")
-    assert "bytes, the manifest says" in run_cli(cfg, "fleet", "add", str(short))[2]
+    assert "bytes, the manifest says" in peergrid_cli(cfg, "fleet", "add", str(short))[2]
     # signed by a key the gateway does not trust; a signature that does not verify
     other = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
-    rc, _, err = run_cli(cfg, "fleet", "add", str(build_release(tmp_path / "other", "devkit", 5, key=other)))
+    rc, _, err = peergrid_cli(cfg, "fleet", "add", str(build_release(tmp_path / "other", "devkit", 5, key=other)))
     assert rc == 1 and "none of the 1 configured release key" in err
     forged = build_release(tmp_path / "forged", "devkit", 6)
     env = cbor2.loads((forged / "manifest.cose").read_bytes())
     sig = bytearray(env.value[3])
     sig[0] ^= 1
     (forged / "manifest.cose").write_bytes(cbor2.dumps(cbor2.CBORTag(18, [*env.value[:3], bytes(sig)])))
-    rc, _, err = run_cli(cfg, "fleet", "add", str(forged))
+    rc, _, err = peergrid_cli(cfg, "fleet", "add", str(forged))
     assert rc == 1 and "does not verify" in err
     # another release with a (board, seq) the store has: refused
     again = build_release(tmp_path / "again", "devkit", 2, size=5000)
-    rc, _, err = run_cli(cfg, "fleet", "add", str(again))
+    rc, _, err = peergrid_cli(cfg, "fleet", "add", str(again))
     assert rc == 1 and "already has another release 2" in err
-    assert [r["seq"] for r in cli_json(cfg, "fleet", "releases")] == [2]
+    assert [r["seq"] for r in peergrid_json(cfg, "fleet", "releases")] == [2]
 
     # without release keys: added, with a warning that the signature was not checked
     (tmp_path / "nokeys").mkdir()
     cfg2 = write_config(tmp_path / "nokeys", keys=False)
-    rc, out, err = run_cli(cfg2, "fleet", "add", str(build_release(tmp_path / "other", "devkit", 7, key=other)))
+    rc, out, err = peergrid_cli(cfg2, "fleet", "add", str(build_release(tmp_path / "other", "devkit", 7, key=other)))
     assert rc == 0 and "NOT checked" in err
 
 
@@ -269,9 +253,9 @@ def test_releases_of_tools_release_py_are_accepted_and_the_test_builder_agrees(t
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\n[fleet]\nrelease_keys = ["{pub.hex()}"]\n')
     out, digest = tool.build("sim", seq=4, key=tmp_path / "k", out=tmp_path / "sim-4", heap=50000)
-    rc, text, err = run_cli(cfg, "fleet", "add", str(out))
+    rc, text, err = peergrid_cli(cfg, "fleet", "add", str(out))
     assert rc == 0 and "signature verified" in text, err
-    assert [(r["board"], r["seq"], r["digest"]) for r in cli_json(cfg, "fleet", "releases")] == [("sim", 4, digest)]
+    assert [(r["board"], r["seq"], r["digest"]) for r in peergrid_json(cfg, "fleet", "releases")] == [("sim", 4, digest)]
     tool.verify_release(build_release(tmp_path / "mine", "devkit", 2), [PUB])
 
 
@@ -281,7 +265,7 @@ def test_releases_of_tools_release_py_are_accepted_and_the_test_builder_agrees(t
 def test_fwget_is_served_from_the_store_and_bounded(rig_factory, tmp_path) -> None:
     rig = rig_factory(["ha", "hb"], extra="serve_per_s = 20\n")
     for board, seq in (("devkit", 2), ("other", 2)):
-        assert run_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", board, seq)))[0] == 0
+        assert peergrid_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", board, seq)))[0] == 0
     rel = tmp_path / "src" / "devkit-2"
     a, b = rig.board("ha", "devkit"), rig.board("hb", "other")
     a.status()
@@ -366,7 +350,7 @@ def test_fwget_is_served_from_the_store_and_bounded(rig_factory, tmp_path) -> No
 
 def test_statuses_become_events_and_a_proven_trial_is_confirmed(rig_factory, tmp_path) -> None:
     rig = rig_factory(["hx", "hy"])
-    assert run_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", "devkit", 2)))[0] == 0
+    assert peergrid_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", "devkit", 2)))[0] == 0
     digest2 = hashlib.sha256(cbor2.loads((tmp_path / "src/devkit-2/manifest.cose").read_bytes()).value[2]).hexdigest()
     x, y = rig.board("hx"), rig.board("hy")
     x.status(rel_dig=b"\x11" * 8)
@@ -405,10 +389,10 @@ def test_statuses_become_events_and_a_proven_trial_is_confirmed(rig_factory, tmp
     wait_until(lambda: [e["event"] for e in rig.events("hy")] == ["running", "refused", "rolled_back"], 5, "hy")
     ev = rig.events("hy")
     assert ev[1]["detail"] == "bad signature" and "resets" in ev[2]["detail"] and ev[2]["rel"] == 2
-    fl = {d["device"]: d for d in cli_json(rig.cfg, "fleet")}
+    fl = {d["device"]: d for d in peergrid_json(rig.cfg, "fleet")}
     assert fl["hx"]["rel"] == 2 and fl["hx"]["digest"] == digest2 and fl["hx"]["ota_state"] == "confirmed"
     assert fl["hy"]["rel"] == 1 and fl["hy"]["ota_state"] == "rolled_back" and fl["hy"]["ota_why"] == "resets"
-    rc, out, _ = run_cli(rig.cfg, "fleet")
+    rc, out, _ = peergrid_cli(rig.cfg, "fleet")
     assert rc == 0 and "hx" in out and digest2[:16] in out
 
 
@@ -417,7 +401,7 @@ def test_statuses_become_events_and_a_proven_trial_is_confirmed(rig_factory, tmp
 
 def _fleet_of_four(rig_factory, tmp_path) -> tuple[Rig, list[Board]]:
     rig = rig_factory(["b0", "b1", "b2", "b3", "z9"])
-    assert run_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", "devkit", 2)))[0] == 0
+    assert peergrid_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", "devkit", 2)))[0] == 0
     boards = [rig.board(f"b{i}") for i in range(4)]
     other = rig.board("z9", "other")              # another type: never part of the rollout
     for b in boards + [other]:
@@ -428,7 +412,7 @@ def _fleet_of_four(rig_factory, tmp_path) -> tuple[Rig, list[Board]]:
 
 def test_a_rollout_halts_when_a_first_board_rolls_back(rig_factory, tmp_path) -> None:
     rig, (b0, b1, b2, b3, z9) = _fleet_of_four(rig_factory, tmp_path)
-    rc, out, err = run_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit", "--first", "2", "--max-fail", "1")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit", "--first", "2", "--max-fail", "1")
     assert rc == 0, err
     rid = int(out.split()[1].rstrip(":"))
     c0, c1 = b0.next_cmd(), b1.next_cmd()
@@ -452,16 +436,16 @@ def test_a_rollout_halts_when_a_first_board_rolls_back(rig_factory, tmp_path) ->
     ev = rig.events()
     assert sorted(e["device"] for e in ev if e["event"] == "update_sent") == ["b0", "b1"]
     # a halted rollout can be followed by another one; one at a time per board type
-    rc, out, _ = run_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit")
+    rc, out, _ = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit")
     assert rc == 0
-    rc, _, err = run_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit")
+    rc, _, err = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit")
     assert rc == 1 and "still under way" in err
-    assert run_cli(rig.cfg, "fleet", "halt")[0] == 0
+    assert peergrid_cli(rig.cfg, "fleet", "halt")[0] == 0
 
 
 def test_a_rollout_goes_on_to_the_rest_once_the_first_boards_confirm(rig_factory, tmp_path) -> None:
     rig, (b0, b1, b2, b3, z9) = _fleet_of_four(rig_factory, tmp_path)
-    rc, out, err = run_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit", "--first", "2")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit", "--first", "2")
     assert rc == 0, err
     rid = int(out.split()[1].rstrip(":"))
     for b in (b0, b1):
@@ -509,19 +493,19 @@ def test_a_rollout_goes_on_to_the_rest_once_the_first_boards_confirm(rig_factory
 
 def test_one_board_update_is_resent_until_answered_and_halts_by_hand(rig_factory, tmp_path) -> None:
     rig, (b0, b1, *_rest) = _fleet_of_four(rig_factory, tmp_path)
-    rc, out, err = run_cli(rig.cfg, "fleet", "update", "b1", "2")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "update", "b1", "2")
     assert rc == 0, err
     c1 = b1.next_cmd()
     c2 = b1.next_cmd(timeout=3)                       # no ack, no fetching: sent again
     assert c1["op"] == c2["op"] == messages.OP_UPDATE and c2["ctr"] > c1["ctr"]
     assert b0.cmds.empty()
-    assert "b1" in run_cli(rig.cfg, "fleet")[1]
-    rc, out, _ = run_cli(rig.cfg, "fleet", "halt")
+    assert "b1" in peergrid_cli(rig.cfg, "fleet")[1]
+    rc, out, _ = peergrid_cli(rig.cfg, "fleet", "halt")
     assert rc == 0 and "halted" in out
     time.sleep(0.6)
     while not b1.cmds.empty():
         b1.cmds.get()
     with pytest.raises(queue.Empty):
         b1.next_cmd(timeout=3)                        # the next one was due 2 s after the second
-    assert run_cli(rig.cfg, "fleet", "update", "b1", "9")[0] == 1          # no such release
-    assert run_cli(rig.cfg, "fleet", "update", "nobody", "2")[0] == 1
+    assert peergrid_cli(rig.cfg, "fleet", "update", "b1", "9")[0] == 1          # no such release
+    assert peergrid_cli(rig.cfg, "fleet", "update", "nobody", "2")[0] == 1

@@ -9,10 +9,7 @@ registers; a release that cannot publish rolls back by itself, and a staged
 rollout over ten boards halts after its first failures."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from harness import ROOT, free_port, registry_broker, stop_process, wait_until
-from peergrid import cli
+from harness import (ROOT, broken_firmware_tree, free_port, peergrid_cli, peergrid_json, registry_broker,
+                     stop_process, wait_until)
 from peergrid.community import registry as reg
 from peergrid.config import Config
 from peergrid.ingest.service import Gateway
@@ -54,30 +51,9 @@ def rels(tmp_path_factory) -> dict[Any, Any]:
     raw[-1] ^= 0x01                                  # the signature's last byte
     (r4 / "manifest.cose").write_bytes(bytes(raw))
     out[4] = r4
-    src = d / "src6"
-    for pkg in ("firmware", "protocol", "boardsim"):
-        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    p = src / "firmware" / "board.py"
-    s = p.read_text()
-    broken = s.replace("            self.live_len = n\n", "            self.live_len = 0    # broken: dropped\n") \
-        .replace("            self._spool(frame)\n", "            pass    # broken: dropped\n")
-    assert broken.count("broken: dropped") == 2
-    p.write_text(broken)
+    src = broken_firmware_tree(d / "src6")
     out[6] = rtool.build("sim", seq=6, key=d / "a.key", trial_s=30, src=src, out=d / "r6")[0]
     return out
-
-
-def run_cli(cfg: Path, *args: str) -> tuple[int, str, str]:
-    o, e = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-        rc = cli.main(["-c", str(cfg), *args])
-    return rc, o.getvalue(), e.getvalue()
-
-
-def cli_json(cfg: Path, *args: str) -> Any:
-    rc, out, err = run_cli(cfg, *args, "--json")
-    assert rc == 0, err
-    return json.loads(out)
 
 
 class Rig:
@@ -99,7 +75,7 @@ class Rig:
         self.devices = [f"h{i:02d}" for i in range(n)]
         creds = {d: r.add_device(C, d, "sim", CH, r.add_member(C, d)) for d in self.devices}
         r.db.close()
-        assert run_cli(self.cfg, "broker-files")[0] == 0
+        assert peergrid_cli(self.cfg, "broker-files")[0] == 0
         self.broker = registry_broker(tmp, self.port)
         self.gw = Gateway(Config.load(self.cfg))
         self.gw.fleet.resend_s = 1.0
@@ -116,10 +92,10 @@ class Rig:
             vb.start()
 
     def add(self, seq: int) -> tuple[int, str, str]:
-        return run_cli(self.cfg, "fleet", "add", str(self.rels[seq]))
+        return peergrid_cli(self.cfg, "fleet", "add", str(self.rels[seq]))
 
     def events(self, device: str | None = None) -> list[dict[str, Any]]:
-        return cli_json(self.cfg, "fleet", "history", *([device] if device else []))
+        return peergrid_json(self.cfg, "fleet", "history", *([device] if device else []))
 
     def wait_event(self, device: str, event: str, rel: int, timeout: float = 60) -> dict[str, Any]:
         found: list[dict[str, Any]] = []
@@ -129,7 +105,7 @@ class Rig:
             return bool(found)
 
         wait_until(seen, timeout, f"{device}: no {event} of release {rel}; events: {self.events(device)[-4:]}; "
-                                  f"rollouts: {cli_json(self.cfg, 'fleet', 'rollouts')[-1:]}; board: "
+                                  f"rollouts: {peergrid_json(self.cfg, 'fleet', 'rollouts')[-1:]}; board: "
                                   + repr({k: v for k, v in self.boards[device].state().items()
                                           if k in ("rel", "ota", "ota_stats", "connected", "uplink")})
                                   + "; " + self.boards[device].tail())
@@ -138,12 +114,12 @@ class Rig:
     def update(self, device: str, seq: int) -> None:
         """`peergrid fleet update`, once the rollout before it has ended."""
         wait_until(lambda: all(x["state"] not in ("new", "wave1", "wave2")
-                               for x in cli_json(self.cfg, "fleet", "rollouts")), 60, "a rollout never ended")
-        rc, out, err = run_cli(self.cfg, "fleet", "update", device, str(seq))
+                               for x in peergrid_json(self.cfg, "fleet", "rollouts")), 60, "a rollout never ended")
+        rc, out, err = peergrid_cli(self.cfg, "fleet", "update", device, str(seq))
         assert rc == 0, err
 
     def fleet(self) -> dict[str, dict[str, Any]]:
-        return {x["device"]: x for x in cli_json(self.cfg, "fleet")}
+        return {x["device"]: x for x in peergrid_json(self.cfg, "fleet")}
 
     def stop(self) -> None:
         for vb in self.boards.values():
@@ -247,7 +223,7 @@ def test_power_cuts_at_each_step_leave_a_board_that_boots(rig, rels) -> None:
     wait_until(lambda: r.gw.fleet.views.get(d) is not None and r.gw.fleet.views[d].boot == st["boot"], 30,
                "no status after the restart")
     time.sleep(0.5)
-    assert run_cli(r.cfg, "fleet", "halt")[0] in (0, 1)
+    assert peergrid_cli(r.cfg, "fleet", "halt")[0] in (0, 1)
     r.update(d, 2)
     # 2. on trial, before the confirmation: the trial starts again
     wait_until(lambda: _rel(vb) == 2, 90, "the update never switched")
@@ -265,15 +241,15 @@ def test_a_rollout_of_a_release_that_cannot_publish_halts_after_the_first_failur
     r = rig(10)
     wait_until(lambda: all(x["rel"] == 1 for x in r.fleet().values()), 60, "not every board reported release 1")
     assert r.add(6)[0] == 0
-    rc, out, err = run_cli(r.cfg, "fleet", "rollout", "6", "--board", "sim", "--first", "2", "--max-fail", "1")
+    rc, out, err = peergrid_cli(r.cfg, "fleet", "rollout", "6", "--board", "sim", "--first", "2", "--max-fail", "1")
     assert rc == 0, err
     first = sorted(r.devices)[:2]
     for d in first:
         ev = r.wait_event(d, "rolled_back", 6, 120)
         assert "no confirm" in ev["detail"], ev
         wait_until(lambda: _rel(r.boards[d]) == 1, 30, f"{d} is not back on release 1")   # by itself
-    ro = cli_json(r.cfg, "fleet", "rollouts")[-1]
-    wait_until(lambda: cli_json(r.cfg, "fleet", "rollouts")[-1]["state"] == "halted", 30, "the rollout went on")
+    ro = peergrid_json(r.cfg, "fleet", "rollouts")[-1]
+    wait_until(lambda: peergrid_json(r.cfg, "fleet", "rollouts")[-1]["state"] == "halted", 30, "the rollout went on")
     sent = {e["device"] for e in r.events() if e["event"] == "update_sent" and e["rel"] == 6}
     assert sent <= set(first), sent                            # the other eight never got it
     for d in sorted(r.devices)[2:]:

@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import ROOT
+from harness import ROOT, broken_firmware_tree
 from peergrid.sim.vboard import VirtualBoard, default_config
 from protocol import cbor, messages, topics
 from protocol.fw import encode_chunk, encode_chunk_error
@@ -50,16 +50,7 @@ def build_broken(rels: dict[str, Any], seq: int) -> Path:
     """A release whose firmware measures but never publishes a reading."""
     src = rels["dir"] / f"src{seq}"
     if not src.exists():
-        import shutil
-
-        for pkg in ("firmware", "protocol", "boardsim"):
-            shutil.copytree(ROOT / pkg, src / pkg)
-        p = src / "firmware" / "board.py"
-        s = p.read_text()
-        s2 = s.replace("            self.live_len = n\n", "            self.live_len = 0    # broken: dropped\n") \
-            .replace("            self._spool(frame)\n", "            pass    # broken: dropped\n")
-        assert s2.count("broken: dropped") == 2
-        p.write_text(s2)
+        broken_firmware_tree(src)
     return rtool.build("sim", seq=seq, key=rels["key"], trial_s=30, src=src, out=rels["dir"] / f"broken{seq}")[0]
 
 

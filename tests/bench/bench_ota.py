@@ -39,8 +39,6 @@ the gateway's throttle and time out pieces, which real boards never do.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
@@ -59,10 +57,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from harness import free_port, registry_broker, stop_process, wait_until  # noqa: E402
+from harness import free_port, peergrid_cli, peergrid_json, registry_broker, stop_process, wait_until  # noqa: E402
 import footprint  # noqa: E402
 import release as rtool  # noqa: E402  (tools/release.py)
-from peergrid import cli  # noqa: E402
 from peergrid.community import registry as reg  # noqa: E402
 from peergrid.config import Config  # noqa: E402
 from peergrid.ingest.service import Gateway  # noqa: E402
@@ -77,20 +74,6 @@ MICROPYTHON = str(ROOT / ".venv" / "bin" / "micropython")
 
 def say(*a: Any) -> None:
     print(*a, flush=True)
-
-
-def run_cli(cfg: Path, *args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["-c", str(cfg), *args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def cli_json(cfg: Path, *args: str) -> Any:
-    rc, out, err = run_cli(cfg, *args, "--json")
-    if rc != 0:
-        raise RuntimeError(f"peergrid {' '.join(args)}: {err.strip()}")
-    return json.loads(out)
 
 
 def mqtt_frame(topic: str, payload_len: int) -> int:
@@ -155,7 +138,9 @@ def _last_json(r: subprocess.CompletedProcess, what: str) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def heap_figures(rels: dict[str, Any], mpy: Path, tmp: Path) -> dict[str, Any]:
+def agent_work(rels: dict[str, Any], tmp: Path) -> Path:
+    """The folder tests/bench/mp32_ota_heap.py works from (its setup.json and
+    release 2's files)."""
     w = tmp / "heapwork"
     (w / "rel2").mkdir(parents=True)
     for p in rels["files"]:
@@ -166,13 +151,25 @@ def heap_figures(rels: dict[str, Any], mpy: Path, tmp: Path) -> dict[str, Any]:
         "cose1": (rels[1] / "manifest.cose").read_bytes().hex(), "cose2": (rels[2] / "manifest.cose").read_bytes().hex(),
         "keys1": (rels[1] / "release_keys.json").read_text(), "files": rels["files"],
         "board": {"name": bdef["name"], "heap_bytes": bdef["heap_bytes"]}}))
+    return w
+
+
+def run_agent(mpy: Path, w: Path, opt: list[str], ticks0: int | None = None) -> dict[str, Any]:
+    """One run of the OTA agent on the 32-bit runtime (its JSON line)."""
     script = str(ROOT / "tests" / "bench" / "mp32_ota_heap.py")
+    r = subprocess.run(footprint.mp32_cmd() + opt + ["--step", "--copy", f"{mpy}:/mpy", "--copy", f"{w}:/w",
+                                                     "--sys", "/mpy", script, "/w"]
+                       + ([str(ticks0)] if ticks0 is not None else []),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return _last_json(r, "the OTA agent on the 32-bit runtime")
+
+
+def heap_figures(rels: dict[str, Any], mpy: Path, tmp: Path) -> dict[str, Any]:
+    w = agent_work(rels, tmp)
+    bdef = json.loads((ROOT / "boards" / "sim" / "board.json").read_text())
     runs = {}
     for label, opt in (("capped", ["--heap", str(bdef["heap_bytes"])]), ("grow", ["--grow"])):
-        r = subprocess.run(footprint.mp32_cmd() + opt + ["--step", "--copy", f"{mpy}:/mpy", "--copy", f"{w}:/w",
-                                                         "--sys", "/mpy", script, "/w"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-        res = _last_json(r, f"the agent's heap on the 32-bit runtime ({label})")
+        res = run_agent(mpy, w, opt)
         res["heap_cap_bytes"] = bdef["heap_bytes"] if label == "capped" else None
         runs[label] = res
         say(f"OTA agent on the 32-bit runtime, heap {'capped at ' + str(bdef['heap_bytes']) if label == 'capped' else 'growing'}"
@@ -247,7 +244,7 @@ class Rig:
         r.add_community(C)
         self.creds = {d: r.add_device(C, d, "sim", CH, r.add_member(C, d)) for d in devices}
         r.db.close()
-        rc, _, err = run_cli(self.cfg, "broker-files")
+        rc, _, err = peergrid_cli(self.cfg, "broker-files")
         if rc != 0:
             raise RuntimeError(f"broker-files: {err}")
         # the observer: an account that may read every topic of the community, nothing else
@@ -255,7 +252,7 @@ class Rig:
         with open(tmp / "acl", "a") as f:
             f.write(f"\nuser {OBSERVER[0]}\ntopic read pg/{C}/#\n")
         for seq in (1, 2):
-            rc, _, err = run_cli(self.cfg, "fleet", "add", str(rels[seq]))
+            rc, _, err = peergrid_cli(self.cfg, "fleet", "add", str(rels[seq]))
             if rc != 0:
                 raise RuntimeError(f"fleet add: {err}")
 
@@ -277,7 +274,7 @@ class Rig:
         return vb
 
     def events(self, device: str | None = None) -> list[dict[str, Any]]:
-        return cli_json(self.cfg, "fleet", "history", *([device] if device else []))
+        return peergrid_json(self.cfg, "fleet", "history", *([device] if device else []))
 
     def stop(self) -> None:
         """Every process this rig started is gone when this returns, whatever fails on the way."""
@@ -319,7 +316,7 @@ def update_one(rig: Rig, rels: dict[str, Any], speed: float, device: str = "solo
     st0 = dict(rig.gw.fleet.stats)
     before = rig.observer.of(device)
     t0 = time.time()
-    rc, out, err = run_cli(rig.cfg, "fleet", "update", device, "2")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "update", device, "2")
     if rc != 0:
         raise RuntimeError(f"fleet update: {err}")
     wait_until(lambda: any(e["event"] == "confirmed" and e["rel"] == 2 for e in rig.events(device)), 120,
@@ -379,7 +376,7 @@ def update_many(rig: Rig, rels: dict[str, Any], devices: list[str], speed: float
     running(rig, devices, 1, 60)
     say(f"{len(devices)} boards started with release 1 in {time.monotonic() - t:.1f} s")
     t0 = time.time()
-    rc, out, err = run_cli(rig.cfg, "fleet", "rollout", "2", "--board", "sim", "--first", "2", "--max-fail", "1")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "sim", "--first", "2", "--max-fail", "1")
     if rc != 0:
         raise RuntimeError(f"fleet rollout: {err}")
     rid = int(out.split()[1].rstrip(":"))
@@ -396,7 +393,7 @@ def update_many(rig: Rig, rels: dict[str, Any], devices: list[str], speed: float
         if e["event"] in ("update_sent", "confirmed"):
             firsts.setdefault((e["device"], e["event"]), e["t"] - t0)
     wave1 = sorted(v for (d, k), v in firsts.items() if k == "confirmed")[:2]
-    ro = next(r for r in cli_json(rig.cfg, "fleet", "rollouts") if r["id"] == rid)
+    ro = next(r for r in peergrid_json(rig.cfg, "fleet", "rollouts") if r["id"] == rid)
     failed = [e for e in ev if e["event"] in ("refused", "rolled_back", "update_timeout")]
     say(f"{len(devices)} boards (speed {speed:g}): `fleet rollout 2 --board sim --first 2 --max-fail 1` to all "
         f"confirmed in {conf[-1]:.2f} s (first wave confirmed at {', '.join(f'{x:.2f}' for x in wave1)} s; "
