@@ -169,8 +169,7 @@ class Uplink:
         if self.state != _UP:
             return 0
         try:
-            pid = self.client.publish(topic, frame, retain=retain, qos=qos) if qos else \
-                self.client.publish(topic, frame, retain=retain) or 1
+            pid = self.client.publish(topic, frame, retain=retain, qos=qos) or 1     # QoS 0 has no id
         except Exception as e:  # noqa: BLE001
             self._drop("publish: %r" % (e,))
             return 0
