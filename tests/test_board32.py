@@ -145,3 +145,23 @@ def test_a_failed_spool_write_is_counted_and_reported(mpy32: Path, tmp_path: Pat
     assert late and all(s.get("spool_err") == 10 for s in late), late
     early = [s for s in got["statuses"] if s["uptime"] < 2400]
     assert early and all("spool_err" not in s for s in early)
+
+
+def test_an_update_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> None:
+    """The OTA agent (firmware/ota.py, compiled as on a board) fetches,
+    checks and switches to a whole release on the 32-bit runtime, its tick
+    clock starting 2 s before the 2^30 wrap (ticks in the half where a
+    deadline built from 0 would lie in the future): the first request goes
+    out at once, the fetch crosses the wrap, every file verifies."""
+    sys.path.insert(0, str(ROOT / "tests" / "bench"))
+    import bench_ota
+
+    rels = bench_ota.releases(tmp_path)
+    w = bench_ota.agent_work(rels, tmp_path)
+    r = bench_ota.run_agent(mpy32, w, ["--grow"], ticks0=(1 << 30) - 2000)
+    assert r["completed"] and r["error"] is None, r
+    assert r["first_request_step"] <= 1, r             # not held back until the wrap
+    assert r["steps"] > 40, r                            # so the fetch ran on past the wrap (50 ms a step)
+    assert r["reset_pending"] == "update" and r["ota_json"]["trial"] == "a", r
+    assert r["agent_stats"]["bad_pieces"] == 0 and r["agent_stats"]["refetched"] == 0, r
+    assert not r["ed25519_in_sys_modules"] and not r["ed25519_kept_by_package"], r

@@ -6,7 +6,7 @@
 # board definition, flash root, next_status, reset_pending).
 #
 #   node tools/mp32/run.mjs --heap 2097152 --step --copy MPY:/mpy --copy WORK:/w --sys /mpy \
-#       tests/bench/mp32_ota_heap.py /w
+#       tests/bench/mp32_ota_heap.py /w [TICKS0]
 #
 # WORK (written by tests/bench/bench_ota.py) holds setup.json
 #   {"cose1": hex, "cose2": hex, "keys1": text of release 1's release_keys.json,
@@ -30,7 +30,8 @@ W = sys.argv[1] if len(sys.argv) > 1 else "/w"
 ROOT = "/flash"
 GAP_MS = 50                     # firmware/ota.py PIECE_GAP_MS: one piece a step
 MAX_STEPS = 20000
-TICKS0 = (1 << 30) - 3000       # the board's tick clock 3 s before it wraps (2^30 on a 32-bit port)
+# the board's tick clock 3 s before it wraps (2^30 on a 32-bit port), or argv[2]
+TICKS0 = int(sys.argv[2]) if len(sys.argv) > 2 else (1 << 30) - 3000
 
 
 def _setup():
