@@ -19,6 +19,10 @@ apt_need() {
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   apt_need mosquitto
 fi
+# the member app's browser tests (tests/test_member_app.py): Debian's Chromium and its WebDriver
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  apt_need chromium chromium-driver
+fi
 # the tests start their own broker; a packaged service is not needed
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 

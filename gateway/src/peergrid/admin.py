@@ -51,6 +51,13 @@ def admin(args: argparse.Namespace) -> int:
                 _record(cfg, "member_key", {"member": args.member, "key": pub})
                 print(f"member {args.member}: key pair made; private key in {out} (give it to the member), "
                       f"public key {pub.hex()} in the registry and the ledger")
+            elif args.mcmd == "account":
+                user, password = r.set_member_account(cfg.community, args.member)
+                print(f"member {args.member}: broker account for Home Assistant (shown only now)")
+                print(f"  host {cfg.broker_host}  port {cfg.broker_port}  user {user}  password {password}")
+                print("  it reads only this house's values and the community's aggregate (docs: README, "
+                      "Home Assistant)")
+                _accounts_changed(cfg, r)
             elif args.mcmd == "leave":
                 st = _settler(cfg)
                 if st is None:

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("member", type=int)
     mk.add_argument("--out", required=True, help="file for the private key (the member keeps it)")
     msub.add_parser("list")
+    mac = msub.add_parser("account", help="a broker account for the member's Home Assistant: reads only its house "
+                                          "and the community aggregate (the password is shown once)")
+    mac.add_argument("member", type=int)
     ml = msub.add_parser("leave")
     ml.add_argument("member", type=int)
     mlim = msub.add_parser("limits", help="a member's auction price limits (minor units per kWh)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peergrid import schema
+from peergrid.app import topics as hatopics
 from protocol import topics
 
 SCHEMA = """
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS feeders (
 """
 # columns added after the first release, with what older databases get
 MIGRATIONS = (("members", "bid", "INTEGER"), ("members", "ask", "INTEGER"), ("members", "pubkey", "BLOB"),
-              ("devices", "version", "INTEGER NOT NULL DEFAULT 0"))
+              ("devices", "version", "INTEGER NOT NULL DEFAULT 0"), ("members", "broker_hash", "TEXT"))
 # The registry's change counter (issue 17): whatever writes the devices table
 # (the CLI, the installer API, a split, another tool), a trigger in the same
 # transaction counts the change and marks the device with the new count, so a
@@ -216,6 +217,17 @@ class Registry:
             if v is not None and (type(v) is not int or v < 0):
                 raise RegistryError("price limits are whole minor units per kWh, not negative")
         self.db.execute("UPDATE members SET bid=?, ask=? WHERE community=? AND id=?", (bid, ask, community, member))
+
+    def set_member_account(self, community: str, member: int) -> tuple[str, str]:
+        """A broker account for the member's own programs (Home Assistant,
+        peergrid.app.homeassistant): it reads only its house's topics and the
+        community's aggregate. Returns (user, password); the password is shown
+        once and only its hash is kept. A second call replaces it."""
+        self._current(community, member)
+        password = secrets.token_urlsafe(18)
+        self.db.execute("UPDATE members SET broker_hash=? WHERE community=? AND id=?",
+                        (mosquitto_hash(password), community, member))
+        return member_user(community, member), password
 
     def limits(self, community: str) -> dict[int, tuple[int | None, int | None]]:
         return {r[0]: (r[1], r[2]) for r in self.db.execute(
@@ -426,6 +438,9 @@ class Registry:
             acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.CMD}")
             acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.FW}")
             acl_lines.append(f"topic readwrite pgw/{c}/#")
+            acl_lines.append(f"topic readwrite {hatopics.HA_ROOT}/{c}/#")
+        # Home Assistant's discovery configs and its announcements
+        acl_lines += [f"topic write {hatopics.DISCOVERY}/#", f"topic read {hatopics.HA_STATUS}"]
         acl_lines.append("")
         n = 0
         for c, dev, h in self.db.execute("SELECT community, id, broker_hash FROM devices WHERE revoked IS NULL"
@@ -436,6 +451,14 @@ class Registry:
             acl_lines += [f"topic {access} {pattern}" for pattern, access in topics.device_acl(c, dev)]
             acl_lines.append("")
             n += 1
+        for c, mid, h in self.db.execute("SELECT community, id, broker_hash FROM members WHERE broker_hash IS NOT NULL"
+                                         " AND (left_at IS NULL OR left_at > ?) ORDER BY community, id",
+                                         (time.time(),)):
+            user = member_user(c, mid)
+            pw_lines.append(f"{user}:{h}")
+            acl_lines.append(f"user {user}")
+            acl_lines += [f"topic {access} {pattern}" for pattern, access in hatopics.member_acl(c, mid)]
+            acl_lines.append("")
         atomic_write(passwd, "\n".join(pw_lines) + "\n")
         atomic_write(acl, "\n".join(acl_lines) + "\n")
         return n
@@ -444,6 +467,12 @@ class Registry:
 def broker_user(community: str, device: str) -> str:
     """A device's broker account name (ids never contain '.')."""
     return f"{community}.{device}"
+
+
+def member_user(community: str, member: int) -> str:
+    """A member's broker account name ('_' never occurs in a device id, so
+    it cannot be a device's account)."""
+    return f"{community}.member_{int(member)}"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

@@ -46,6 +46,7 @@ class Gateway:
         self.registry = reg.Registry(self.db)
         self.registry.add_community(cfg.community)
         self.lookup_lock = threading.Lock()
+        self.presence_lock = threading.Lock()     # self.db is read by the main, HTTP and app threads
         self.store = Store(reg.connect(cfg.db), self._grid_index, cfg.quarantine_max, read_db=self.db,
                            quarantine_bytes=cfg.quarantine_bytes, frame_bytes=cfg.quarantine_frame_bytes)
         self.store.keep_batches = bool(cfg.extra.get("ingest", {}).get("record_batches", False))
@@ -79,6 +80,14 @@ class Gateway:
                                        clock=clock, speed=speed, commands=self.commands)
         # firmware updates (docs/OTA.md): serves fwget, records statuses, confirms trials, drives rollouts
         self.fleet = Fleet(cfg, self.commands, lambda t, p: self._publish_cmd(t, p, 0), self.metrics, clock=clock)
+        # each house's values for Home Assistant (peergrid.app.homeassistant), when [homeassistant] is there
+        self.ha: Any = None
+        ha_opts = cfg.extra.get("homeassistant")
+        if isinstance(ha_opts, dict) and ha_opts.get("enabled", True):
+            from peergrid.app.homeassistant import HomeAssistant
+
+            self.ha = HomeAssistant(cfg.community, reg.connect(cfg.db), self._publish_ha, self.metrics, ha_opts,
+                                    self.presence_safe)
 
     def _grid_index(self, community: str, device: str) -> int | None:
         d = self.validator._device(device)
@@ -91,7 +100,13 @@ class Gateway:
             self.link.failed(*classify_connack(rc))     # logged there; paho retries
             return
         client.subscribe([(t, 1) for t in topics.subscriptions(self.cfg.community)])
+        if self.ha is not None:
+            from peergrid.app.topics import HA_STATUS
+
+            client.subscribe(HA_STATUS, 1)
         self.connected.set()
+        if self.ha is not None:
+            threading.Thread(target=self._ha_announce, name="ha-announce", daemon=True).start()
         self.link.up()
         log.info("connected to %s:%d", self.cfg.broker_host, self.cfg.broker_port)
 
@@ -106,6 +121,16 @@ class Gateway:
         now = self.clock()
         topic = msg.topic
         frame = bytes(msg.payload)
+        if self.ha is not None and topic == "homeassistant/status":
+            # Home Assistant announced itself: not a board's frame
+            self.metrics.inc("ha_status")
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            try:
+                self.ha.on_ha_status(frame[:64])
+            except Exception:  # noqa: BLE001 - never stops the ingest
+                log.exception("home assistant announcement failed")
+            return
         try:
             r = self.validator.check(topic, frame, now)
         except Throttled as e:
@@ -149,6 +174,13 @@ class Gateway:
             self.fleet.on_reading(r.device, r.msg)
             if self.control is not None:
                 self.control.on_reading(r.device, r.msg, self._grid_index(r.community, r.device), r.t_recv)
+            if self.ha is not None:
+                d = self.validator._device(r.device)
+                try:
+                    self.ha.on_reading(r.device, r.msg, d.grid_index() if d else None, d.channels if d else [])
+                except Exception:  # noqa: BLE001 - the reading is stored whatever Home Assistant gets
+                    self.metrics.inc("ha_errors")
+                    log.exception("home assistant state of %s failed", r.device)
         elif r.kind == topics.STATUS:
             self.fleet.on_status(r.device, r.msg, r.t_recv)
         elif r.kind == topics.ACK:
@@ -299,6 +331,20 @@ class Gateway:
             out.setdefault(d, {"online": False, "last_seen": None, "stale": True})["flagged"] = {"t": at, "reason": why}
         return out
 
+    def presence_safe(self) -> dict[str, dict[str, Any]]:
+        with self.presence_lock:
+            return self.presence()
+
+    def _publish_ha(self, topic: str, text: str, retain: bool) -> None:
+        if self.client is not None and self.connected.is_set():
+            self.client.publish(topic, text, qos=1, retain=retain)
+
+    def _ha_announce(self) -> None:
+        try:
+            self.ha.announce_all()
+        except Exception:  # noqa: BLE001
+            log.exception("home assistant discovery failed")
+
     def _publish_status(self) -> None:
         if self.client is None or not self.connected.is_set():
             return
@@ -322,13 +368,77 @@ class Gateway:
         (peergrid.http.server: bounded connections and time, bodies read only
         after authentication, strict JSON, no exception text in answers)."""
         gw = self
-        from peergrid.http.server import Handler, HttpError, Server, server_context
+        from peergrid.http.server import Handler, HttpError, Server, parse_json, server_context
         from peergrid.commissioning.installer import MAX_BODY, ApiError, InstallerApi
 
         api = InstallerApi(self)
-        one = threading.Lock()
+        one = gw.presence_lock
+        from peergrid.app.members import MAX_BODY as APP_BODY, AppError, MemberApp
+        from peergrid.app.static import asset
+
+        app = MemberApp(self, self.cfg.extra.get("app") or {})
+        self.app = app
 
         class H(Handler):
+            def _send(self, status: int, body: bytes, ctype: str, cache: bool = False) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "max-age=60" if cache else "no-store")
+                # the page's own files only: no inline script, no other origin, not framed
+                self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Referrer-Policy", "no-referrer")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _app(self, method: str) -> None:
+                path = self.path.split("?", 1)[0]
+                if not path.startswith("/app/api/"):
+                    if method != "GET":
+                        self.send_json(405, {"error": "method not allowed"})
+                        return
+                    self.body_length(0)
+                    a = asset(path)
+                    if a is None:
+                        self._send(404, b"not found", "text/plain")
+                    else:
+                        self._send(200, a[0], a[1], cache=True)
+                    return
+                try:
+                    addr = self.client_address[0]
+                    if path in ("/app/api/challenge", "/app/api/signin", "/app/api/signout") and method == "POST":
+                        if path == "/app/api/signout":
+                            self.body_length(APP_BODY)
+                            obj: Any = app.signout(self.headers.get("Authorization"))
+                        else:
+                            body = parse_json(self.read_body(APP_BODY))
+                            if not isinstance(body, dict):
+                                raise AppError(400, "a JSON object is expected")
+                            obj = (app.challenge if path.endswith("challenge") else app.signin)(body, addr)
+                        status, ctype = 200, "json"
+                    else:
+                        who = app.authenticate(self.headers.get("Authorization"))   # before any byte of a body
+                        body = parse_json(self.read_body(APP_BODY)) if method == "POST" else None
+                        if method == "GET":
+                            self.body_length(0)
+                        status, obj, ctype = app.handle(method, self.path, who, body)
+                except (AppError, HttpError) as e:
+                    status, obj, ctype = e.status, {"error": e.msg}, "json"
+                except sqlite3.OperationalError:
+                    log.exception("member app: database unavailable")
+                    status, obj, ctype = 503, {"error": "the gateway's database is busy; try again"}, "json"
+                except Exception:  # noqa: BLE001 - answered, logged, the gateway goes on
+                    log.exception("member app failed")
+                    status, obj, ctype = 500, {"error": "internal error (logged by the gateway)"}, "json"
+                gw.metrics.inc(f"http_app_{status // 100}xx")
+                if ctype == "json":
+                    self._send(status, json.dumps(obj).encode(), "application/json")
+                else:
+                    self._send(status, obj if isinstance(obj, bytes) else obj.encode(), ctype)
+
             def _installer(self, method: str) -> None:
                 try:
                     who = api.authenticate(self.headers.get("Authorization"))   # before any byte of a body
@@ -345,7 +455,9 @@ class Gateway:
                 self.send_json(status, obj)
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.startswith("/installer/"):
+                if self.path.startswith("/app/"):
+                    self._app("POST")
+                elif self.path.startswith("/installer/"):
                     self._installer("POST")
                 else:
                     self.send_json(404, {"error": "not found"})
@@ -353,6 +465,15 @@ class Gateway:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.startswith("/installer/"):
                     self._installer("GET")
+                    return
+                if self.path == "/" or self.path == "/app" or self.path.startswith("/app/"):
+                    if self.path in ("/", "/app"):
+                        self.send_response(302)
+                        self.send_header("Location", "/app/")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self._app("GET")
                     return
                 if self.path != "/metrics":
                     self.send_json(404, {"error": "not found"})
@@ -464,6 +585,12 @@ class Gateway:
                     self._publish_status()
                 except Exception:  # noqa: BLE001
                     log.exception("status publish failed")
+                if self.ha is not None:
+                    try:
+                        self.ha.tick()
+                    except Exception:  # noqa: BLE001
+                        self.metrics.inc("ha_errors")
+                        log.exception("home assistant update failed")
         self.fleet.stop()
         if self.control is not None:
             self.control.stop()

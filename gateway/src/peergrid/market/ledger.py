@@ -346,6 +346,12 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
     return entries
 
 
+def decode_entry(raw: bytes) -> dict[str, Any]:
+    """An entry's signed payload (n, prev, type, t, body), unchecked: for
+    readers of the gateway's own database, not for a ledger to be trusted."""
+    return cbor2.loads(cbor2.loads(raw).value[2])
+
+
 def _decode(raw: bytes, e: "Entry") -> "Entry":
     m = cbor2.loads(cbor2.loads(raw).value[2])
     return Entry(e.n, m["prev"], m["type"], m["t"], m["body"], raw)
