@@ -111,7 +111,7 @@ def http(site: Site, method: str, path: str, body: object = None, token: str | N
 
 
 def signin(site: Site, member: int, key=None) -> str:
-    from peergrid.app.members import signin_msg
+    from peergrid.app.signin import signin_msg
 
     st, ch = http(site, "POST", "/app/api/challenge", {"member": member})
     assert st == 200, ch
@@ -356,7 +356,7 @@ def _entries(site: Site) -> list:
 # -- the sign-in against a hostile client ----------------------------------------------------
 
 def test_sign_in_refuses_wrong_keys_replays_and_floods(site) -> None:
-    from peergrid.app.members import signin_msg
+    from peergrid.app.signin import signin_msg
 
     st, ch = http(site, "POST", "/app/api/challenge", {"member": 1})
     wrong, _ = gv.new_key()

@@ -72,12 +72,12 @@ def test_version_1_database_is_upgraded_keeps_its_data_and_settles_on(tmp_path, 
         assert schema.version(raw) == 0 and not schema.table_exists(raw, "schema_history")
     with caplog.at_level(logging.INFO, logger="peergrid.schema"):
         db = reg.connect(dbp)
-    assert schema.version(db) == schema.CURRENT == 3
+    assert schema.version(db) == schema.CURRENT == 4
     hist = list(db.execute("SELECT version, what FROM schema_history ORDER BY version"))
-    assert [v for v, _ in hist] == [1, 2, 3] and "before schema versions" in hist[0][1]
+    assert [v for v, _ in hist] == [1, 2, 3, 4] and "before schema versions" in hist[0][1]
     logged = [r.getMessage() for r in caplog.records if r.name == "peergrid.schema"]
-    assert len(logged) == 3 and "schema version 2" in logged[1] and str(dbp) in logged[1]
-    assert "schema version 3" in logged[2]
+    assert len(logged) == 4 and "schema version 2" in logged[1] and str(dbp) in logged[1]
+    assert "schema version 3" in logged[2] and "schema version 4" in logged[3]
     assert db.execute("SELECT sql FROM sqlite_master WHERE name='readings_t'").fetchone() is not None
     plan = " ".join(r[3] for r in db.execute(
         "EXPLAIN QUERY PLAN SELECT 1 FROM readings WHERE community=? AND t_recv > ? AND t >= ? AND t <= ? LIMIT 1",
@@ -87,7 +87,7 @@ def test_version_1_database_is_upgraded_keeps_its_data_and_settles_on(tmp_path, 
     for table, n in INFO["counts"].items():
         assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == n, table
     assert reg.connect(dbp) is not None and schema.migrate(db) == []       # once only
-    assert schema.version(db) == 3 and db.execute("SELECT COUNT(*) FROM schema_history").fetchone()[0] == 3
+    assert schema.version(db) == 4 and db.execute("SELECT COUNT(*) FROM schema_history").fetchone()[0] == 4
 
     # the ledger: the same entries, verifying, and settlement goes on from its head
     st = Settler(db, C, load_key(keyp), Tariff(*INFO["tariff"]), INFO["interval_s"], INFO["grace_s"])
@@ -131,7 +131,7 @@ def test_a_new_database_has_the_schema_of_an_upgraded_one(tmp_path) -> None:
     reg.connect(old).close()
     new = reg.connect(tmp_path / "new.db")
     assert schema.version(new) == schema.CURRENT
-    assert [v for (v,) in new.execute("SELECT version FROM schema_history")] == [1, 2, 3]
+    assert [v for (v,) in new.execute("SELECT version FROM schema_history")] == [1, 2, 3, 4]
     # every owner creates its tables, as a gateway does on first use
     reg.Registry(new)
     Store(new, lambda c, d: 0)

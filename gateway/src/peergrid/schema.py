@@ -85,11 +85,19 @@ FLEET_TABLES = (
     " done_t REAL, detail TEXT NOT NULL DEFAULT '', PRIMARY KEY (rollout, device))",
 )
 
+def _v4(db: sqlite3.Connection) -> None:
+    # a member's own broker account (Home Assistant, peergrid.app): the
+    # registry's own schema makes the column on a new members table
+    if table_exists(db, "members") and "broker_hash" not in {r[1] for r in db.execute("PRAGMA table_info(members)")}:
+        db.execute("ALTER TABLE members ADD COLUMN broker_hash TEXT")
+
+
 # MIGRATIONS[k] brings version k + 1 to k + 2
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("schema history; readings indexed by time (the settler's late-reading search)", _v2),
     Migration("firmware updates: firmware_events, fleet_devices, fleet_rollouts, fleet_rollout_boards",
               FLEET_TABLES),
+    Migration("members: broker_hash (a member's broker account for Home Assistant)", _v4),
 )
 CURRENT = 1 + len(MIGRATIONS)
 

@@ -1,6 +1,6 @@
 """Each house's values for Home Assistant (issue 21, part 2): plain JSON
 state topics and MQTT discovery configs, published by the gateway with its
-own broker session (peergrid.app.topics names them).
+own broker session (peergrid.community.hatopics names them).
 
 One Home Assistant device per house (member), one for the community. A
 house's entities: grid power (W), grid import and export energy (kWh,
@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from peergrid.app import topics as hat
+from peergrid.community import hatopics as hat
 
 log = logging.getLogger("peergrid.homeassistant")
 
@@ -274,6 +274,14 @@ class HomeAssistant:
             return
         self._last_announce = now
         self.announce_all()
+
+    def announce_safe(self) -> None:
+        """announce_all for a thread of its own (after the gateway connects)."""
+        try:
+            self.announce_all()
+        except Exception:  # noqa: BLE001 - the next announcement or reading tries again
+            self.metrics.inc("ha_errors")
+            log.exception("home assistant discovery failed")
 
     def announce_all(self) -> None:
         self.announce_community()

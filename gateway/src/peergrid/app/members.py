@@ -36,77 +36,23 @@ counted 4xx with a reason, never an exception's text.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
-import secrets
 import threading
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import cbor2
-
+from peergrid.app.actions import Actions
+from peergrid.app.signin import AppError, SignIn, _int
 from peergrid.community import registry as reg
 
 MAX_BODY = 4096
 _M_PATH = re.compile(r"^/app/api/m/([0-9]{1,9})/([a-z.]+)$")
 
 
-class AppError(Exception):
-    def __init__(self, status: int, msg: str) -> None:
-        super().__init__(msg)
-        self.status = status
-        self.msg = msg
-
-
-def signin_msg(community: str, member: int, nonce: bytes) -> bytes:
-    return cbor2.dumps(["peergrid sign-in", community, member, nonce], canonical=True)
-
-
-def _int(v: Any, what: str, lo: int = 0, hi: int = 2 ** 53) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise AppError(400, f"{what} must be a whole number from {lo} to {hi}")
-    return v
-
-
-def _hex(v: Any, what: str, n: int) -> bytes:
-    if not isinstance(v, str) or len(v) != 2 * n or not re.fullmatch(r"[0-9a-f]+", v):
-        raise AppError(400, f"{what} must be {n} bytes in lower-case hex")
-    return bytes.fromhex(v)
-
-
-def _describe(change: dict[str, Any]) -> str:
-    """A proposal's effect in words, for the page."""
-    k = change.get("kind")
-    if k == "tariff":
-        t = change["tariff"]
-        return (f"tariff: retail {t[0]}, feed-in {t[1]} per kWh (minor units), fund margin {t[2] / 10000:g} %, "
-                f"mechanism {t[3]}, grid fee {t[4]}, fund share of export {t[5] / 10000:g} %")
-    if k == "rules":
-        return (f"voting rules: quorum {change['quorum_ppm'] / 10000:g} %, majority {change['majority_ppm'] / 10000:g} %,"
-                f" at least {change.get('vote_s', 0)} s to vote")
-    if k == "feeder":
-        return f"feeder limits: import {change['import_w']} W, export {change['export_w']} W"
-    if k == "interval":
-        return f"settlement interval: {change['minutes']} minutes"
-    if k == "admit":
-        return f"admit {change['name']!r} as a member (key {bytes(change['key']).hex()[:16]}...)"
-    return str(k)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v).hex()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-class MemberApp:
+class MemberApp(SignIn, Actions):
     def __init__(self, gw: Any, opts: dict[str, Any] | None = None) -> None:
         opts = opts or {}
         self.gw = gw
@@ -128,87 +74,6 @@ class MemberApp:
         self._settler: Any = None
 
     # -- sessions ------------------------------------------------------------------
-
-    def _fail(self, addr: str, why: str) -> AppError:
-        now = time.monotonic()
-        with self.lock:
-            t0, n = self.failures.get(addr, (now, 0))
-            if now - t0 > 60:
-                t0, n = now, 0
-            self.failures[addr] = (t0, n + 1)
-            if len(self.failures) > 10000:
-                self.failures.clear()
-        self.metrics.inc("app_signin_refused")
-        return AppError(401, why)
-
-    def _throttled(self, addr: str) -> None:
-        with self.lock:
-            t0, n = self.failures.get(addr, (0.0, 0))
-        if n >= self.fail_limit and time.monotonic() - t0 <= 60:
-            self.metrics.inc("app_signin_throttled")
-            raise AppError(429, "too many failed sign-ins from this address; wait a minute")
-
-    def challenge(self, body: dict[str, Any], addr: str) -> dict[str, Any]:
-        self._throttled(addr)
-        m = _int(body.get("member"), "member", 1, 2 ** 31)
-        nonce = secrets.token_bytes(32)
-        now = time.monotonic()
-        with self.lock:
-            for k in [k for k, (_, exp) in self.challenges.items() if exp < now]:
-                del self.challenges[k]
-            while len(self.challenges) >= self.max_challenges:
-                self.challenges.pop(next(iter(self.challenges)))
-                self.metrics.inc("app_challenges_dropped")
-            self.challenges[nonce] = (m, now + self.challenge_s)
-        return {"nonce": nonce.hex(), "community": self.c, "member": m, "expires_s": self.challenge_s}
-
-    def signin(self, body: dict[str, Any], addr: str) -> dict[str, Any]:
-        self._throttled(addr)
-        m = _int(body.get("member"), "member", 1, 2 ** 31)
-        nonce = _hex(body.get("nonce"), "nonce", 32)
-        sig = _hex(body.get("sig"), "sig", 64)
-        with self.lock:
-            ch = self.challenges.pop(nonce, None)
-        if ch is None or ch[0] != m or ch[1] < time.monotonic():
-            raise self._fail(addr, "unknown or expired challenge; ask for a new one")
-        with self.dblock:
-            row = self.db.execute("SELECT name, pubkey, left_at FROM members WHERE community=? AND id=?",
-                                  (self.c, m)).fetchone()
-        if row is None or row[1] is None or (row[2] is not None and row[2] <= time.time()):
-            raise self._fail(addr, "no current member with a key under that number")
-        from peergrid.market.governance import _verify
-
-        if not _verify(bytes(row[1]), sig, signin_msg(self.c, m, nonce)):
-            raise self._fail(addr, "the signature does not match this member's key")
-        token = secrets.token_urlsafe(32)
-        now = time.monotonic()
-        with self.lock:
-            for k in [k for k, (_, exp) in self.sessions.items() if exp < now]:
-                del self.sessions[k]
-            while len(self.sessions) >= self.max_sessions:
-                self.sessions.pop(next(iter(self.sessions)))
-            self.sessions[hashlib.sha256(token.encode()).digest()] = (m, now + self.session_s)
-        self.metrics.inc("app_signins")
-        return {"token": token, "member": m, "name": row[0], "expires_s": self.session_s}
-
-    def authenticate(self, header: str | None) -> int:
-        if not header or not header.startswith("Bearer ") or len(header) > 200:
-            raise AppError(401, "sign in first (Authorization: Bearer <token>)")
-        h = hashlib.sha256(header[7:].strip().encode()).digest()
-        with self.lock:
-            s = self.sessions.get(h)
-        if s is None or s[1] < time.monotonic():
-            self.metrics.inc("app_unauthenticated")
-            raise AppError(401, "the session has ended; sign in again")
-        return s[0]
-
-    def signout(self, header: str | None) -> dict[str, Any]:
-        if header and header.startswith("Bearer "):
-            with self.lock:
-                self.sessions.pop(hashlib.sha256(header[7:].strip().encode()).digest(), None)
-        return {"ok": True}
-
-    # -- dispatch ------------------------------------------------------------------
 
     def handle(self, method: str, path: str, who: int, body: Any) -> tuple[int, Any, str]:
         """(status, object or text, content type) for a signed-in member."""
@@ -439,139 +304,6 @@ class MemberApp:
         return [x for x in self._entries if x.type == "adjustment" and x.body.get("replaces") == e.n]
 
     # -- votes ---------------------------------------------------------------------------
-
-    def _st(self, fresh: bool = False) -> Any:
-        """A settler on the app's own connection. Governance entries are
-        checked against the ledger as the database holds it now (the
-        gateway's settler appends meanwhile), so those get a fresh one, as
-        the CLI does."""
-        if self._settler is None or fresh:
-            st = self.gw._settler()
-            if st is None:
-                raise AppError(409, "this gateway keeps no ledger ([settlement] is not configured)")
-            if fresh:
-                return st
-            self._settler = st
-        return self._settler
-
-    def proposals(self, who: int) -> dict[str, Any]:
-        from peergrid.market.governance import replay
-
-        st = replay(self.entries(), self.c)
-        now = int(self.gw.clock())
-        out = []
-        for n, p in sorted(st.proposals.items(), reverse=True):
-            votes = st.ballots.get(n, {})
-            out.append({"id": n, "by": p["by"], "change": _jsonable(p["change"]), "text": _describe(p["change"]),
-                        "from": p["from"], "deadline": p["deadline"], "open": now <= p["deadline"] and n not in
-                        st.tallies, "eligible": who in p["eligible"], "my_vote": votes.get(who),
-                        "votes": len(votes), "of": len(p["eligible"]), "tally": st.tallies.get(n)})
-        return {"community": self.c, "proposals": out[:100], "rules": st.rules, "now": now,
-                "fund": st.fund, "members": st.members()}
-
-    def ballot(self, who: int, body: Any) -> dict[str, Any]:
-        from peergrid.market import governance as gv
-        from peergrid.market import settler as stl
-
-        if not isinstance(body, dict):
-            raise AppError(400, "a ballot is a JSON object")
-        if body.get("member", who) != who:
-            self.metrics.inc("app_ballot_refused")
-            raise AppError(403, "a ballot is cast only by the member signed in")
-        signed = {"proposal": _int(body.get("proposal"), "proposal"), "member": who,
-                  "vote": body.get("vote"), "sig": _hex(body.get("sig"), "sig", 64)}
-        if signed["vote"] not in ("yes", "no"):
-            raise AppError(400, "a vote is yes or no")
-        try:
-            with self.dblock:
-                st = self._st(fresh=True)
-                try:
-                    n = stl.ballot(st, signed, int(self.gw.clock()))
-                finally:
-                    st.db.close()
-        except gv.GovernanceError as e:
-            self.metrics.inc("app_ballot_refused")
-            raise AppError(422, str(e)) from None
-        self.metrics.inc("app_ballots")
-        return {"entry": n, "proposal": signed["proposal"], "vote": signed["vote"]}
-
-    def propose(self, who: int, body: Any) -> dict[str, Any]:
-        from peergrid.market import governance as gv
-        from peergrid.market import settler as stl
-
-        if not isinstance(body, dict) or not isinstance(body.get("change"), dict):
-            raise AppError(400, "a proposal is {change, from, deadline, sig}")
-        change = dict(body["change"])
-        if change.get("kind") == "admit":
-            change["key"] = _hex(change.get("key"), "key", 32)
-        signed = {"by": who, "change": change, "from": _int(body.get("from"), "from", 0, 2 ** 40),
-                  "deadline": _int(body.get("deadline"), "deadline", 0, 2 ** 40), "sig": _hex(body.get("sig"), "sig", 64)}
-        try:
-            gv.check_change(change)
-            with self.dblock:
-                st = self._st(fresh=True)
-                try:
-                    n = stl.propose(st, signed, int(self.gw.clock()))
-                finally:
-                    st.db.close()
-        except gv.GovernanceError as e:
-            self.metrics.inc("app_proposal_refused")
-            raise AppError(422, str(e)) from None
-        return {"proposal": n}
-
-    # -- limits and partners ---------------------------------------------------------------
-
-    def limits(self, who: int) -> dict[str, Any]:
-        with self.dblock:
-            bid, ask = self.registry.limits(self.c).get(who, (None, None))
-            partners = [{"buyer": b, "discount": d} for s, b, d in self.registry.partners(self.c) if s == who]
-            members = [{"member": m, "name": n} for m, n, left in self.registry.members(self.c)
-                       if left is None and m != who]
-        t = self._tariff()
-        return {"bid": bid, "ask": ask, "partners": partners, "members": members,
-                "tariff": {"retail": t.retail, "feed_in": t.feed_in, "grid_fee": t.grid_fee,
-                           "mechanism": t.mechanism} if t else None,
-                "max_discount": (t.retail - t.grid_fee - t.feed_in) if t else None}
-
-    def _tariff(self) -> Any:
-        try:
-            st = self._st()
-        except AppError:
-            return None
-        return st.tariff_for(int(self.gw.clock()))
-
-    def set_limits(self, who: int, body: Any) -> None:
-        if not isinstance(body, dict):
-            raise AppError(400, "limits are {bid, ask}")
-        t = self._tariff()
-        vals = []
-        for k in ("bid", "ask"):
-            v = body.get(k)
-            if v is not None:
-                # within the community's rules: whole minor units, from 0 to ten times retail
-                v = _int(v, k, 0, 10 * t.retail if t else 10 ** 6)
-            vals.append(v)
-        try:
-            with self.dblock:
-                self.registry.set_limits(self.c, who, vals[0], vals[1])
-        except reg.RegistryError as e:
-            raise AppError(422, str(e)) from None
-        self.metrics.inc("app_limits_set")
-
-    def partner(self, who: int, body: Any) -> None:
-        if not isinstance(body, dict):
-            raise AppError(400, "a partner is {buyer, discount} or {buyer, remove: true}")
-        buyer = _int(body.get("buyer"), "buyer", 1, 2 ** 31)
-        try:
-            with self.dblock:
-                if body.get("remove") is True:
-                    self.registry.remove_partner(self.c, who, buyer)
-                    return
-                t = self._tariff()
-                hi = (t.retail - t.grid_fee - t.feed_in) if t else 10 ** 6
-                self.registry.add_partner(self.c, who, buyer, _int(body.get("discount"), "discount", 0, max(0, hi)))
-        except reg.RegistryError as e:
-            raise AppError(422, str(e)) from None
 
 
 def _money(v: int) -> str:

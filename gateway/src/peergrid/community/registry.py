@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peergrid import schema
-from peergrid.app import topics as hatopics
+from peergrid.community import hatopics
 from protocol import topics
 
 SCHEMA = """

@@ -86,8 +86,16 @@ class Demo:
         heaters = set(rng.choice(n, size=max(1, n // 4), replace=False).tolist()) | set(range(self.nv))
         bat_houses = set(rng.choice(range(self.nv, n), size=min(max(1, n // 12), n - self.nv), replace=False).tolist()) \
             if n > self.nv else set()
+        from peergrid.market import governance as gv
+
+        self.member_keys: dict[int, tuple[str, bytes]] = {}
         for i, dev in enumerate(self.ids):
-            m = r.add_member(C, f"house {i + 1}")
+            k, pub = gv.new_key()
+            m = r.add_member(C, f"house {i + 1}", pub)
+            self.member_keys[m] = (f"house {i + 1}", pub)
+            if i == 0:
+                # the resident of house 1 signs in to the member app with this
+                reg.atomic_write(self.dir / "member-1.key", gv.key_string(k) + "\n")
             chans = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
             if i < self.nv:                                 # the real firmware's sim board has four CTs
                 chans += [{"role": "load", "rating_a": 20}, {"role": "ev", "rating_a": 32}]
@@ -104,6 +112,7 @@ class Demo:
         r.set_feeder(C, int(max(base.max(), 0) + 60000), int(max(-base.min(), 0) + 20000))
         self.gw_pass = "gw-" + os.urandom(6).hex()
         self.port = _free_port()
+        self.http_port = _free_port()
         r.broker_files(self.dir / "passwd", self.dir / "acl", "gateway", reg.mosquitto_hash(self.gw_pass))
         r.db.close()
         # the production config (peergrid broker-files): client ids bound to
@@ -114,7 +123,8 @@ class Demo:
         self.procs.append(subprocess.Popen([_mosquitto(), "-c", str(self.dir / "mosquitto.conf")],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         (self.dir / "gw.toml").write_text(
-            f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = -1\n'
+            f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = {self.http_port}\n'
+            '[homeassistant]\nevery_s = 10\n[app]\ncurrency = "CHF"\n'
             f'[broker]\nport = {self.port}\nuser = "gateway"\npassword = "{self.gw_pass}"\n'
             '[ingest]\nmax_skew_s = 600\nstale_after_s = 180\n'
             '[settlement]\nretail = 3187\nfeed_in = 812\nfund_margin_ppm = 20000\nmechanism = "sdr"\n'
@@ -139,6 +149,12 @@ class Demo:
         if not self.gw.connected.wait(10):
             raise SystemExit("the gateway could not connect to mosquitto")
         self.settler = self.gw._settler()
+        if self.settler is not None:
+            # every member's key in the ledger: votes signed in the member app check against it
+            for m, (name, pub) in self.member_keys.items():
+                self.settler.record("member_joined", self.t0, {"member": m, "name": name, "key": pub})
+        print(f"member app: http://127.0.0.1:{self.gw.http_port}/app/ (sign in as member 1 with the key in "
+              f"{self.dir / 'member-1.key'})", flush=True)
         for i, dev in enumerate(self.ids):
             secret, pw = self.creds[dev]
             if i < self.nv:
