@@ -67,6 +67,11 @@ class House:
     avail: str | None = None
 
 
+def _slug(text: str) -> str:
+    """A load's id as a topic level, object id and JSON key: a-z, 0-9, '_'."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch == "_") else "_" for ch in text.lower())[:24]
+
+
 def _num(v: float) -> float:
     return round(v, 3)
 
@@ -200,7 +205,7 @@ class HomeAssistant:
                 row = self.db.execute("SELECT value FROM decisions WHERE community=? AND device=? AND target=?"
                                       " ORDER BY t DESC LIMIT 1", (self.c, dev, relay)).fetchone() \
                     if _has_table(self.db, "decisions") else None
-            out["load_" + lid] = "ON" if row and row[0] else "OFF"
+            out["load_" + _slug(lid)] = "ON" if row and row[0] else "OFF"
         return out
 
     def publish_house(self, mid: int) -> None:
@@ -291,8 +296,8 @@ class HomeAssistant:
             self.announce_house(mid)
             self.publish_house(mid)
 
-    def _device(self, node: str, name: str) -> dict[str, Any]:
-        return {"ids": [node], "name": name, "mf": "PeerGrid", "mdl": "house" if "_m" in node else "community"}
+    def _device(self, node: str, name: str, model: str) -> dict[str, Any]:
+        return {"ids": [node], "name": name, "mf": "PeerGrid", "mdl": model}
 
     def _config(self, component: str, node: str, obj: str, base: str, name: str, key: str, dev: dict[str, Any],
                 **extra: Any) -> None:
@@ -311,7 +316,7 @@ class HomeAssistant:
             has_pv, has_bat, loads, name = h.has_pv, h.has_bat, list(h.loads), h.name
         node = hat.house_node(self.c, mid)
         base = hat.house_base(self.c, mid)
-        dev = self._device(node, f"PeerGrid house {mid}" + (f" ({name})" if name else ""))
+        dev = self._device(node, f"PeerGrid house {mid}" + (f" ({name[:24]})" if name else ""), "house")
         power = {"dev_cla": "power", "unit_of_meas": "W", "stat_cla": "measurement"}
         energy = {"dev_cla": "energy", "unit_of_meas": "kWh", "stat_cla": "total_increasing"}
         self._config("sensor", node, "grid_power", base, "Grid power", "grid_w", dev, **power)
@@ -327,13 +332,13 @@ class HomeAssistant:
         self._config("sensor", node, "local_price", base, "Local price", "price", dev,
                      unit_of_meas=f"{self.currency}/kWh")
         for lid, _dev, _relay in loads:
-            self._config("binary_sensor", node, "load_" + lid, base, f"Load {lid}", "load_" + lid, dev,
-                         dev_cla="power", pl_on="ON", pl_off="OFF")
+            self._config("binary_sensor", node, "load_" + _slug(lid), base, f"Load {lid[:24]}", "load_" + _slug(lid),
+                         dev, dev_cla="power", pl_on="ON", pl_off="OFF")
 
     def announce_community(self) -> None:
         node = hat.community_node(self.c)
         base = hat.community_base(self.c)
-        dev = self._device(node, f"PeerGrid community {self.c}")
+        dev = self._device(node, f"PeerGrid community {self.c}", "community")
         power = {"dev_cla": "power", "unit_of_meas": "W", "stat_cla": "measurement"}
         self._config("sensor", node, "grid_power", base, "Community grid power", "grid_w", dev, **power)
         self._config("sensor", node, "pv_power", base, "Community PV power", "pv_w", dev, **power)
