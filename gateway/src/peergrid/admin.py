@@ -54,7 +54,12 @@ def admin(args: argparse.Namespace) -> int:
             elif args.mcmd == "account":
                 user, password = r.set_member_account(cfg.community, args.member)
                 print(f"member {args.member}: broker account for Home Assistant (shown only now)")
-                print(f"  host {cfg.broker_host}  port {cfg.broker_port}  user {user}  password {password}")
+                if cfg.broker_tls_port and cfg.broker_names:
+                    # what the houses reach: the boards' TLS listener, checked against the community CA
+                    print(f"  host {cfg.broker_names[0]}  port {cfg.broker_tls_port} (TLS, trust {cfg.ca_file})  "
+                          f"user {user}  password {password}")
+                else:
+                    print(f"  host {cfg.broker_host}  port {cfg.broker_port}  user {user}  password {password}")
                 print("  it reads only this house's values and the community's aggregate (docs: README, "
                       "Home Assistant)")
                 _accounts_changed(cfg, r)

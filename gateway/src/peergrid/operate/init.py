@@ -86,7 +86,7 @@ def config_text(a: argparse.Namespace, password: str, names: list[str], user_lin
 [gateway]
 community = {_q(a.community)}
 db = "gateway.db"
-http_port = {a.http_port}          # metrics and the installer API, over HTTPS
+http_port = {a.http_port}          # metrics, the installer API and the member app (/app/), over HTTPS
 http_host = {_q(a.http_host)}
 http_tls = true                    # with the broker's certificate: laptops check it against ca.pem
 
@@ -117,6 +117,9 @@ feed_in = {a.feed_in}
 interval_min = {a.interval_min}
 grace_s = {a.grace_s}                      # late readings get this long after an interval ends
 key_file = "ledger.key"
+
+[homeassistant]                    # each house for Home Assistant (peergrid member account N)
+every_s = 10
 
 [installer]                        # what commissioning gives the boards
 broker_host = {_q(names[0])}
@@ -288,6 +291,8 @@ next steps:
   3. give an electrician a token:  peergrid -c {cfg_path} installer-token NAME --days 7
   4. commission each house: peergrid commission --sheet house.toml --gateway https://{names[0]}:{cfg.http_port} \\
          --ca ca.pem --token ...   (give the electrician {cfg.ca_file} with the token)
+  5. residents sign in at https://{names[0]}:{cfg.http_port}/app/ with their member key;
+     Home Assistant: peergrid -c {cfg_path} member account N (a broker account that reads only house N)
   boards reach the broker at {names[0]}:{cfg.broker_tls_port} over TLS, trusting {cfg.ca_file}
   back up {d} (peergrid -c {cfg_path} backup): the CA key and the ledger key cannot be made again""", file=out)
     return 0
