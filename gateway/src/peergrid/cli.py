@@ -42,7 +42,9 @@ def _finite(text: str) -> float:
 OPERATE = {"init": ("peergrid.operate.init", "make or update a community directory: config, CA, broker, units"),
            "doctor": ("peergrid.operate.doctor", "check the broker, database, clock, files and ports; say what to do"),
            "backup": ("peergrid.operate.backup", "a consistent backup of the database, ledger and keys, while running"),
-           "restore": ("peergrid.operate.restore", "restore a backup into a gateway's directory")}
+           "restore": ("peergrid.operate.restore", "restore a backup into a gateway's directory"),
+           "mirror": ("peergrid.app.mirror", "a member's verified copy of the ledger; witnesses its head, "
+                                             "alarms on tampering")}
 
 
 def _operate(argv: list[str]) -> int | None:
@@ -256,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
             kinds[e.type] = kinds.get(e.type, 0) + 1
         print(f"ledger verifies: {len(entries)} entries ("
               + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); every settlement re-run")
+        from peergrid.market.governance import replay
+
+        st = replay(entries)
+        print(f"head: height {len(entries)}, entry {len(entries) - 1}, sha256 {entries[-1].digest.hex()}")
+        print(f"signed by key {bytes(entries[0].body.get('key', b'')).hex()} (the genesis entry's)")
+        for h in sorted(st.witnessed):
+            print(f"witnessed: height {h} by {len(st.witnessed[h])} member(s): "
+                  + ",".join(str(m) for m in sorted(st.witnessed[h])))
+        if not st.witnessed:
+            print("witnessed: no member's mirror has witnessed this ledger yet (peergrid mirror)")
+        if st.payouts or st.fund:
+            print(f"fund: {st.fund / 100:.2f} after {len(st.payouts)} payout(s) by vote")
         return 0
     if args.cmd in ("run", "status", "member", "device", "broker-files", "tariff", "resource", "installer-token",
                     "propose", "vote", "tally", "split"):

@@ -175,3 +175,44 @@ class Actions:
                 self.registry.add_partner(self.c, who, buyer, _int(body.get("discount"), "discount", 0, max(0, hi)))
         except reg.RegistryError as e:
             raise AppError(422, str(e)) from None
+
+    # -- witnesses ---------------------------------------------------------------------------
+
+    def witness(self, who: int, body: Any) -> dict[str, Any]:
+        """A member's mirror signed the head it verified. Kept (the newest
+        per member) if the signature is the member's and the hash is this
+        gateway's own entry at that height; a hash the gateway does not
+        have is refused with 409 and counted: that member saw another
+        ledger than this one."""
+        from peergrid.market import governance as gv
+
+        if not isinstance(body, dict):
+            raise AppError(400, "a witness is {height, hash, sig}")
+        height = _int(body.get("height"), "height", 1, 2 ** 40)
+        digest = _hex(body.get("hash"), "hash", 32)
+        sig = _hex(body.get("sig"), "sig", 64)
+        with self.dblock:
+            key = self.registry.member_key(self.c, who)
+        if key is None or not gv._verify(key, sig, gv.witness_msg(self.c, who, height, digest)):
+            self.metrics.inc("app_witness_refused")
+            raise AppError(422, "the witness is not signed with this member's key")
+        es = self.entries()
+        if height > len(es) or es[height - 1].digest != digest:
+            self.metrics.inc("ledger_witness_conflict")
+            import logging
+
+            logging.getLogger("peergrid.app").warning(
+                "member %d witnessed height %d with a hash this gateway's ledger does not have", who, height)
+            raise AppError(409, f"this gateway's ledger has no entry {height - 1} with that hash")
+        with self.lock:
+            old = self.witnesses.get(who)
+            if old is None or old[1] < height:
+                self.witnesses[who] = [who, height, digest, sig]
+        self.metrics.inc("app_witnesses")
+        return {"height": height, "pending": True}
+
+    def take_witnesses(self) -> list[list[Any]]:
+        with self.lock:
+            out = [self.witnesses[m] for m in sorted(self.witnesses)]
+            self.witnesses.clear()
+        return out

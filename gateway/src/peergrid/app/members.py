@@ -72,6 +72,9 @@ class MemberApp(SignIn, Actions):
         self.dblock = threading.Lock()
         self._entries: list[Any] = []
         self._settler: Any = None
+        # members' witnesses of the head, the newest per member, until the
+        # gateway's main loop puts them into the ledger (take_witnesses)
+        self.witnesses: dict[int, list[Any]] = {}
 
     # -- sessions ------------------------------------------------------------------
 
@@ -107,6 +110,10 @@ class MemberApp(SignIn, Actions):
             return 200, self.head(), "json"
         if p == "/app/api/ledger/export" and method == "GET":
             return 200, self.export(), "application/cbor-seq"
+        if p == "/app/api/ledger/since" and method == "GET":
+            return 200, self.since(q.get("n", "0"), q.get("max", "1000")), "application/cbor-seq"
+        if p == "/app/api/witness" and method == "POST":
+            return 200, self.witness(who, body), "json"
         if p == "/app/api/proposals" and method == "GET":
             return 200, self.proposals(who), "json"
         if p == "/app/api/ballot" and method == "POST":
@@ -220,6 +227,20 @@ class MemberApp(SignIn, Actions):
 
     def export(self) -> bytes:
         return b"".join(e.raw for e in self.entries())
+
+    def since(self, n: str, most: str) -> bytes:
+        """Entries from number n on (at most `most`, and 4 MB): how a mirror
+        catches up (peergrid.app.mirror)."""
+        if not n.isdigit() or not most.isdigit() or len(n) > 12:
+            raise AppError(400, "n and max are entry counts")
+        es = self.entries()[int(n):int(n) + max(1, min(int(most), 5000))]
+        out, size = [], 0
+        for e in es:
+            size += len(e.raw)
+            if out and size > 4 << 20:
+                break
+            out.append(e.raw)
+        return b"".join(out)
 
     def series(self, who: int, span: str, end: str | None) -> dict[str, Any]:
         from peergrid.market.statements import Community, _add

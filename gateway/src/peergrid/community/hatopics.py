@@ -11,11 +11,14 @@ Assistant above all): plain JSON, readable with a member's broker account.
 
 A member's account (registry.member_user) may read its own house's topics,
 the community's, and the discovery configs of both; it may write only
-homeassistant/status (Home Assistant announces itself there).
+homeassistant/status (Home Assistant announces itself there). The same
+account runs the member's ledger mirror: it reads pgl/<community>/# and
+writes its own witness and alarm (peergrid.app.ledgerfeed).
 """
 from __future__ import annotations
 
 HA_ROOT = "pgha"
+LEDGER_ROOT = "pgl"
 DISCOVERY = "homeassistant"
 HA_STATUS = DISCOVERY + "/status"
 
@@ -42,4 +45,9 @@ def member_acl(community: str, member: int) -> list[tuple[str, str]]:
             (community_base(community) + "/#", "read"),
             (f"{DISCOVERY}/+/{house_node(community, member)}/#", "read"),
             (f"{DISCOVERY}/+/{community_node(community)}/#", "read"),
-            (HA_STATUS, "readwrite")]
+            (HA_STATUS, "readwrite"),
+            # the ledger's head and the members' mirrors (peergrid.app.ledgerfeed): every mirror
+            # reads all witnesses and alarms, and writes only its own
+            (f"{LEDGER_ROOT}/{community}/#", "read"),
+            (f"{LEDGER_ROOT}/{community}/witness/{int(member)}", "readwrite"),
+            (f"{LEDGER_ROOT}/{community}/alarm/{int(member)}", "readwrite")]

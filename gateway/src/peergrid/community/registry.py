@@ -439,6 +439,7 @@ class Registry:
             acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.FW}")
             acl_lines.append(f"topic readwrite pgw/{c}/#")
             acl_lines.append(f"topic readwrite {hatopics.HA_ROOT}/{c}/#")
+            acl_lines.append(f"topic readwrite {hatopics.LEDGER_ROOT}/{c}/#")
         # Home Assistant's discovery configs and its announcements
         acl_lines += [f"topic write {hatopics.DISCOVERY}/#", f"topic read {hatopics.HA_STATUS}"]
         acl_lines.append("")

@@ -437,6 +437,9 @@ class Gateway:
                  self.cfg.db, self.cfg.broker_host, self.cfg.broker_port, self.cfg.broker_user)
         next_status = 0.0
         next_settle = 0.0
+        from peergrid.app.ledgerfeed import LedgerFeed
+
+        feed = LedgerFeed(self, self.cfg.extra.get("app") or {})
         while not self.stop_event.wait(0.5):
             if settler is not None and time.monotonic() >= next_settle:
                 next_settle = time.monotonic() + 5
@@ -445,6 +448,7 @@ class Gateway:
                     a = settler.adjust_due(self.clock())
                     if n or a:
                         log.info("settled %d interval(s), %d adjustment(s)", n, a)
+                    feed.tick(settler)          # the head for the mirrors, their witnesses into the ledger
                 except Exception:  # noqa: BLE001 - retried; nothing half-written (one transaction)
                     log.exception("settlement failed; retrying")
             if time.monotonic() >= next_status:

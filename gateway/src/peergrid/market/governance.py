@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 GOV = ("member_joined", "member_left", "member_key", "proposal", "ballot", "tally", "tariff", "interval", "split",
-       "genesis")
+       "genesis", "witness", "payout")
 DEFAULT_RULES = {"quorum_ppm": 500_000, "majority_ppm": 500_000, "vote_s": 0}
-KINDS = ("tariff", "rules", "feeder", "admit", "interval")
+KINDS = ("tariff", "rules", "feeder", "admit", "interval", "spend")
 
 
 class GovernanceError(ValueError):
@@ -91,6 +91,12 @@ def proposal_msg(community: str, by: int, change: dict[str, Any], from_t: int, d
     return cbor2.dumps(["peergrid proposal", community, by, change, from_t, deadline], canonical=True)
 
 
+def witness_msg(community: str, member: int, height: int, digest: bytes) -> bytes:
+    """What a member's mirror signs: it holds `height` entries, the last
+    with this SHA-256, all verified."""
+    return cbor2.dumps(["peergrid witness", community, member, height, digest], canonical=True)
+
+
 def ballot_msg(community: str, proposal: int, member: int, vote: str) -> bytes:
     return cbor2.dumps(["peergrid ballot", community, proposal, member, vote], canonical=True)
 
@@ -133,6 +139,13 @@ def check_change(change: dict[str, Any]) -> None:
         m = change.get("minutes")
         if not isinstance(m, int) or not 1 <= m <= 60 or 60 % m:
             raise GovernanceError("an interval is 1..60 minutes and divides the hour")
+    elif kind == "spend":
+        if type(change.get("amount")) is not int or change["amount"] <= 0:
+            raise GovernanceError("a spend is a positive amount in minor units")
+        if type(change.get("payee")) is not str or not 0 < len(change["payee"]) <= 80:
+            raise GovernanceError("a spend names its payee (1-80 characters)")
+        if type(change.get("purpose")) is not str or not 0 < len(change["purpose"]) <= 200:
+            raise GovernanceError("a spend states its purpose (1-200 characters)")
     elif kind == "admit":
         if not isinstance(change.get("name"), str) or not isinstance(change.get("key"), bytes) \
                 or len(change["key"]) != 32:
@@ -159,6 +172,9 @@ class State:
         self.balances: dict[int, int] = {}
         self.fund = 0
         self.grid = 0
+        self.digests: list[bytes] = []               # SHA-256 of every entry so far (replay fills it)
+        self.witnessed: dict[int, set[int]] = {}      # height -> members whose mirrors signed it
+        self.payouts: list[dict[str, Any]] = []
 
     def members(self, at: int | None = None) -> list[int]:
         return sorted(m for m, n in self.joined.items() if (at is None or n < at) and m not in self.left)
@@ -204,6 +220,8 @@ class State:
                     self.community, by, body["change"], body["from"], body["deadline"])):
                 raise GovernanceError(f"proposal by member {by}: bad signature")
             check_change(body["change"])
+            if body["change"]["kind"] == "spend" and body["change"]["amount"] > self.fund:
+                raise GovernanceError(f"a spend of {body['change']['amount']} would overdraw the fund ({self.fund})")
             if body["deadline"] < t + self.rules.get("vote_s", 0):
                 raise GovernanceError("the voting period is shorter than the rules allow")
             if body["from"] < body["deadline"]:
@@ -257,6 +275,30 @@ class State:
                     or p["change"]["minutes"] != body["minutes"] or p["from"] != body["from"]:
                 raise GovernanceError("an interval length change must follow its accepted proposal")
             return
+        if kind == "witness":
+            for m, height, digest, sig in body["w"]:
+                key = self.keys.get(m)
+                if m not in self.joined or key is None:
+                    raise GovernanceError(f"witness of {m}, who is not a member with a key")
+                if not 1 <= height <= min(n, len(self.digests)) or self.digests[height - 1] != bytes(digest):
+                    raise GovernanceError(f"member {m} witnessed height {height} with a hash this ledger does not have")
+                if not _verify(key, bytes(sig), witness_msg(self.community, m, height, bytes(digest))):
+                    raise GovernanceError(f"witness of member {m}: bad signature")
+                self.witnessed.setdefault(height, set()).add(m)
+            return
+        if kind == "payout":
+            p = self.proposals.get(body.get("by_vote", -1))
+            tl = self.tallies.get(body.get("by_vote", -1))
+            if p is None or tl is None or not tl["accepted"] or p["change"].get("kind") != "spend" \
+                    or any(p["change"][k] != body.get(k) for k in ("amount", "payee", "purpose")):
+                raise GovernanceError("a payout must follow its accepted spend proposal")
+            if any(x["by_vote"] == body["by_vote"] for x in self.payouts):
+                raise GovernanceError(f"proposal {body['by_vote']} was paid out already")
+            if body["amount"] > self.fund:
+                raise GovernanceError(f"payout of {body['amount']} would overdraw the fund ({self.fund})")
+            self.fund -= body["amount"]
+            self.payouts.append({**body, "n": n, "t": t})
+            return
         if kind == "split":
             for m in body["members"]:
                 if m not in self.members():
@@ -288,6 +330,7 @@ def replay(entries: list[Any], community: str | None = None) -> State:
     bodies); raises GovernanceError naming the entry that breaks a rule."""
     st = State(community or "")
     for e in entries:
+        st.digests.append(e.digest)
         if e.type in GOV or e.type in ("settlement", "adjustment"):
             try:
                 st.apply(e.n, e.type, e.t, e.body)

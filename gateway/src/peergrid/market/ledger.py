@@ -336,7 +336,7 @@ def verify(data: bytes, public_key: bytes | None = None, workers: int = 1) -> li
         if any(e.type == "split" for e in out):
             # a split states balances: those need every settlement's body
             out = [_decode(raws[e.n], e) if e.type in ("settlement", "adjustment") else e for e in out]
-        if any(e.type in ("proposal", "ballot", "tally", "split", "interval")
+        if any(e.type in ("proposal", "ballot", "tally", "split", "interval", "witness", "payout")
                or (e.type == "tariff" and "by_vote" in e.body) for e in out):
             _governance(out)
         return out

@@ -302,6 +302,13 @@ class Settler:
         except sqlite3.Error:
             log.warning("ledger: cannot read the database back after a failed append", exc_info=True)
 
+    def sync(self) -> None:
+        """Take up what other processes (the CLI, the member app) appended
+        since this settler last looked."""
+        on_disk = self.db.execute("SELECT COALESCE(MAX(n) + 1, 0) FROM ledger").fetchone()[0]
+        if on_disk != len(self.ledger.entries):
+            self.ledger.load([bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n")])
+
     def export(self) -> bytes:
         return b"".join(bytes(r[0]) for r in self.db.execute("SELECT raw FROM ledger ORDER BY n"))
 
@@ -325,6 +332,7 @@ def gov_state(st: Settler) -> "Any":
 def _check_then_append(st: Settler, kind: str, now: int, body: dict) -> int:
     """Append a governance entry only if the ledger's rules allow it (the same
     check `ledger verify` makes); raises GovernanceError with the reason."""
+    st.sync()
     s = gov_state(st)
     s.apply(len(st.ledger.entries) or 1, kind, now, body)
     return st.record(kind, now, body)
@@ -344,6 +352,12 @@ def ballot(st: Settler, signed: dict, now: int) -> int:
     return _check_then_append(st, "ballot", now, signed)
 
 
+def witness(st: Settler, signed: list[list[Any]], now: int) -> int:
+    """Record members' witnesses of the ledger's head ([member, height,
+    hash, signature] each, checked as `ledger verify` checks them)."""
+    return _check_then_append(st, "witness", now, {"w": signed})
+
+
 def tally(st: Settler, proposal: int, now: int) -> tuple[int, dict]:
     """Count a proposal whose voting has closed; an accepted change is put
     into force from its boundary (a tariff by a `tariff` entry, feeder limits
@@ -360,6 +374,14 @@ def tally(st: Settler, proposal: int, now: int) -> tuple[int, dict]:
             st.record("interval", now, {"from": p["from"], "minutes": ch["minutes"], "by_vote": proposal})
         elif ch["kind"] == "feeder":
             st.registry.set_feeder(st.community, ch["import_w"], ch["export_w"])
+        elif ch["kind"] == "spend":
+            # paid from the fund only if it still holds the amount (else the
+            # tally stands, the payout is refused and nothing is paid)
+            if gov_state(st).fund >= ch["amount"]:
+                _check_then_append(st, "payout", now, {"by_vote": proposal, "amount": ch["amount"],
+                                                       "payee": ch["payee"], "purpose": ch["purpose"]})
+            else:
+                result = {**result, "payout": "refused: the fund holds less than the amount"}
         elif ch["kind"] == "admit":
             mid = st.registry.add_member(st.community, ch["name"], bytes(ch["key"]))
             st.record("member_joined", now, {"member": mid, "name": ch["name"], "key": bytes(ch["key"]),
