@@ -227,6 +227,8 @@ def _governance(args: argparse.Namespace, cfg: Config, r: reg.Registry) -> int:
                 ch["minutes"] = args.minutes
             elif args.kind == "feeder":
                 ch.update({"import_w": int((args.import_kw or 0) * 1000), "export_w": int((args.export_kw or 0) * 1000)})
+            elif args.kind == "spend":
+                ch.update({"amount": args.amount, "payee": args.payee or "", "purpose": args.purpose or ""})
             else:
                 ch.update({"name": args.name or "", "key": bytes.fromhex(args.pubkey or "")})
             n = stl.propose(st, gv.sign_proposal(k, cfg.community, args.member, ch, args.t_from, args.deadline), now)

@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("propose", help="propose a change of the community's rules (signed with a member key)")
     pr.add_argument("--member", type=int, required=True)
     pr.add_argument("--key-file", required=True)
-    pr.add_argument("--kind", required=True, choices=["tariff", "rules", "feeder", "admit", "interval"])
+    pr.add_argument("--kind", required=True, choices=["tariff", "rules", "feeder", "admit", "interval", "spend"])
+    pr.add_argument("--amount", type=int, help="spend: minor units from the fund")
+    pr.add_argument("--payee", help="spend: who is paid")
+    pr.add_argument("--purpose", help="spend: what for")
     pr.add_argument("--minutes", type=int, help="interval: the new interval length")
     pr.add_argument("--tariff", help="retail,feed_in,fund_margin_ppm,mechanism,grid_fee,fund_export_ppm")
     pr.add_argument("--quorum-ppm", type=int)
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     lv = lsub.add_parser("verify", help="check an exported ledger: signatures, chain, settlements re-run")
     lv.add_argument("file")
     lv.add_argument("--key", help="the gateway's public key (hex) to insist on")
+    lf = lsub.add_parser("fund", help="the fund's own statement from an exported ledger: collected, paid out by vote")
+    lf.add_argument("file")
     ls_ = lsub.add_parser("statement", help="statements per member from an exported ledger")
     ls_.add_argument("file")
     ls_.add_argument("--from", dest="t_from", type=int, default=0, help="Unix time, interval starts from")
@@ -243,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             entries = ledger.verify(open(args.file, "rb").read(),
-                                    bytes.fromhex(args.key) if args.key else None)
+                                    bytes.fromhex(args.key) if getattr(args, "key", None) else None)
         except ledger.LedgerError as e:
             print(f"ledger does NOT verify: {e}", file=sys.stderr)
             return 1
+        if args.lcmd == "fund":
+            from peergrid.market import statements as stm
+
+            print(stm.fund_statement(entries))
+            return 0
         if args.lcmd == "statement":
             from peergrid.market import statements as stm
 

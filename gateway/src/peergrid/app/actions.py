@@ -24,6 +24,8 @@ def _describe(change: dict[str, Any]) -> str:
         return f"feeder limits: import {change['import_w']} W, export {change['export_w']} W"
     if k == "interval":
         return f"settlement interval: {change['minutes']} minutes"
+    if k == "spend":
+        return (f"spend {change['amount'] / 100:.2f} from the fund: to {change['payee']}, for {change['purpose']}")
     if k == "admit":
         return f"admit {change['name']!r} as a member (key {bytes(change['key']).hex()[:16]}...)"
     return str(k)
@@ -70,7 +72,8 @@ class Actions:
                         st.tallies, "eligible": who in p["eligible"], "my_vote": votes.get(who),
                         "votes": len(votes), "of": len(p["eligible"]), "tally": st.tallies.get(n)})
         return {"community": self.c, "proposals": out[:100], "rules": st.rules, "now": now,
-                "fund": st.fund, "members": st.members()}
+                "fund": st.fund, "members": st.members(),
+                "payouts": [{k: p[k] for k in ("by_vote", "amount", "payee", "purpose", "t")} for p in st.payouts]}
 
     def ballot(self, who: int, body: Any) -> dict[str, Any]:
         from peergrid.market import governance as gv

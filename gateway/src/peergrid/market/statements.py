@@ -143,3 +143,32 @@ def to_table(c: Community) -> str:
                  f"{100 * c.self_sufficiency:.1f} %, self-consumption {100 * c.self_consumption:.1f} %, "
                  f"fund {_money(c.fund)}")
     return "\n".join(lines)
+
+
+def fund_statement(entries: list[Entry]) -> str:
+    """The fund's own account, from the ledger alone: what each day's
+    settlements put in (the margin on savings and the share of export
+    proceeds, net of adjustments) and every payout a vote decided."""
+    import time as _time
+
+    from peergrid.market.governance import replay
+
+    days: dict[str, int] = {}
+    for e in entries:
+        if e.type == "settlement":
+            delta = -e.body["fund"]
+        elif e.type == "adjustment":
+            delta = -(e.body["new"]["fund"] - e.body["old"]["fund"])
+        else:
+            continue
+        day = _time.strftime("%Y-%m-%d", _time.gmtime(e.body["start"]))
+        days[day] = days.get(day, 0) + delta
+    st = replay(entries)
+    lines = ["date        collected"]
+    lines += [f"{d}  {_money(v):>10}" for d, v in sorted(days.items())]
+    lines.append(f"collected in all: {_money(sum(days.values()))}")
+    for p in st.payouts:
+        lines.append(f"paid {_money(p['amount'])} to {p['payee']} for {p['purpose']!r} "
+                     f"(proposal {p['by_vote']}, entry {p['n']}, {_time.strftime('%Y-%m-%d', _time.gmtime(p['t']))})")
+    lines.append(f"balance: {_money(st.fund)} (never below zero: every payout is checked by `ledger verify`)")
+    return "\n".join(lines)

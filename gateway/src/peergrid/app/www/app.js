@@ -359,7 +359,8 @@ async function loadVotes() {
   const d = await api("proposals");
   const r = d.rules;
   $("rules").textContent = `Quorum ${r.quorum_ppm / 1e4} % of members, accepted above ${r.majority_ppm / 1e4} % yes; ` +
-    `${d.members.length} members. Fund: ${money(d.fund)}.`;
+    `${d.members.length} members. Fund: ${money(d.fund)}` +
+    (d.payouts.length ? `; paid by vote: ${d.payouts.map((p) => `${money(p.amount)} to ${p.payee} (${p.purpose})`).join("; ")}.` : ".");
   const box = $("proposals"); box.textContent = "";
   if (!d.proposals.length) box.textContent = "No proposals yet.";
   for (const p of d.proposals) {
@@ -393,6 +394,7 @@ $("propose-form").addEventListener("submit", async (ev) => {
     if (kind === "tariff") change = { kind, tariff: [n(0), n(1), n(2), vals[3] || "sdr", vals[4] ? n(4) : 0, vals[5] ? n(5) : 0] };
     else if (kind === "feeder") change = { kind, import_w: n(0), export_w: n(1) };
     else if (kind === "interval") change = { kind, minutes: n(0) };
+    else if (kind === "spend") change = { kind, amount: Math.round(Number(vals[0]) * 100), payee: vals[1] || "", purpose: vals.slice(2).join(", ") };
     else change = { kind, quorum_ppm: n(0), majority_ppm: n(1), vote_s: vals[2] ? n(2) : 0 };
     const deadline = Math.floor(Date.parse($("pr-deadline").value) / 1000);
     const from = Math.floor(Date.parse($("pr-from").value) / 1000);
