@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from peergrid.market import ledger
 from peergrid.community import registry as reg
 from peergrid.ingest import store as st
@@ -140,7 +142,14 @@ def test_statements_from_the_ledger(tmp_path) -> None:
     assert all(m.saving >= 0 for m in c.members.values())
     assert c.fund > 0 and 0 < c.self_sufficiency <= 1 and 0 < c.self_consumption <= 1
     text = stm.to_table(c)
-    assert "self-sufficiency" in text and len(text.splitlines()) == 6
+    assert "self-sufficiency" in text and len(text.splitlines()) == 11
+    # the three baselines: exports unpaid costs the most; netting at retail values exports highest
+    for m in c.members.values():
+        assert m.grid_only >= m.feed_in_only >= m.net_metering(feed_in=c.feed_in) - 1, m
+    b = stm.baselines(c, grid_g_per_kwh=400)
+    assert b.grid_only >= b.feed_in_only and b.paid == sum(m.paid for m in c.members.values())
+    assert b.co2_kg == pytest.approx(float(c.grid_import_wh) * 400 / 1e6) and b.peak_import_w > 0
+    assert "net metering (netted over the period at retail)" in text
     csv_text = stm.to_csv(c)
     assert csv_text.splitlines()[0].startswith("member,intervals,bought_local_kwh")
     assert len(csv_text.splitlines()) == 4

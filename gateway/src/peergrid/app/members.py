@@ -278,10 +278,11 @@ class MemberApp(SignIn, Actions):
                          "bought_grid_wh": round(float(s.bought_grid_wh), 1),
                          "sold_local_wh": round(float(s.sold_local_wh), 1),
                          "sold_grid_wh": round(float(s.sold_grid_wh), 1),
-                         "paid": s.paid, "grid_only": s.grid_only, "saving": s.saving,
+                         "paid": s.paid, "grid_only": s.grid_only, "feed_in_only": s.feed_in_only,
+                         "saving": s.saving,
                          "p_buy": round(p[0], 3) if p[0] is not None else None,
                          "p_sell": round(p[1], 3) if p[1] is not None else None})
-        tot = {k: sum(r[k] for r in rows) for k in ("paid", "grid_only", "saving")}
+        tot = {k: sum(r[k] for r in rows) for k in ("paid", "grid_only", "feed_in_only", "saving")}
         tot.update({k: round(sum(r[k] for r in rows), 1) for k in ("bought_local_wh", "bought_grid_wh",
                                                                     "sold_local_wh", "sold_grid_wh")})
         return {"span": span, "start": start, "end": t_end, "rows": rows, "total": tot,
@@ -297,12 +298,12 @@ class MemberApp(SignIn, Actions):
         f = io.StringIO()
         w = csv.writer(f)
         w.writerow(["member", "interval_start_utc", "bought_local_kwh", "bought_grid_kwh", "sold_local_kwh",
-                    "sold_grid_kwh", "paid", "grid_only", "saving"])
+                    "sold_grid_kwh", "paid", "grid_only", "feed_in_only", "saving"])
         for r in span:
             w.writerow([who, time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["start"])),
                         f"{r['bought_local_wh'] / 1000:.3f}", f"{r['bought_grid_wh'] / 1000:.3f}",
                         f"{r['sold_local_wh'] / 1000:.3f}", f"{r['sold_grid_wh'] / 1000:.3f}",
-                        _money(r["paid"]), _money(r["grid_only"]), _money(r["saving"])])
+                        _money(r["paid"]), _money(r["grid_only"]), _money(r["feed_in_only"]), _money(r["saving"])])
         return f.getvalue()
 
     def series_range(self, who: int, a: int, b: int) -> list[dict[str, Any]]:
@@ -318,7 +319,7 @@ class MemberApp(SignIn, Actions):
                 out.append({"start": e.body["start"], "bought_local_wh": float(s.bought_local_wh),
                             "bought_grid_wh": float(s.bought_grid_wh), "sold_local_wh": float(s.sold_local_wh),
                             "sold_grid_wh": float(s.sold_grid_wh), "paid": s.paid, "grid_only": s.grid_only,
-                            "saving": s.saving})
+                            "feed_in_only": s.feed_in_only, "saving": s.saving})
         return out
 
     def _adjusting(self, e: Any) -> list[Any]:

@@ -1,15 +1,21 @@
 """Statements from the ledger (issue 6, item 5): per member and period, the
 energy bought locally and from the grid, sold locally and to the grid, the
-money, and the saving against buying and selling everything at the grid's
-prices; community totals (self-sufficiency, self-consumption, the fund).
+money, and three baselines of what the member would have paid without the
+community: grid only (every kWh imported at retail, exports unpaid),
+feed-in only (imports at retail, exports at feed-in, interval by interval:
+no local market; `saving` is against this one), and net metering (imports
+and exports netted over the statement's period at retail, a surplus paid at
+feed-in; both prices configurable); community totals (self-sufficiency,
+self-consumption, peak import, the fund, CO2 with a configurable grid
+intensity).
 
 Everything is computed from the settlement entries alone, so a member can
 produce the same statement from the ledger export as the gateway does.
 The energy each member bought and sold locally comes from re-running the
 interval's settlement from the inputs recorded in its entry (preferred
 partners first, then the mechanism; see docs/SETTLEMENT.md).
-Money is in minor units; the grid-only comparison is rounded up per
-interval, as the settlement rounds.
+Money is in minor units; the grid-only and feed-in-only comparisons are
+rounded up per interval, as the settlement rounds.
 """
 from __future__ import annotations
 
@@ -34,11 +40,36 @@ class Statement:
     sold_local_wh: Fraction = Fraction(0)
     sold_grid_wh: Fraction = Fraction(0)
     paid: int = 0                   # net, minor units (negative: earned)
-    grid_only: int = 0              # what grid-only trading would have cost
+    feed_in_only: int = 0           # no local market: imports at retail, exports at feed-in, interval by interval
+    grid_only: int = 0              # everything bought from the grid at retail, exports unpaid
+    retail_wh: Fraction = Fraction(0)   # sum of retail x imported Wh (for net metering's default rate)
 
     @property
     def saving(self) -> int:
-        return self.grid_only - self.paid
+        """Against feed-in only (no local market)."""
+        return self.feed_in_only - self.paid
+
+    @property
+    def imp_wh(self) -> Fraction:
+        return self.bought_local_wh + self.bought_grid_wh
+
+    @property
+    def exp_wh(self) -> Fraction:
+        return self.sold_local_wh + self.sold_grid_wh
+
+    def net_metering(self, rate: int | None = None, surplus: int | None = None, feed_in: int = 0) -> int:
+        """Net metering: imports and exports netted over the whole period
+        at `rate` per kWh (default: the retail price, weighted by the
+        energy imported); a surplus left at the end is paid at `surplus`
+        (default the feed-in price). Minor units, rounded up for the member."""
+        net = self.imp_wh - self.exp_wh
+        if rate is None:
+            rate_f = self.retail_wh / self.imp_wh if self.imp_wh else Fraction(0)
+        else:
+            rate_f = Fraction(rate)
+        if net >= 0:
+            return math.ceil(rate_f * net / 1000)
+        return -math.floor(Fraction(feed_in if surplus is None else surplus) * -net / 1000)
 
 
 @dataclass
@@ -51,6 +82,10 @@ class Community:
     preferred_wh: int = 0           # of local_wh, traded between preferred partners
     fund: int = 0
     members: dict[int, Statement] = field(default_factory=dict)
+    grid_import_wh: Fraction = Fraction(0)      # what the community bought from the grid
+    grid_export_wh: Fraction = Fraction(0)
+    peak_import_w: int = 0                     # the largest import from the grid, averaged over an interval
+    feed_in: int = 0                           # the last interval's feed-in price (net metering's surplus price)
 
     @property
     def self_sufficiency(self) -> float:
@@ -85,6 +120,12 @@ def _add(c: Community, b: dict, sign: int, start: int, end: int, count: bool = T
     c.local_wh += sign * r.local
     c.preferred_wh += sign * r.preferred
     c.fund -= sign * b["fund"]
+    if sign > 0:
+        length = max(1, b["end"] - b["start"])
+        c.peak_import_w = max(c.peak_import_w, int(max(0, sum(f[1] for f in flows) - r.local) * 3600 // length))
+        c.feed_in = t.feed_in
+    c.grid_import_wh += sign * (sum(f[1] for f in flows) - r.local)
+    c.grid_export_wh += sign * (sum(f[2] for f in flows) - r.local)
     for k, ((m, imp, exp), amount) in enumerate(zip(flows, b["amounts"])):
         s = c.members.get(m)
         if s is None:
@@ -97,7 +138,9 @@ def _add(c: Community, b: dict, sign: int, start: int, end: int, count: bool = T
         s.sold_local_wh += sign * ls
         s.sold_grid_wh += sign * (exp - ls)
         s.paid += sign * amount
-        s.grid_only += sign * math.ceil(Fraction(t.retail * imp - t.feed_in * exp, 1000))
+        s.feed_in_only += sign * math.ceil(Fraction(t.retail * imp - t.feed_in * exp, 1000))
+        s.grid_only += sign * math.ceil(Fraction(t.retail * imp, 1000))
+        s.retail_wh += sign * t.retail * imp
 
 
 def _kwh(wh: Fraction | int) -> str:
@@ -110,16 +153,57 @@ def _money(v: int) -> str:
 
 
 COLUMNS = ["member", "intervals", "bought_local_kwh", "bought_grid_kwh", "sold_local_kwh", "sold_grid_kwh",
-           "paid", "grid_only", "saving"]
+           "paid", "grid_only", "feed_in_only", "net_metering", "saving"]
 
 
-def rows(c: Community) -> list[list[Any]]:
+def rows(c: Community, net_rate: int | None = None, net_surplus: int | None = None) -> list[list[Any]]:
+    """One row a member; `saving` is against feed-in only (no local market)."""
     out = []
     for m in sorted(c.members):
         s = c.members[m]
         out.append([m, s.intervals, _kwh(s.bought_local_wh), _kwh(s.bought_grid_wh), _kwh(s.sold_local_wh),
-                    _kwh(s.sold_grid_wh), _money(s.paid), _money(s.grid_only), _money(s.saving)])
+                    _kwh(s.sold_grid_wh), _money(s.paid), _money(s.grid_only), _money(s.feed_in_only),
+                    _money(s.net_metering(net_rate, net_surplus, c.feed_in)), _money(s.saving)])
     return out
+
+
+@dataclass
+class Baselines:
+    """The community's money against what its members would have had
+    without it, and its key figures (issue 22, part 5)."""
+    paid: int
+    grid_only: int
+    feed_in_only: int
+    net_metering: int
+    self_sufficiency: float
+    self_consumption: float
+    peak_import_w: int
+    grid_import_kwh: float
+    co2_kg: float
+    co2_avoided_kg: float
+
+    def lines(self) -> list[str]:
+        return [f"members paid {_money(self.paid)} in all; without the community they would have paid",
+                f"  grid only (all imports at retail, exports unpaid): {_money(self.grid_only)}, "
+                f"saving {_money(self.grid_only - self.paid)}",
+                f"  feed-in only (imports at retail, exports at feed-in, no local market): {_money(self.feed_in_only)}, "
+                f"saving {_money(self.feed_in_only - self.paid)}",
+                f"  net metering (netted over the period at retail): {_money(self.net_metering)}, "
+                f"saving {_money(self.net_metering - self.paid)}",
+                f"self-sufficiency {100 * self.self_sufficiency:.1f} %, self-consumption {100 * self.self_consumption:.1f} %,"
+                f" peak import {self.peak_import_w / 1000:.1f} kW, bought from the grid {self.grid_import_kwh:.1f} kWh, "
+                f"CO2 {self.co2_kg:.1f} kg ({self.co2_avoided_kg:.1f} kg avoided by local trade)"]
+
+
+def baselines(c: Community, grid_g_per_kwh: float = 300.0, net_rate: int | None = None,
+              net_surplus: int | None = None) -> Baselines:
+    """grid_g_per_kwh: the grid's carbon intensity (configurable; 300 g/kWh
+    is a round European figure, not a measurement)."""
+    ms = c.members.values()
+    return Baselines(sum(s.paid for s in ms), sum(s.grid_only for s in ms), sum(s.feed_in_only for s in ms),
+                     sum(s.net_metering(net_rate, net_surplus, c.feed_in) for s in ms), c.self_sufficiency,
+                     c.self_consumption, c.peak_import_w, float(c.grid_import_wh) / 1000,
+                     float(c.grid_import_wh) * grid_g_per_kwh / 1e6, c.local_wh * grid_g_per_kwh / 1e6)
 
 
 def to_csv(c: Community) -> str:
@@ -132,7 +216,7 @@ def to_csv(c: Community) -> str:
 
 def to_table(c: Community) -> str:
     head = ["member", "intervals", "bought local", "bought grid", "sold local", "sold grid",
-            "paid", "grid only", "saving"]
+            "paid", "grid only", "feed-in only", "net metering", "saving"]
     body = [[str(x) for x in r] for r in rows(c)]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
@@ -142,6 +226,7 @@ def to_table(c: Community) -> str:
                  f"supply {_kwh(c.supply_wh)} kWh, traded locally {_kwh(c.local_wh)} kWh, self-sufficiency "
                  f"{100 * c.self_sufficiency:.1f} %, self-consumption {100 * c.self_consumption:.1f} %, "
                  f"fund {_money(c.fund)}")
+    lines += baselines(c).lines()
     return "\n".join(lines)
 
 

@@ -93,9 +93,10 @@ class Demo:
             k, pub = gv.new_key()
             m = r.add_member(C, f"house {i + 1}", pub)
             self.member_keys[m] = (f"house {i + 1}", pub)
-            if i == 0:
-                # the resident of house 1 signs in to the member app with this
-                reg.atomic_write(self.dir / "member-1.key", gv.key_string(k) + "\n")
+            if i < 3:
+                # the resident of house 1 signs in to the member app with this; the first three
+                # houses run mirrors of the ledger at the end of the day
+                reg.atomic_write(self.dir / f"member-{m}.key", gv.key_string(k) + "\n")
             chans = [{"role": "grid", "rating_a": 100}, {"role": "pv", "rating_a": 50}]
             if i < self.nv:                                 # the real firmware's sim board has four CTs
                 chans += [{"role": "load", "rating_a": 20}, {"role": "ev", "rating_a": 32}]
@@ -254,6 +255,7 @@ class Demo:
             raise SystemExit("no settlement configured")
         # settle everything up to the end of the day (the grace period is over by now)
         self.settler.settle_due(self.t_end + 900 + 600)
+        self.witnesses = self.mirrors()
         data = self.settler.export()
         (self.dir / "ledger.cbor").write_bytes(data)
         self.gw.stop()
@@ -268,8 +270,29 @@ class Demo:
         (self.dir / "summary.json").write_text(json.dumps({
             "houses": self.a.houses, "hours": self.a.hours, "speed": self.a.speed,
             "self_sufficiency": round(c.self_sufficiency, 4), "self_consumption": round(c.self_consumption, 4),
+            "baselines": {k: v for k, v in stm.baselines(c).__dict__.items()},
             "ledger_entries": len(entries), "checks": checks}, indent=1))
         return path
+
+    def mirrors(self) -> str:
+        """Three houses' mirrors follow the ledger (`peergrid mirror`, in
+        this process), verify it and witness its head; the gateway records
+        their witnesses in the ledger. Returns what went wrong, or ''."""
+        import argparse
+
+        from peergrid.app.mirror import Alarm, Mirror
+        from peergrid.market import settler as stl
+
+        try:
+            for m in sorted(self.member_keys)[:3]:
+                mi = Mirror(argparse.Namespace(url=f"http://127.0.0.1:{self.gw.http_port}", ca=None, member=m,
+                                               key_file=str(self.dir / f"member-{m}.key"), broker=None, timeout=60,
+                                               dir=str(self.dir / "mirrors" / f"member-{m}")))
+                mi.sync()
+            stl.witness(self.settler, self.gw.app.take_witnesses(), int(self.clock()))
+        except (Alarm, OSError, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+        return ""
 
     def checks(self, entries: list[Any], c: Any) -> list[tuple[str, bool, str]]:
         out = []
@@ -288,6 +311,13 @@ class Demo:
         out.append(("statement energy equals settled energy", abs(st_imp - c.demand_wh) < 1,
                     f"{st_imp / 1000:.1f} kWh in statements, {c.demand_wh / 1000:.1f} kWh settled"))
         out.append(("ledger verifies", True, f"{len(entries)} entries, signatures, chain and every settlement re-run"))
+        from peergrid.market.governance import replay
+
+        w = replay(entries).witnessed
+        h = max(w, default=0)
+        out.append(("members' mirrors witnessed the settled ledger", not self.witnesses and len(w.get(h, ())) == 3,
+                    self.witnesses or f"height {h} (entry {h - 1}, sha256 {entries[h - 1].digest.hex()[:16]}...) "
+                    f"witnessed by members {', '.join(map(str, sorted(w.get(h, ()))))}, recorded in entry {h}"))
         return out
 
     def report(self, entries: list[Any], c: Any, checks: list[tuple[str, bool, str]], verify_s: float) -> str:
@@ -296,7 +326,8 @@ class Demo:
         e = html.escape
         rows = stm.rows(c)
         head = ["member", "intervals", "bought local kWh", "bought grid kWh", "sold local kWh", "sold grid kWh",
-                "paid", "grid only", "saving"]
+                "paid", "grid only", "feed-in only", "net metering", "saving"]
+        base = "".join(f"<li>{e(x.strip())}</li>" for x in stm.baselines(c).lines())
         table = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(
             "<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in r) + "</tr>" for r in rows)
         chk = "".join(f"<li class={'ok' if ok else 'bad'}>{'&#10003;' if ok else '&#10007;'} {e(name)}: {e(msg)}</li>"
@@ -318,6 +349,9 @@ td,th{{border:1px solid #bbb;padding:.2em .5em;text-align:right}} th{{background
 <div>self-consumption<b>{100 * c.self_consumption:.1f} %</b></div>
 <div>traded locally<b>{c.local_wh / 1000:.1f} kWh</b></div><div>demand<b>{c.demand_wh / 1000:.1f} kWh</b></div>
 <div>supply<b>{c.supply_wh / 1000:.1f} kWh</b></div><div>community fund<b>{c.fund / 100:.2f}</b></div></div>
+<h2>Against the baselines</h2><ul>{base}</ul>
+<p>Grid intensity 300 g CO2/kWh (a round figure, configurable in <code>statements.baselines</code>); net metering
+nets the day's imports and exports at retail. Each member's figures are in the table below.</p>
 <h2>Power flows</h2>{self.svg()}
 <h2>Checks</h2><ul>{chk}</ul>
 <p>Ledger: {len(entries)} entries, verified in {verify_s:.2f} s without the gateway's database
@@ -325,7 +359,7 @@ td,th{{border:1px solid #bbb;padding:.2em .5em;text-align:right}} th{{background
 Readings accepted: {snap['counts'].get('accepted_reading', 0)}, rejected: {sum(snap['rejected'].values())};
 control decisions: {ctl.get('decisions', 0)}, commands: {ctl.get('commands', 0)}, acknowledged: {ctl.get('acks', 0)}.</p>
 <h2>Statements</h2><p>Money in currency units (tariff: retail 31.87, feed-in 8.12 per kWh; supply-demand ratio pricing,
-2 % of savings to the fund). Also as CSV: statements.csv.</p><table>{table}</table>
+2 % of savings to the fund; saving against feed-in only). Also as CSV: statements.csv.</p><table>{table}</table>
 </body></html>
 """
 

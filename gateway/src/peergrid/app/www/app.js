@@ -269,7 +269,7 @@ async function loadHistory(span) {
   for (const r of rows.slice().reverse()) {
     const tr = document.createElement("tr");
     for (const v of [when(r.start), fmt(r.bought_local_wh / 1000, 3), fmt(r.bought_grid_wh / 1000, 3), fmt(r.sold_local_wh / 1000, 3),
-      fmt(r.sold_grid_wh / 1000, 3), r.p_buy === null ? "–" : fmt(r.p_buy / 100, 4), money(r.paid), money(r.grid_only), money(r.saving)]) {
+      fmt(r.sold_grid_wh / 1000, 3), r.p_buy === null ? "–" : fmt(r.p_buy / 100, 4), money(r.paid), money(r.feed_in_only), money(r.saving)]) {
       const td = document.createElement("td"); td.textContent = v; tr.append(td);
     }
     tb.append(tr);
@@ -277,7 +277,8 @@ async function loadHistory(span) {
   const t = d.total;
   $("history-total").textContent = `${rows.length} ${span === "day" ? "intervals" : "days"}: bought ${fmt(t.bought_local_wh / 1000, 3)} kWh locally and ` +
     `${fmt(t.bought_grid_wh / 1000, 3)} kWh from the grid, sold ${fmt((t.sold_local_wh + t.sold_grid_wh) / 1000, 3)} kWh; paid ${money(t.paid)} ${d.currency}, ` +
-    `${money(t.grid_only)} with the grid alone: saved ${money(t.saving)} ${d.currency}.`;
+    `${money(t.feed_in_only)} buying from and selling to the grid alone (saved ${money(t.saving)}), ` +
+    `${money(t.grid_only)} if exports earned nothing.`;
 }
 for (const b of document.querySelectorAll(".span-btn")) b.addEventListener("click", () => loadHistory(b.dataset.span).catch(showError));
 
@@ -318,7 +319,7 @@ $("st-print").addEventListener("click", async () => {
       table.append(tr);
     });
     const sum = (k) => lines.slice(1).reduce((s, l) => s + Math.round(Number(l[k]) * 100), 0);
-    box.append(table, Object.assign(document.createElement("p"), { textContent: `Paid ${money(sum(6))}, grid only ${money(sum(7))}, saved ${money(sum(8))} (${PG.me.currency}). Every line follows from the signed ledger.` }));
+    box.append(table, Object.assign(document.createElement("p"), { textContent: `Paid ${money(sum(6))}; with the grid alone ${money(sum(8))} (saved ${money(sum(9))}), ${money(sum(7))} if exports earned nothing (${PG.me.currency}). Every line follows from the signed ledger.` }));
     box.hidden = false;
     if (!navigator.webdriver) window.print();
   } catch (e) { showError(e); }
