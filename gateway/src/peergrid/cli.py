@@ -43,6 +43,8 @@ OPERATE = {"init": ("peergrid.operate.init", "make or update a community directo
            "doctor": ("peergrid.operate.doctor", "check the broker, database, clock, files and ports; say what to do"),
            "backup": ("peergrid.operate.backup", "a consistent backup of the database, ledger and keys, while running"),
            "restore": ("peergrid.operate.restore", "restore a backup into a gateway's directory"),
+           "rebuild": ("peergrid.operate.rebuild", "a new gateway from a member's mirror of the ledger (and the ledger "
+                                                   "key)"),
            "mirror": ("peergrid.app.mirror", "a member's verified copy of the ledger; witnesses its head, "
                                              "alarms on tampering")}
 
