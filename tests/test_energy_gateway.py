@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import board_client, free_port, wait_port
+from harness import board_client, free_port, wait_port, wait_until
 from peergrid.market import ledger
 from peergrid.community import registry as reg
 from protocol import messages
@@ -178,15 +178,18 @@ def test_dishonest_board_cannot_stall_or_mint(rig) -> None:
     big = 10 ** 9
     attempts = 0
     try:
-        # the first full interval starts at the next minute (at least 6 s
-        # away, so every board has a reading before it); run through it
-        first = ((start + 6) // 60 + 1) * 60
-        until = first + 60
+        # the first full interval starts at the next minute at least 2 s
+        # after every board has sent its first reading (so every board has a
+        # reading before it); run through it
+        first = until = 0
         restarted = False
         i = 0
-        while time.time() < until + 1:
+        while not first or time.time() < until + 1:
             for b in boards:
                 b.send()
+            if not first:
+                first = (int(time.time()) + 2 + 59) // 60 * 60
+                until = first + 60
             i += 1
             now = int(time.time())
             if i % 3 == 0:
@@ -218,12 +221,26 @@ def test_dishonest_board_cannot_stall_or_mint(rig) -> None:
                 attempts += 1
                 restarted = True
             time.sleep(max(0.0, 2 - (time.time() - now)))
-        # wait for the last interval to be due and settled
+        # wait for the last interval to be settled (the boards keep sending);
+        # it is due by until + GRACE + LOOP + 3: the check of its ledger
+        # entry's time below says whether it came on time
+        next_send = [time.time()]
+
+        def settled() -> bool:
+            if time.time() >= next_send[0]:
+                for b in boards:
+                    b.send()
+                next_send[0] += 2
+            db = rig.db()
+            try:
+                return db.execute("SELECT 1 FROM settled WHERE community=? AND start=?", (C, first)).fetchone() \
+                    is not None
+            finally:
+                db.close()
+
         due = until + GRACE + LOOP + 3
-        while time.time() < due:
-            for b in boards:
-                b.send()
-            time.sleep(2)
+        wait_until(settled, due + 30 - time.time(), f"the interval from {first} settled", rig.tmp / "gw.log",
+                   every=0.2)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{rig.http_port}/metrics", timeout=5).read().decode()
     finally:
         for b in boards:
