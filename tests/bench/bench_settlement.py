@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: settling one interval for 100 to 100,000 members, and
 verifying a year of 15-minute settlements for 100 members from the export
-alone (signatures, hash chain, every settlement re-run).
+alone (signatures, hash chain, every settlement re-run), and a member's
+mirror following that year entry by entry as it is appended.
 
     python tests/bench/bench_settlement.py            # a full year (35,040 intervals)
     python tests/bench/bench_settlement.py --quick    # 35 days, scaled to a year
@@ -64,7 +65,21 @@ def main() -> None:
     entries = ledger.verify(data, workers=2)
     verify_s = time.perf_counter() - t0
     scale = 35040 / intervals
+    # a member's mirror (peergrid mirror) following the same year as it is
+    # appended: one entry at a time, each checked (signature, chain,
+    # settlement re-run, interval refs, governance state) and kept
+    from peergrid.market.follow import Follower
+
+    raws = list(ledger.iter_export(data))
+    f = Follower()
+    t0 = time.perf_counter()
+    for raw in raws:
+        f.extend([raw])
+    follow_s = time.perf_counter() - t0
+    assert f.height == len(raws) and f.head == entries[-1].digest
     print(json.dumps({"bench": "settlement", "quick": a.quick, "settle_ms": settle_ms,
+                      "mirror_follow_entries_per_s": round(len(raws) / follow_s, 1),
+                      "mirror_follow_year_100_s": round(follow_s * scale, 1),
                       "settle_100000_fee_partners_ms": settle_full_ms,
                       "verify_intervals": intervals, "verify_s": round(verify_s, 2),
                       "verify_year_100_s": round(verify_s * scale, 2), "entries": len(entries),

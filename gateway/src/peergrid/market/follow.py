@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 
 from peergrid.market.governance import GovernanceError, State
-from peergrid.market.ledger import ZERO, Entry, LedgerError, _check_refs, _genesis, _ref, _verify_range, iter_export
+from peergrid.market.ledger import ZERO, Entry, LedgerError, _genesis, _ref, _verify_range, iter_export
 
 
 class Divergence(LedgerError):
@@ -34,8 +34,7 @@ class Follower:
         self.pinned = pinned_key
         self.kid = b""
         self.state = State(community)
-        self.refs_latest: dict[int, tuple[int, bytes]] = {}
-        self.refs: list[tuple] = []
+        self.refs_latest: dict[int, tuple[int, bytes]] = {}     # interval start -> (entry, result digest) in force
 
     @property
     def height(self) -> int:
@@ -66,38 +65,46 @@ class Follower:
                                  "without an entry that rotates it", "key", e.index) from None
             raise
         refs = [r for r in map(_ref, entries) if r is not None]
-        _check_refs(self._ref_prefix() + refs)
-        st = self._state_copy()
+        latest = self._check_refs(refs)
+        st = self.state
         try:
             for e in entries:
                 st.digests.append(e.digest)
                 st.apply(e.n, e.type, e.t, e.body)
         except (GovernanceError, KeyError, TypeError) as err:
+            # (rare: the mirror alarms) the state is rebuilt from the entries it keeps
+            self.state = self._replay_held()
             raise LedgerError(f"entry {e.n}: {err}", e.n) from None
         # all passed: keep them
         self.key, self.kid = key, kid
-        self.state = st
         for e in entries:
             self.raws.append(e.raw)
             self.digests.append(e.digest)
-        for r in refs:
-            self._apply_ref(r)
+        self.refs_latest.update(latest)
         return len(entries)
 
-    def _ref_prefix(self) -> list[tuple]:
-        # what is in force per interval, as settlement refs _check_refs understands
-        return [("S", start, n, dig) for start, (n, dig) in self.refs_latest.items()]
+    def _check_refs(self, refs: list[tuple]) -> dict[int, tuple[int, bytes]]:
+        """ledger._check_refs for new entries only: each interval settled
+        once, an adjustment replacing the figures in force. Returns what is
+        in force after them (applied once the whole batch passes)."""
+        upd: dict[int, tuple[int, bytes]] = {}
+        for r in refs:
+            start, n = r[1], r[2]
+            cur = upd.get(start, self.refs_latest.get(start))
+            if r[0] == "S":
+                if cur is not None:
+                    raise LedgerError(f"interval {start} settled a second time", n)
+                upd[start] = (n, r[3])
+            else:
+                if cur != (r[3], r[4]):
+                    raise LedgerError("adjustment does not start from the figures in force", n)
+                upd[start] = (n, r[5])
+        return upd
 
-    def _apply_ref(self, r: tuple) -> None:
-        if r[0] == "S":
-            self.refs_latest[r[1]] = (r[2], r[3])
-        else:
-            self.refs_latest[r[1]] = (r[2], r[5])
+    def _replay_held(self) -> State:
+        from peergrid.market.governance import replay
 
-    def _state_copy(self) -> State:
-        import copy
-
-        return copy.deepcopy(self.state)
+        return replay([self.entry(i) for i in range(self.height)], self.state.community)
 
     def load(self, data: bytes) -> None:
         """A whole export (a mirror's own copy at start), checked as it loads."""
