@@ -270,7 +270,16 @@ class HomeAssistant:
     # -- discovery ---------------------------------------------------------------------
 
     def on_ha_status(self, payload: bytes) -> None:
-        """Home Assistant announced itself: all configs again (rate-limited)."""
+        """Home Assistant announced itself: all configs again (rate-limited;
+        from the MQTT thread, so nothing raises out of here)."""
+        self.metrics.inc("ha_status")
+        try:
+            self._on_ha_status(payload)
+        except Exception:  # noqa: BLE001 - never stops the ingest
+            self.metrics.inc("ha_errors")
+            log.exception("home assistant announcement failed")
+
+    def _on_ha_status(self, payload: bytes) -> None:
         if payload.strip().lower() != b"online":
             return
         now = time.monotonic()

@@ -60,6 +60,7 @@ class Gateway:
         # bounded: when the writer falls behind, paho stops reading and the
         # broker holds the messages (memory stays flat under a burst)
         self.q: queue.Queue[Any] = queue.Queue(maxsize=4000)
+        self.done = 0                  # queue items the writer has committed (the drain at stop counts them)
         self.stop_event = threading.Event()
         self._last_reject_log: dict[str, float] = {}
         self._rejects_unlogged: dict[str, int] = {}     # rejections since the last one logged, per device and code
@@ -122,14 +123,9 @@ class Gateway:
         topic = msg.topic
         frame = bytes(msg.payload)
         if self.ha is not None and topic == "homeassistant/status":
-            # Home Assistant announced itself: not a board's frame
-            self.metrics.inc("ha_status")
-            if msg.qos > 0:
+            if msg.qos > 0:                    # Home Assistant announced itself: not a board's frame
                 client.ack(msg.mid, msg.qos)
-            try:
-                self.ha.on_ha_status(frame[:64])
-            except Exception:  # noqa: BLE001 - never stops the ingest
-                log.exception("home assistant announcement failed")
+            self.ha.on_ha_status(frame[:64])   # (counted; never raises)
             return
         try:
             r = self.validator.check(topic, frame, now)
@@ -257,6 +253,7 @@ class Gateway:
                     log.error("store failed (%s); retrying, nothing acknowledged meanwhile", e, exc_info=True)
                     if self.stop_event.wait(1):
                         return
+            self.done += len(batch)
             done = time.monotonic()
             for b in batch:
                 self.metrics.latency(done - b[5])
@@ -467,9 +464,12 @@ class Gateway:
         self.fleet.stop()
         if self.control is not None:
             self.control.stop()
-        # drain: let the writer commit and ack what is queued, then leave
+        # drain: let the writer commit and ack what was queued when asked to
+        # stop (boards still sending meanwhile are not waited for: the broker
+        # keeps those for the session, unacknowledged), then leave
+        target = self.done + self.q.qsize()
         deadline = time.monotonic() + 10
-        while not self.q.empty() and time.monotonic() < deadline:
+        while self.done < target and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
         if self.client is not None:
