@@ -9,7 +9,9 @@ Entry payload (deterministic CBOR map):
      "body": map}
 Kinds: "genesis" (community id and the gateway's public key), "settlement"
 (interval, tariff, the members' flows and the results), "adjustment",
-"member_joined", "member_left", "tariff".
+"member_joined", "member_left", "member_key", "tariff", "interval", and the
+governance kinds of peergrid.market.governance ("proposal", "ballot",
+"tally", "split", "payout", "witness").
 
 COSE_Sign1: 18([protected = {1: -8}, {4: kid}, payload, signature]); the
 signature is over ["Signature1", protected, h'', payload].
