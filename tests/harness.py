@@ -78,6 +78,15 @@ def mpy_build(out: Path) -> Path:
     return build_mpy(out)
 
 
+def gateway_toml(community: str, port: int, http_port: int, *sections: str) -> str:
+    """A gateway config for a test site: the database beside it, the
+    broker on loopback with the registry's password and ACL files (and
+    mosquitto's pid file, so account changes reload it), then `sections`."""
+    return (f'[gateway]\ncommunity = "{community}"\ndb = "gw.db"\nhttp_port = {http_port}\nstatus_every_s = 1\n'
+            f'[broker]\nhost = "127.0.0.1"\nport = {port}\nuser = "gateway"\npassword = "gw-pass-123"\n'
+            f'passwd_file = "passwd"\nacl_file = "acl"\npid_file = "mosquitto.pid"\n' + "".join(sections))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

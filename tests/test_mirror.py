@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness import free_port, registry_broker, stop_process, wait_until
+from harness import free_port, gateway_toml, registry_broker, stop_process, wait_until
 from peergrid.community import registry as reg
 from peergrid.market import governance as gv
 from peergrid.market import ledger
@@ -37,12 +37,9 @@ class Site:
         self.port = free_port()
         self.http = free_port()
         self.cfg = tmp / "gw.toml"
-        self.cfg.write_text(
-            f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = {self.http}\nstatus_every_s = 1\n'
-            f'[broker]\nhost = "127.0.0.1"\nport = {self.port}\nuser = "gateway"\npassword = "gw-pass-123"\n'
-            f'passwd_file = "passwd"\nacl_file = "acl"\npid_file = "mosquitto.pid"\n'
-            f'[settlement]\nretail = 30\nfeed_in = 8\ninterval_min = 1\ngrace_s = 5\n'
-            f'[app]\nwitness_every_s = 1\n')
+        self.cfg.write_text(gateway_toml(C, self.port, self.http,
+                                         "[settlement]\nretail = 30\nfeed_in = 8\ninterval_min = 1\ngrace_s = 5\n",
+                                         "[app]\nwitness_every_s = 1\n"))
         r = reg.Registry(reg.connect(tmp / "gw.db"))
         r.add_community(C)
         r.db.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import free_port, registry_broker, stop_process, wait_until
+from harness import free_port, gateway_toml, registry_broker, stop_process, wait_until
 from peergrid.community import registry as reg
 from peergrid.market import governance as gv
 
@@ -45,14 +45,10 @@ class Site:
         self.port = free_port()
         self.http = free_port()
         self.cfg = tmp / "gw.toml"
-        self.cfg.write_text(
-            f'[gateway]\ncommunity = "{C}"\ndb = "gw.db"\nhttp_port = {self.http}\nstatus_every_s = 1\n'
-            f'[broker]\nhost = "127.0.0.1"\nport = {self.port}\nuser = "gateway"\npassword = "gw-pass-123"\n'
-            f'passwd_file = "passwd"\nacl_file = "acl"\npid_file = "mosquitto.pid"\n'
-            f'[ingest]\nmax_skew_s = 300\n'
-            f'[settlement]\nretail = 30\nfeed_in = 8\ninterval_min = 1\ngrace_s = 5\n'
-            f'[homeassistant]\nevery_s = 1\nannounce_s = 2\n'
-            f'[app]\nsignin_failures_per_min = 5\n')
+        self.cfg.write_text(gateway_toml(C, self.port, self.http, "[ingest]\nmax_skew_s = 300\n",
+                                         "[settlement]\nretail = 30\nfeed_in = 8\ninterval_min = 1\ngrace_s = 5\n",
+                                         "[homeassistant]\nevery_s = 1\nannounce_s = 2\n",
+                                         "[app]\nsignin_failures_per_min = 5\n"))
         r = reg.Registry(reg.connect(tmp / "gw.db"))
         r.add_community(C)
         r.db.close()
@@ -246,6 +242,14 @@ def test_another_members_house_is_refused(site, browser) -> None:
     assert http(site, "GET", "/app/api/ledger/head", token="made-up")[0] == 401
 
 
+def _listed_proposal(site: Site, d, member: int, import_kw: float) -> int:
+    """A proposal made by `member` with the CLI, listed on the page's Votes."""
+    p = _proposal(site, member, import_kw)
+    d.get(site.url("/app/#votes"))
+    _wait(d, lambda: d.find_element("id", f"proposal-{p}").is_displayed(), 15, "the proposal is listed")
+    return p
+
+
 def _proposal(site: Site, member: int, import_kw: float) -> int:
     deadline = int(time.time()) + 600
     t_from = deadline - deadline % 60 + 120
@@ -258,9 +262,7 @@ def _proposal(site: Site, member: int, import_kw: float) -> int:
 def test_a_vote_cast_in_the_page_is_in_the_ledger_and_verifies(site, browser) -> None:
     d = browser
     _signed_in(site, d)
-    p = _proposal(site, 2, 45)
-    d.get(site.url("/app/#votes"))
-    _wait(d, lambda: d.find_element("id", f"proposal-{p}").is_displayed(), 15, "the proposal is listed")
+    p = _listed_proposal(site, d, 2, 45)
     box = d.find_element("id", f"proposal-{p}")
     assert "feeder limits: import 45000 W" in box.text
     d.save_screenshot(str(SHOTS / "member-app-votes.png"))
@@ -297,9 +299,7 @@ def test_a_vote_cast_in_the_page_is_in_the_ledger_and_verifies(site, browser) ->
 def test_a_tampered_ballot_is_refused(site, browser) -> None:
     d = browser
     _signed_in(site, d)
-    p = _proposal(site, 3, 47)
-    d.get(site.url("/app/#votes"))
-    _wait(d, lambda: d.find_element("id", f"proposal-{p}").is_displayed(), 15, "the proposal is listed")
+    p = _listed_proposal(site, d, 3, 47)
     # signed "yes" in the browser, sent as "no"
     r = d.execute_async_script(
         "const done = arguments[arguments.length - 1];"
