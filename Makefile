@@ -44,9 +44,10 @@ umqtt: $(VENV)/.stamp
 
 # two workers, a test file each at a time (most tests wait on real time:
 # boards, brokers, settlement loops), so the suite fits its 15 minutes on a
-# 2-core machine
+# 2-core machine; files in collection order (tests/conftest.py puts the
+# longest first), not by their number of tests
 test: $(VENV)/.stamp mpy boards umqtt
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'

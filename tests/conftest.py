@@ -16,6 +16,28 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness import Broker, micropython_cmd, mpy_build  # noqa: E402
 
 
+# The files that take longest (most of it waiting on real time: settlement
+# intervals, board clocks, broker outages), longest first, as measured in
+# CI on 2026-11-30 (pytest --durations). `make test` hands whole files to
+# two workers in collection order (--dist loadfile), so these go first and
+# the short files fill in at the end, instead of one long file running alone
+# while the other worker has nothing left to do.
+LONGEST_FIRST = ("tests/test_vboard.py", "tests/test_hil_bench.py", "tests/test_residents.py",
+                 "hil-tests/test_scenarios.py", "tests/test_commission.py", "tests/test_energy_gateway.py",
+                 "tests/test_init.py", "tests/test_micropython.py", "tests/test_ota.py", "tests/test_board32.py",
+                 "tests/test_control.py", "tests/test_mirror.py", "tests/test_backup.py", "tests/test_ota_board.py",
+                 "tests/test_broker_identity.py", "tests/test_modbus_line.py", "tests/test_doctor.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(pair: tuple[int, pytest.Item]) -> tuple[int, int]:
+        rel = Path(str(pair[1].path)).resolve().relative_to(ROOT).as_posix()
+        return rank.get(rel, len(LONGEST_FIRST)), pair[0]
+    items[:] = [it for _, it in sorted(enumerate(items), key=key)]
+
+
 @pytest.fixture(scope="session")
 def micropython() -> list[str]:
     return micropython_cmd()
