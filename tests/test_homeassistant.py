@@ -29,7 +29,8 @@ def _ha(tmp_path, presence=None):
     sent: list[tuple[str, str, bool]] = []
     m = Metrics()
     ha = HomeAssistant(C, r.db, lambda t, p, retain: sent.append((t, p, retain)), m,
-                       {"every_s": 0, "announce_s": 60}, presence or (lambda: {}))
+                       {"every_s": 0, "announce_s": 60, "announce_pace_s": 0}, presence or (lambda: {}))
+    ha.run_async = False            # announcements in this thread, to count what they sent
     return ha, sent, m, (m1, m2)
 
 

@@ -89,6 +89,8 @@ class HomeAssistant:
         self.every_s = float(opts.get("every_s", 10))
         self.announce_s = float(opts.get("announce_s", 30))
         self.currency = str(opts.get("currency", "EUR"))[:8]
+        self.pace_s = float(opts.get("announce_pace_s", 0.02))
+        self.run_async = True
         self.lock = threading.Lock()
         self.dblock = threading.Lock()          # the connection is used by the MQTT and main threads
         self._next_load = 0.0
@@ -287,7 +289,10 @@ class HomeAssistant:
             self.metrics.inc("ha_announce_throttled")
             return
         self._last_announce = now
-        self.announce_all()
+        if self.run_async:              # (from the MQTT thread: the paced announcement runs in its own)
+            threading.Thread(target=self.announce_safe, name="ha-announce", daemon=True).start()
+        else:
+            self.announce_all()
 
     def announce_safe(self) -> None:
         """announce_all for a thread of its own (after the gateway connects)."""
@@ -298,12 +303,17 @@ class HomeAssistant:
             log.exception("home assistant discovery failed")
 
     def announce_all(self) -> None:
+        """Every config and state again, paced (`announce_pace_s` between
+        houses): a hundred houses' configs at once would hold up the
+        gateway's commands to the boards behind them on the same session."""
         self.announce_community()
         with self.lock:
             mids = list(self.houses)
         for mid in mids:
             self.announce_house(mid)
             self.publish_house(mid)
+            if self.pace_s:
+                time.sleep(self.pace_s)
 
     def _device(self, node: str, name: str, model: str) -> dict[str, Any]:
         return {"ids": [node], "name": name, "mf": "PeerGrid", "mdl": model}
