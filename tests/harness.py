@@ -245,9 +245,11 @@ class MpyPeer:
             self.proc.wait(5)
 
 
-def wait_until(pred, timeout: float, what: str, log: Path | None = None, every: float = 0.05) -> None:
+def wait_until(pred, timeout: float, what, log: Path | None = None, every: float = 0.05) -> None:
     """Until pred() is true (a database still locked or being made counts as
-    not yet); on timeout an AssertionError naming `what` with the end of `log`."""
+    not yet); on timeout an AssertionError naming `what` with the end of `log`.
+    `what` may be a callable: diagnostics that ask a board or the gateway are
+    then gathered only on timeout, never while the thing waited for is busy."""
     import sqlite3
 
     deadline = time.monotonic() + timeout
@@ -259,7 +261,7 @@ def wait_until(pred, timeout: float, what: str, log: Path | None = None, every: 
             pass
         if time.monotonic() > deadline:
             tail = log.read_text()[-1500:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out: {what}; log: {tail}")
+            raise AssertionError(f"timed out: {what() if callable(what) else what}; log: {tail}")
         time.sleep(every)
 
 

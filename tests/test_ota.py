@@ -104,11 +104,17 @@ class Rig:
             found[:] = [e for e in self.events(device) if e["event"] == event and e["rel"] == rel]
             return bool(found)
 
-        wait_until(seen, timeout, f"{device}: no {event} of release {rel}; events: {self.events(device)[-4:]}; "
-                                  f"rollouts: {peergrid_json(self.cfg, 'fleet', 'rollouts')[-1:]}; board: "
-                                  + repr({k: v for k, v in self.boards[device].state().items()
-                                          if k in ("rel", "ota", "ota_stats", "connected", "uplink")})
-                                  + "; " + self.boards[device].tail())
+        def why() -> str:
+            try:
+                board = repr({k: v for k, v in self.boards[device].state().items()
+                              if k in ("rel", "ota", "ota_stats", "connected", "uplink")})
+            except TimeoutError as e:
+                board = f"no state ({e})"
+            return (f"{device}: no {event} of release {rel}; events: {self.events(device)[-4:]}; "
+                    f"rollouts: {peergrid_json(self.cfg, 'fleet', 'rollouts')[-1:]}; board: {board}; "
+                    + self.boards[device].tail())
+
+        wait_until(seen, timeout, why)
         return found[-1]
 
     def update(self, device: str, seq: int) -> None:

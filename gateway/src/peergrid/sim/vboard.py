@@ -125,6 +125,7 @@ class VirtualBoard:
         self.house: dict[str, Any] | None = None      # the last power/base/profile control sent
         self.sim: Any = None
         self.proc: subprocess.Popen[str] | None = None
+        self.rebooted = False                         # restarted by a reboot, house not yet re-sent
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.log: list[dict[str, Any]] = []
         self.stderr: list[str] = []
@@ -137,7 +138,10 @@ class VirtualBoard:
 
     # -- process -----------------------------------------------------------
 
-    def start(self, timeout: float = 30, fresh: bool = True) -> dict[str, Any]:
+    def start(self, timeout: float = 30, fresh: bool = True, wait: bool = True) -> dict[str, Any] | None:
+        """Start the board's process; with `wait`, until it is ready (or
+        uncommissioned). A reboot starts it without waiting: the events
+        then belong to whoever waits on the board, "ready" included."""
         pty = ""
         self.auto_restart = True
         if self.rs485_path:
@@ -172,6 +176,8 @@ class VirtualBoard:
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         threading.Thread(target=self._reader, args=(self.proc, self.events), daemon=True).start()
         threading.Thread(target=self._err_reader, args=(self.proc,), daemon=True).start()
+        if not wait:
+            return None
         return self.wait_for(lambda e: e.get("ev") in ("ready", "uncommissioned"), timeout)
 
     def installed(self) -> bool:
@@ -221,6 +227,12 @@ class VirtualBoard:
                     ev = {"ev": "text", "text": line}
                 self.log.append(ev)
                 q.put(ev)
+                if ev.get("ev") == "ready" and self.rebooted and proc is self.proc and self.house is not None:
+                    self.rebooted = False
+                    try:
+                        self.send(**self.house)  # the house's loads do not stop when its board restarts
+                    except (RuntimeError, OSError):
+                        pass
         except (OSError, ValueError):
             pass                                 # the pipe was closed after the process ended
         rc = proc.wait()
@@ -229,11 +241,12 @@ class VirtualBoard:
             ev = {"ev": "rebooting"}
             self.log.append(ev)
             q.put(ev)
+            # Not waiting here for "ready": this thread would take events
+            # (that one, or a test's state reply) from whoever waits on them.
+            self.rebooted = True
             try:
-                self.start(fresh=False)
-                if self.house is not None:
-                    self.send(**self.house)      # the house's loads do not stop when its board restarts
-            except (RuntimeError, TimeoutError) as e:
+                self.start(fresh=False, wait=False)
+            except OSError as e:
                 q.put({"ev": "exit", "rc": rc, "msg": str(e)})
             return
         q.put({"ev": "exit", "rc": rc})
