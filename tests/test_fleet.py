@@ -491,6 +491,53 @@ def test_a_rollout_goes_on_to_the_rest_once_the_first_boards_confirm(rig_factory
     assert z9.cmds.empty()
 
 
+def test_the_second_wave_updates_a_few_boards_at_a_time_and_its_first_failure_halts_the_rest(
+        rig_factory, tmp_path) -> None:
+    rig = rig_factory([f"b{i}" for i in range(5)], extra="updates_at_once = 2\n")
+    assert peergrid_cli(rig.cfg, "fleet", "add", str(build_release(tmp_path / "src", "devkit", 2)))[0] == 0
+    boards = [rig.board(f"b{i}") for i in range(5)]
+    for b in boards:
+        b.status()
+    wait_until(lambda: len(rig.gw.fleet.views) == 5, 5, "five boards known")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit", "--first", "1",
+                                "--max-fail", "1")
+    assert rc == 0, err
+    rid = int(out.split()[1].rstrip(":"))
+    b0 = boards[0]
+    c = b0.next_cmd()
+    b0.ack(c["ctr"])
+    b0.boot, b0.rel = 2, 2
+    b0.status(ota=2, ota_rel=2)
+    time.sleep(0.3)
+    b0.reading()
+    c = b0.next_cmd()
+    assert c["op"] == messages.OP_CONFIRM
+    b0.ack(c["ctr"])
+    b0.status(ota=3, ota_rel=2)
+    # wave 2: two of the four at once, by id; the other two wait their turn
+    got = {}
+    for b in boards[1:3]:
+        got[b.device] = b.next_cmd()
+        assert (got[b.device]["op"], got[b.device]["value"]) == (messages.OP_UPDATE, 2)
+        b.ack(got[b.device]["ctr"])
+    boards[2].status(ota=1, ota_rel=2, ota_got=100)
+    time.sleep(2)
+    assert boards[3].cmds.empty() and boards[4].cmds.empty()
+    assert rig.rollout(rid)["state"] == "wave2"
+    # the first of them rolls back: the two still waiting are never sent the release
+    boards[1].boot = 2
+    boards[1].status(ota=5, ota_rel=2, ota_why="no confirm")
+    wait_until(lambda: rig.rollout(rid)["state"] == "halted", 5, "halted")
+    states = {b["device"]: b["state"] for b in rig.rollout(rid)["boards"]}
+    assert states == {"b0": "ok", "b1": "failed", "b2": "started", "b3": "skipped", "b4": "skipped"}, states
+    time.sleep(1.5)
+    assert boards[3].cmds.empty() and boards[4].cmds.empty()
+    assert sorted(e["device"] for e in rig.events() if e["event"] == "update_sent") == ["b0", "b1", "b2"]
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(SystemExit, match="updates_at_once"):          # none at a time would never end
+        Config.load(write_config(tmp_path / "bad", extra="updates_at_once = 0\n"))
+
+
 def test_one_board_update_is_resent_until_answered_and_halts_by_hand(rig_factory, tmp_path) -> None:
     rig, (b0, b1, *_rest) = _fleet_of_four(rig_factory, tmp_path)
     rc, out, err = peergrid_cli(rig.cfg, "fleet", "update", "b1", "2")

@@ -61,6 +61,7 @@ class Config:
     update_lease_s: int = 3600                # what an OP_UPDATE gives a board to fetch the release
     rollout_timeout_s: float = 1800           # a board without an outcome within this has failed
     serve_per_s: float = 50                   # release pieces served per board and second, at most
+    updates_at_once: int = 10                 # boards of a rollout's second wave updating at once, at most
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -124,6 +125,7 @@ class Config:
         cfg.update_lease_s = int(fl.get("update_lease_s", 3600))
         cfg.rollout_timeout_s = float(fl.get("rollout_timeout_s", 1800))
         cfg.serve_per_s = float(fl.get("serve_per_s", 50))
+        cfg.updates_at_once = int(fl.get("updates_at_once", 10))
         for name, ok in (("[gateway] http_timeout_s", cfg.http_timeout_s > 0),
                          ("[gateway] http_max_connections", cfg.http_max_connections >= 1),
                          ("[ingest] quarantine_bytes", cfg.quarantine_bytes >= 4096),
@@ -133,6 +135,7 @@ class Config:
                          ("[fleet] update_lease_s (60-86400)", 60 <= cfg.update_lease_s <= 86400),
                          ("[fleet] rollout_timeout_s", cfg.rollout_timeout_s > 0),
                          ("[fleet] serve_per_s (1-1000)", 1 <= cfg.serve_per_s <= 1000),
+                         ("[fleet] updates_at_once (1-1000)", 1 <= cfg.updates_at_once <= 1000),
                          ("[gateway] http_tls needs [broker] cert_file and key_file",
                           not cfg.http_tls or None not in (cfg.cert_file, cfg.key_file)),
                          ("[broker] tls_port needs ca_file, cert_file and key_file",

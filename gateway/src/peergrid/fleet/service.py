@@ -20,7 +20,9 @@ calls only note things and return: the work happens on two threads.
   * rollouts written by `peergrid fleet update|rollout` are picked up
     within ROLLOUT_POLL_S: wave 1 (the first N boards of the type not
     running the release, by id), then, with fewer than K failures, wave 2
-    (all the others at once). OP_UPDATE (value seq, lease
+    (all the others, at most `[fleet] updates_at_once` updating at a time:
+    the next starts when one ends, so failures among the first of wave 2
+    still halt the rest). OP_UPDATE (value seq, lease
     `[fleet] update_lease_s`) is sent again with back-off until the board
     acks or reports fetching. Outcome per board: confirmed (or running the
     release) is ok; refused, rolled back, or nothing within
@@ -82,6 +84,7 @@ class Fleet:
         self.serve_per_s = cfg.serve_per_s
         self.update_lease = cfg.update_lease_s
         self.timeout = cfg.rollout_timeout_s
+        self.at_once = cfg.updates_at_once
         self.resend_s = resend_s
         self.db = reg.connect(cfg.db)
         self.registry = reg.Registry(self.db)
@@ -404,9 +407,13 @@ class Fleet:
             self.rec.halt(r["id"], why)
             log.warning("fleet: rollout %d of release %d halted: %s", r["id"], r["seq"], why)
             return
+        busy = sum(1 for b in boards if b["state"] in ("sent", "started"))
         for b in boards:
             if b["state"] == "waiting" and b["wave"] <= wave:
+                if b["wave"] == 2 and busy >= self.at_once:
+                    continue                       # its turn comes when one of those ends
                 self._send_update(r, b, now)
+                busy += 1
             elif b["state"] == "sent" and now - (b["sent_at"] or 0) >= self.resend_s * min(2 ** (b["tries"] - 1), 8):
                 self._send_update(r, b, now)
         if any(b["state"] in OPEN for b in boards if b["wave"] <= wave):
