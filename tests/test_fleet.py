@@ -538,6 +538,41 @@ def test_the_second_wave_updates_a_few_boards_at_a_time_and_its_first_failure_ha
         Config.load(write_config(tmp_path / "bad", extra="updates_at_once = 0\n"))
 
 
+def test_runs_it_already_counts_only_where_the_gateway_confirmed_it(rig_factory, tmp_path) -> None:
+    rig, (b0, b1, b2, b3, z9) = _fleet_of_four(rig_factory, tmp_path)
+    # b0 really ran release 2: its trial was confirmed here (then a stale status says 1)
+    b0.boot, b0.rel = 2, 2
+    b0.status(ota=2, ota_rel=2)
+    time.sleep(0.3)
+    b0.reading()
+    c = b0.next_cmd()
+    assert c["op"] == messages.OP_CONFIRM
+    b0.ack(c["ctr"], 0, 2)
+    wait_until(lambda: any(e["event"] == "confirm_acked" for e in rig.events("b0")), 5, "confirm_acked")
+    b0.rel = 1
+    b0.status()
+    wait_until(lambda: rig.gw.fleet.views["b0"].rel == 1, 5, "b0 seen on release 1")
+    rc, out, err = peergrid_cli(rig.cfg, "fleet", "rollout", "2", "--board", "devkit", "--first", "3",
+                                "--max-fail", "1")
+    assert rc == 0, err
+    rid = int(out.split()[1].rstrip(":"))
+    c0, c1, c2 = b0.next_cmd(), b1.next_cmd(), b2.next_cmd()
+    b0.ack(c0["ctr"], E_RANGE, 2)
+    wait_until(lambda: {b["device"]: b["state"] for b in rig.rollout(rid)["boards"]}["b0"] == "ok", 5, "b0 ok")
+    # b2 is on trial of another release: refused for now, sent again
+    b2.ack(c2["ctr"], E_RANGE, 7)
+    again = b2.next_cmd(timeout=5)
+    assert again["op"] == messages.OP_UPDATE and again["ctr"] > c2["ctr"]
+    assert rig.rollout(rid)["state"] == "wave1"
+    # b1 claims release 2 without ever having proved it: a failure, not an update
+    b1.ack(c1["ctr"], E_RANGE, 2)
+    wait_until(lambda: rig.rollout(rid)["state"] == "halted", 5, "halted")
+    boards = {b["device"]: b for b in rig.rollout(rid)["boards"]}
+    assert boards["b1"]["state"] == "failed" and "never confirmed here" in boards["b1"]["detail"]
+    assert "runs 7" in boards["b2"]["detail"] and boards["b3"]["state"] == "skipped"
+    assert any(e["event"] == "claim_unproven" and e["rel"] == 2 for e in rig.events("b1"))
+
+
 def test_one_board_update_is_resent_until_answered_and_halts_by_hand(rig_factory, tmp_path) -> None:
     rig, (b0, b1, *_rest) = _fleet_of_four(rig_factory, tmp_path)
     rc, out, err = peergrid_cli(rig.cfg, "fleet", "update", "b1", "2")

@@ -5,7 +5,8 @@ version 3, peergrid.schema.FLEET_TABLES):
   (an auditor reads which release measured a house's energy when): running
   (first seen, or another release), fetching, installed (the trial
   started), confirmed, refused, rolled_back, and the gateway's own
-  update_sent and confirm_sent, each with the board's boot, the release's
+  update_sent, confirm_sent, update_timeout and claim_unproven (a board
+  that answered an update with "runs it already" it never proved here), each with the board's boot, the release's
   seq and digest (the store's whole SHA-256 when the store has the
   release, else the 8 bytes the board reports) and a detail.
 - `fleet_devices`: per board, the newest status's firmware fields.

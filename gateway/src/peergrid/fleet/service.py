@@ -264,16 +264,27 @@ class Fleet:
                 self.rec.event(device, "command_refused", None, None, None, f"OP_CONFIRM refused: code {res}",
                                self.clock())
             return
-        rid = what[1]
+        rid, seq = what[1], what[2]
         b = {x["device"]: x for x in self.rec.boards(rid)}.get(device)
         if b is None or b["state"] != "sent":
             return
+        runs = msg.get("value")
         if res == 0:
             self.rec.update_board(rid, device, state="started", detail="acked")
-        elif res == E_RANGE:
-            self.rec.update_board(rid, device, state="ok", done_t=self.clock(), detail="runs this release already")
+        elif res == E_RANGE and runs == seq and self.rec.has_event(device, "confirm_acked", seq, 0):
+            self.rec.update_board(rid, device, state="ok", done_t=self.clock(),
+                                  detail="runs this release already, confirmed here before")
+        elif res == E_RANGE and runs == seq:
+            # the board's word only: a release counts as installed on the
+            # gateway's own evidence (a confirmed trial), never on a claim
+            why = f"says it runs release {seq} already; never confirmed here"
+            self.rec.update_board(rid, device, state="failed", done_t=self.clock(), detail=why)
+            self.rec.event(device, "claim_unproven", seq, None, None, f"rollout {rid}: {why}", self.clock())
         else:
-            self.rec.update_board(rid, device, detail=f"OP_UPDATE refused: code {res}")
+            # refused for now (e.g. on trial of another release): sent again
+            # with back-off until the rollout's timeout
+            self.rec.update_board(rid, device, detail=f"OP_UPDATE refused: code {res}"
+                                  + (f", runs {runs}" if runs is not None else ""))
 
     # -- confirmation ---------------------------------------------------------------
 
@@ -364,7 +375,7 @@ class Fleet:
         if ctr is None:
             self.rec.update_board(r["id"], device, state="failed", done_t=now, detail="no key (unknown or revoked)")
             return
-        self.sent[(device, ctr)] = ("update", r["id"])
+        self.sent[(device, ctr)] = ("update", r["id"], r["seq"])
         if len(self.sent) > 4096:                  # acks that never came: forget the oldest
             for k in list(self.sent)[:256]:
                 del self.sent[k]
