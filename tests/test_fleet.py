@@ -130,6 +130,17 @@ class Board:
             f["value"] = value
         self.c.publish(self.link.t_ack, bytes(self.link.ack(f)), qos=1).wait_for_publish(5)
 
+    def prove(self, rel: int) -> None:
+        """Reset into a trial of `rel`, take a live reading and ack the
+        gateway's OP_CONFIRM for it."""
+        self.boot, self.rel = self.boot + 1, rel
+        self.status(ota=2, ota_rel=rel)
+        time.sleep(0.3)
+        self.reading()
+        c = self.next_cmd()
+        assert (c["op"], c["value"]) == (messages.OP_CONFIRM, rel), c
+        self.ack(c["ctr"], 0, rel)
+
     def next_fw(self, timeout: float = 5) -> tuple:
         return self.fw.get(timeout=timeout)
 
@@ -506,13 +517,7 @@ def test_the_second_wave_updates_a_few_boards_at_a_time_and_its_first_failure_ha
     b0 = boards[0]
     c = b0.next_cmd()
     b0.ack(c["ctr"])
-    b0.boot, b0.rel = 2, 2
-    b0.status(ota=2, ota_rel=2)
-    time.sleep(0.3)
-    b0.reading()
-    c = b0.next_cmd()
-    assert c["op"] == messages.OP_CONFIRM
-    b0.ack(c["ctr"])
+    b0.prove(2)
     b0.status(ota=3, ota_rel=2)
     # wave 2: two of the four at once, by id; the other two wait their turn
     got = {}
@@ -541,13 +546,7 @@ def test_the_second_wave_updates_a_few_boards_at_a_time_and_its_first_failure_ha
 def test_runs_it_already_counts_only_where_the_gateway_confirmed_it(rig_factory, tmp_path) -> None:
     rig, (b0, b1, b2, b3, z9) = _fleet_of_four(rig_factory, tmp_path)
     # b0 really ran release 2: its trial was confirmed here (then a stale status says 1)
-    b0.boot, b0.rel = 2, 2
-    b0.status(ota=2, ota_rel=2)
-    time.sleep(0.3)
-    b0.reading()
-    c = b0.next_cmd()
-    assert c["op"] == messages.OP_CONFIRM
-    b0.ack(c["ctr"], 0, 2)
+    b0.prove(2)
     wait_until(lambda: any(e["event"] == "confirm_acked" for e in rig.events("b0")), 5, "confirm_acked")
     b0.rel = 1
     b0.status()
