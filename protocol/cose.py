@@ -119,10 +119,21 @@ def derive_keys(secret):
 
 
 _head_buf = cbor.Writer(9)
+try:
+    # CPython: the gateway seals commands and checks frames on several
+    # threads at once, and one shared head buffer made tags wrong
+    from threading import local as _local  # type: ignore[import-not-found,unused-ignore]  # not on an ESP32
+    _heads = _local()
+except ImportError:     # MicroPython: one thread, one preallocated buffer
+    _heads = None
 
 
 def _feed_bstr(h, data):
     w = _head_buf
+    if _heads is not None:
+        w = getattr(_heads, "w", None)
+        if w is None:
+            w = _heads.w = cbor.Writer(9)
     w.reset()
     w.head(2, len(data))
     h.update(w.mv[:w.pos])

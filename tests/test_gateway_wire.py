@@ -317,3 +317,48 @@ def test_status_spool_err_from_an_authentic_board_is_bounded(value: object, err:
         with pytest.raises(ProtocolError) as ei:
             open_()
         assert ei.value.name() == err, ei.value.name()
+
+
+def test_commands_sealed_on_two_threads_at_once_keep_their_tags() -> None:
+    """The gateway seals commands on the control loop's thread and the
+    fleet's, and checks refused uplinks again with the reference decoder on
+    the MQTT thread. A scratch buffer shared by the MAC code gave commands
+    (and, in the demo, a simulated board's reading: 1 in 143,000) a wrong
+    tag; here, with threads switched often, hundreds a second."""
+    import sys
+    import threading
+    import time
+
+    from protocol import cose
+
+    secrets = {"d3f9a2": SECRET, "e7a1b2": bytes(range(1, 33))}
+    sealers = {d: link.CommandSealer("oak", d, k) for d, k in secrets.items()}
+    keys = {d: cose.derive_keys(k)[1] for d, k in secrets.items()}
+    wrong: list[str] = []
+    done = {d: 0 for d in secrets}
+    stop = time.monotonic() + 2.0
+
+    def run(device: str, value: int) -> None:
+        s, n = sealers[device], 0
+        try:
+            while time.monotonic() < stop:
+                n += 1
+                frame = s.seal(dict(ctr=n, t=1795000000, lease=300, op=messages.OP_RELAY, target=0, value=value))
+                cose.open_frame(frame, s.topic.encode(), device.encode(), lambda kid, alg: keys[device],
+                                messages.ALGS[topics.CMD])
+                done[device] = n
+        except Exception as e:  # noqa: BLE001 - counted below, not lost in the thread
+            wrong.append(f"{device} after {n}: {e!r}")
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(d, i)) for i, d in enumerate(secrets)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not wrong, wrong
+    assert min(done.values()) > 1000, done
