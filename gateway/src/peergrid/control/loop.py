@@ -299,14 +299,17 @@ class ControlLoop:
         return self.commands.send(device, op, target, value, lease, on_ack)
 
     def _send(self, out: Output, now_m: float) -> None:
-        s = self._sealer(out.device)
-        if s is None:
-            return
-        ctr = self._next_ctr(out.device)
+        # under the allocator's lock: the fleet seals with the same
+        # per-device sealer (one buffer) on its own thread
+        with self.commands.lock:
+            s = self._sealer(out.device)
+            if s is None:
+                return
+            ctr = self._next_ctr(out.device)
+            frame = s.seal({"ctr": ctr, "t": int(self.clock()), "lease": self.lease, "op": out.op,
+                            "target": out.target, "value": out.value})
         if out.ctr is not None:
             self.by_ctr.pop((out.device, out.ctr), None)
-        frame = s.seal({"ctr": ctr, "t": int(self.clock()), "lease": self.lease, "op": out.op,
-                        "target": out.target, "value": out.value})
         out.ctr = ctr
         out.sent_at = now_m
         self.by_ctr[(out.device, ctr)] = (out.device, out.op, out.target)
