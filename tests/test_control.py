@@ -345,3 +345,66 @@ def test_loop_retries_marks_degraded_and_recovers(tmp_path) -> None:
     assert board.open_command(*sent[-1])["ctr"] > max(board.open_command(t, f)["ctr"] for t, f in sent[:-1])
     rows = sqlite3.connect(str(tmp_path / "gw.db")).execute("SELECT id, value, reason FROM decisions").fetchall()
     assert rows[0][:2] == ("wh", 1) and "surplus" in rows[0][2]
+
+
+def test_the_loop_and_the_fleet_sealing_for_one_board_at_once_send_only_good_commands(tmp_path) -> None:
+    """The control loop seals relay commands on its thread while the fleet
+    seals OP_UPDATE/OP_CONFIRM for the same board on another, with the same
+    per-device sealer and its one buffer. Every frame must open on the
+    board with its own counter."""
+    import sys
+    import threading
+
+    from peergrid.control.loop import ControlLoop
+    from protocol import messages
+    from protocol.link import DeviceLink
+
+    db = reg.connect(tmp_path / "gw.db")
+    r = reg.Registry(db)
+    r.add_community(C)
+    secret, _ = r.add_device(C, "vx", "sim", CH, r.add_member(C, "x"))
+    r.add_load(C, Load("wh", "vx", 0, 2000, min_on_s=0, min_off_s=0))
+    r.set_feeder(C, 10**6, 10**6)
+    sent: list[tuple[str, bytes]] = []
+    loop = ControlLoop(tmp_path / "gw.db", C, {"lease_s": 30}, lambda topic, frame: sent.append((topic, frame)))
+    loop.on_reading("vx", {"flags": 0, "ch": [(-3000, 0, 0, 0)]}, 0, time.time())
+    loop.step()
+    out = loop.outputs[("vx", messages.OP_RELAY, 0)]
+    stop = time.monotonic() + 3
+    errors: list[str] = []
+
+    def control() -> None:
+        while time.monotonic() < stop:
+            loop._send(out, time.monotonic())
+
+    def fleet() -> None:
+        try:
+            while time.monotonic() < stop:
+                loop.send_command("vx", messages.OP_UPDATE, 0, 7, 3600)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=control), threading.Thread(target=fleet)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    board = DeviceLink(C, "vx", secret)
+    bad, ops, ctrs = 0, set(), []
+    for topic, frame in sent:
+        try:
+            c = board.open_command(topic, frame)
+        except Exception:  # noqa: BLE001 - a frame the board would refuse
+            bad += 1
+            continue
+        ops.add(c["op"])
+        ctrs.append(c["ctr"])
+    assert len(sent) > 500 and ops == {messages.OP_RELAY, messages.OP_UPDATE}
+    assert bad == 0, f"{bad} of {len(sent)} commands would be refused by the board"
+    assert len(set(ctrs)) == len(ctrs)                    # no counter twice
