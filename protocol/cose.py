@@ -9,6 +9,7 @@
 #     {4: kid}, the MQTT topic as external AAD, and the MAC over the exact
 #     received bytes.
 import hashlib
+import sys
 
 from protocol import cbor
 from protocol.errors import (
@@ -119,21 +120,14 @@ def derive_keys(secret):
 
 
 _head_buf = cbor.Writer(9)
-try:
-    # CPython: the gateway seals commands and checks frames on several
-    # threads at once, and one shared head buffer made tags wrong
-    from threading import local as _local  # type: ignore[import-not-found,unused-ignore]  # not on an ESP32
-    _heads = _local()
-except ImportError:     # MicroPython: one thread, one preallocated buffer
-    _heads = None
+# One preallocated buffer on a board (one thread, no allocation in the hot
+# path). CPython gets a fresh one a call: the gateway seals commands and
+# checks frames on several threads at once, and a shared buffer made tags wrong.
+_ONE_BUFFER = sys.implementation.name == "micropython"
 
 
 def _feed_bstr(h, data):
-    w = _head_buf
-    if _heads is not None:
-        w = getattr(_heads, "w", None)
-        if w is None:
-            w = _heads.w = cbor.Writer(9)
+    w = _head_buf if _ONE_BUFFER else cbor.Writer(9)
     w.reset()
     w.head(2, len(data))
     h.update(w.mv[:w.pos])
