@@ -265,6 +265,24 @@ def wait_until(pred, timeout: float, what, log: Path | None = None, every: float
         time.sleep(every)
 
 
+def run_interleaved(*targets) -> None:
+    """Run each function on a thread of its own, all at once, with the
+    interpreter switching threads as often as it can: races on shared
+    buffers show in seconds instead of once in a demo day."""
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=t) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+
+
 def board_client(user: str, password: str, port: int, client_id: str | None = None):
     """A connected paho client with a board's broker account (loop running)."""
     import threading

@@ -300,6 +300,16 @@ def test_feeder_limit_holds_when_a_board_goes_quiet(rig_factory) -> None:
     assert any(d[1] == "wh" and d[2] == 0 and "feeder" in d[3] for d in rig.decisions())
 
 
+def _one_heater(tmp_path) -> bytes:
+    """A registry with board vx and its 2 kW water heater; vx's secret."""
+    r = reg.Registry(reg.connect(tmp_path / "gw.db"))
+    r.add_community(C)
+    secret, _ = r.add_device(C, "vx", "sim", CH, r.add_member(C, "x"))
+    r.add_load(C, Load("wh", "vx", 0, 2000, min_on_s=0, min_off_s=0))
+    r.set_feeder(C, 10**6, 10**6)
+    return secret
+
+
 def test_loop_retries_marks_degraded_and_recovers(tmp_path) -> None:
     """The loop's command path with the real protocol code on the board's
     side (DeviceLink opens what the loop publishes), no broker: commands that
@@ -309,12 +319,7 @@ def test_loop_retries_marks_degraded_and_recovers(tmp_path) -> None:
     from protocol import messages
     from protocol.link import DeviceLink
 
-    db = reg.connect(tmp_path / "gw.db")
-    r = reg.Registry(db)
-    r.add_community(C)
-    secret, _ = r.add_device(C, "vx", "sim", CH, r.add_member(C, "x"))
-    r.add_load(C, Load("wh", "vx", 0, 2000, min_on_s=0, min_off_s=0))
-    r.set_feeder(C, 10**6, 10**6)
+    secret = _one_heater(tmp_path)
     sent = []
     loop = ControlLoop(tmp_path / "gw.db", C, {"lease_s": 30, "refresh_s": 10, "ack_timeout_s": 0.05,
                                                "retries": 2}, lambda topic, frame: sent.append((topic, frame)))
@@ -352,19 +357,12 @@ def test_the_loop_and_the_fleet_sealing_for_one_board_at_once_send_only_good_com
     seals OP_UPDATE/OP_CONFIRM for the same board on another, with the same
     per-device sealer and its one buffer. Every frame must open on the
     board with its own counter."""
-    import sys
-    import threading
-
+    from harness import run_interleaved
     from peergrid.control.loop import ControlLoop
     from protocol import messages
     from protocol.link import DeviceLink
 
-    db = reg.connect(tmp_path / "gw.db")
-    r = reg.Registry(db)
-    r.add_community(C)
-    secret, _ = r.add_device(C, "vx", "sim", CH, r.add_member(C, "x"))
-    r.add_load(C, Load("wh", "vx", 0, 2000, min_on_s=0, min_off_s=0))
-    r.set_feeder(C, 10**6, 10**6)
+    secret = _one_heater(tmp_path)
     sent: list[tuple[str, bytes]] = []
     loop = ControlLoop(tmp_path / "gw.db", C, {"lease_s": 30}, lambda topic, frame: sent.append((topic, frame)))
     loop.on_reading("vx", {"flags": 0, "ch": [(-3000, 0, 0, 0)]}, 0, time.time())
@@ -384,16 +382,7 @@ def test_the_loop_and_the_fleet_sealing_for_one_board_at_once_send_only_good_com
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=control), threading.Thread(target=fleet)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    run_interleaved(control, fleet)
     assert not errors, errors
     board = DeviceLink(C, "vx", secret)
     bad, ops, ctrs = 0, set(), []

@@ -325,10 +325,9 @@ def test_commands_sealed_on_two_threads_at_once_keep_their_tags() -> None:
     the MQTT thread. A scratch buffer shared by the MAC code gave commands
     (and, in the demo, a simulated board's reading: 1 in 143,000) a wrong
     tag; here, with threads switched often, hundreds a second."""
-    import sys
-    import threading
     import time
 
+    from harness import run_interleaved
     from protocol import cose
 
     secrets = {"d3f9a2": SECRET, "e7a1b2": bytes(range(1, 33))}
@@ -350,15 +349,6 @@ def test_commands_sealed_on_two_threads_at_once_keep_their_tags() -> None:
         except Exception as e:  # noqa: BLE001 - counted below, not lost in the thread
             wrong.append(f"{device} after {n}: {e!r}")
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=run, args=(d, i)) for i, d in enumerate(secrets)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    run_interleaved(*[lambda d=d, i=i: run(d, i) for i, d in enumerate(secrets)])
     assert not wrong, wrong
     assert min(done.values()) > 1000, done
