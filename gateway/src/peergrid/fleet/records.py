@@ -6,9 +6,10 @@ version 3, peergrid.schema.FLEET_TABLES):
   (first seen, or another release), fetching, installed (the trial
   started), confirmed, refused, rolled_back, and the gateway's own
   update_sent, confirm_sent, update_timeout and claim_unproven (a board
-  that answered an update with "runs it already" it never proved here), each with the board's boot, the release's
-  seq and digest (the store's whole SHA-256 when the store has the
-  release, else the 8 bytes the board reports) and a detail.
+  that answered an update with "runs it already" it never proved here),
+  each with the board's boot, the release's seq and digest (the store's
+  whole SHA-256 when the store has the release, else the 8 bytes the board
+  reports) and a detail.
 - `fleet_devices`: per board, the newest status's firmware fields.
 - `fleet_rollouts` and `fleet_rollout_boards`: rollouts, written by the
   command line and driven by the running gateway (peergrid.fleet.service).
