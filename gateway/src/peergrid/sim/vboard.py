@@ -246,7 +246,7 @@ class VirtualBoard:
             self.rebooted = True
             try:
                 self.start(fresh=False, wait=False)
-            except OSError as e:
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:   # (the heap probe's failure too)
                 q.put({"ev": "exit", "rc": rc, "msg": str(e)})
             return
         q.put({"ev": "exit", "rc": rc})
