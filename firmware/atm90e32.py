@@ -24,6 +24,8 @@
 # Everything the functions return is an integer in PeerGrid protocol units.
 import time
 
+from firmware.energy import Result
+
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -373,3 +375,50 @@ class ATM90E32:
             "int1": self.read_reg(REG_EMM_INT_STATE1),
             "cfg_locked": self.read_reg(REG_CFG_REG_ACC_EN) != CFG_UNLOCK,
         }
+
+
+class AtmFrontEnd:
+    """ATM90E32 chips on one SPI bus; channel i is (chip, phase) from the
+    board. The chips' energy accumulators integrate continuously, so the
+    board has nothing to measure between readings."""
+    continuous = False
+
+    def __init__(self, chips, board):
+        self.chips = chips
+        self.map = []
+        for c in board["channels"]:
+            self.map.append((c["chip"], "ABC".index(c["phase"])))
+        self.results = [Result() for _ in self.map]
+        self.last = [[0, 0] for _ in self.map]
+        self.has_vref = True
+        self.meas_permille = 1000       # the chips integrate all the time
+        self.fault = 0
+
+    def begin(self):
+        for chip in self.chips:
+            chip.begin()
+
+    def update(self, regs, dt_ms=None):
+        # the chips integrate energy themselves; dt_ms is not needed
+        totals = [chip.energy_read() for chip in self.chips]
+        for i in range(len(self.map)):
+            ci, ph = self.map[i]
+            v, a, p, pf, f = self.chips[ci].measure(ph)
+            r = self.results[i]
+            r.vrms_dv = v
+            r.irms_ma = a
+            r.p_w = p
+            r.p_exact = p
+            r.pf_permille = pf
+            r.freq_chz = f
+            r.s_va = v * a // 10000
+            imp, exp = totals[ci][ph]
+            last = self.last[i]
+            regs.add_mwh(i, imp - last[0])
+            regs.add_mwh(i, -(exp - last[1]))
+            last[0] = imp
+            last[1] = exp
+        return self.results
+
+    def take_fraction(self):
+        return 1000

@@ -22,7 +22,7 @@ from protocol import link as plink
 from protocol import messages
 from firmware import commands
 from firmware.energy import RegisterStore
-from firmware.frontend import AdcFrontEnd
+from firmware.frontend import open_frontend
 from firmware.outputs import Outputs, Relay, BatteryOut
 from firmware.spool import Spool
 from firmware.state import Counter
@@ -68,7 +68,7 @@ class Board:
             lut, self.adc_cal = adccal.lut(hal, fsroot)
             if lut is None:
                 self.uncalibrated = True
-        self.fe = AdcFrontEnd.open_frontend(hal, board, cal=cal, frames=cfg["frames"], lut=lut)
+        self.fe = open_frontend(hal, board, cal=cal, frames=cfg["frames"], lut=lut)
         lut = None
         self.store = RegisterStore(hal.flash("energy", 16 * 4096), nch, max_w=23000,
                                    period_ms=cfg["period_s"] * 1000, diff=hal.ticks_diff)

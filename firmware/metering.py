@@ -321,3 +321,140 @@ class Meter:
             r.pf_permille = 1000 if pf > 1000 else (-1000 if pf < -1000 else pf)
             r.freq_chz = int(freq * 100 + 0.5) if self.freq_ok else 0
         return self.results
+
+
+class AdcFrontEnd:
+    """The ESP32's ADC through metering.Meter, measuring continuously: the
+    board calls window() whenever its loop has nothing else to do, so
+    windows follow each other back to back; each window's power stands for
+    the time since the end of the one before (its own length plus the
+    compute and loop time around it), so every millisecond of board time is
+    booked once. update() closes the period when a reading is due."""
+    continuous = True
+
+    def __init__(self, hal, board, cal=None, frames=1000, lut=None):
+        """cal: per channel name {"gain": g, "phase_deg": d} from the
+        commissioning config (absent: 1 and 0). lut: the per-chip
+        linearisation table (metering.lut_from_points)."""
+        cal = cal or {}
+        chans = []
+        pins = []
+        for c in board["channels"]:
+            apv = c["ct_turns"] / c["burden_ohm"]
+            k = cal.get(c["name"], {})
+            chans.append(Channel(c["name"], apv, k.get("gain", 1.0), k.get("phase_deg", 0.0), c["rating_a"]))
+            pins.append(c["pin"])
+        vref = board.get("vref") or {}
+        fe = board.get("frontend") or {}
+        vpin = vref.get("pin")
+        vpv = vref.get("transformer_ratio", 1.0) * vref.get("divider_ratio", 1.0) if vpin is not None else None
+        self.hal = hal
+        self.meter = Meter(hal, vpin, pins, chans, volts_per_volt=vpv, nominal_v=vref.get("nominal_v", 230),
+                           frames=frames, lut=lut, linear_mv=fe.get("linear_mv"), bias_mv=fe.get("bias_mv"))
+        self.has_vref = vpin is not None
+        n = len(chans)
+        self.e_wms = [0.0] * n          # this period's energy per channel, W*ms
+        self.p_chf = [0] * n            # this period's faults per channel
+        self.results = [Result() for _ in chans]
+        self.t_last = None              # ticks_ms at the end of the last window
+        self.p_windows = 0              # windows in this period
+        self.p_meas_us = 0              # measured time in this period, us
+        self.p_cover_ms = 0             # time booked in this period, ms
+        self.p_fault = 0                # board-level faults seen in this period (below)
+        self.meas_permille = 0          # the last closed period's measured share
+        self.fault = 0                  # the last closed period's board-level faults
+        self.s_meas_ms = 0              # since take_fraction(): measured and booked ms
+        self.s_cover_ms = 0
+        self.windows = 0                # since boot
+
+    # board-level faults of a period (frontend flags, see Board._flags)
+    VREF_DEAD = 1
+    VREF_CLIP = 2
+    FREQ_RANGE = 4
+
+    def window(self, regs):
+        """Measure one window now and book its energy."""
+        meter = self.meter
+        rs = meter.measure()
+        now = self.hal.ticks_ms()
+        w_us = meter.block_us
+        if self.t_last is None:
+            cover = int(w_us // 1000)
+        else:
+            cover = self.hal.ticks_diff(now, self.t_last)
+            if cover < 0:
+                cover = 0
+        self.t_last = now
+        res = self.results
+        for i in range(len(rs)):
+            # the energy in W*ms, rounded to the nearest
+            e = rs[i].p_exact * cover
+            regs.add_wms(i, int(e + 0.5) if e >= 0 else -int(-e + 0.5))
+            self.e_wms[i] += e
+            self.p_chf[i] |= rs[i].fault
+        # measured: the time the converter sampled, and only with a live
+        # reference when the board has one (otherwise the power is a guess)
+        if not meter.vref_dead:
+            m_ms = int(w_us // 1000)
+            self.p_meas_us += int(w_us)
+            self.s_meas_ms += m_ms if m_ms < cover else cover
+        self.p_cover_ms += cover
+        self.s_cover_ms += cover
+        if self.s_cover_ms > 0x8000000:
+            # no status for 1.5 days: keep the share, stay a small int
+            self.s_cover_ms >>= 1
+            self.s_meas_ms >>= 1
+        f = 0
+        if meter.vref_dead:
+            f |= self.VREF_DEAD
+        if meter.vclip:
+            f |= self.VREF_CLIP
+        if self.has_vref and not meter.vref_dead and not meter.freq_ok:
+            f |= self.FREQ_RANGE
+        self.p_fault |= f
+        self.p_windows += 1
+        self.windows += 1
+        return rs
+
+    def update(self, regs, dt_ms=None):
+        """Close the period: measure a window if the loop found no time for
+        one, and return the results for the reading: the last window's
+        voltage, current, power factor and frequency, the period's mean
+        real power (its energy over its time), every fault seen in it.
+        dt_ms is not needed (the windows carry their own time)."""
+        if not self.p_windows:
+            self.window(regs)
+        last = self.meter.results
+        res = self.results
+        cov = self.p_cover_ms
+        for i in range(len(res)):
+            r = res[i]
+            l = last[i]
+            p = self.e_wms[i] / cov if cov > 0 else l.p_exact
+            r.vrms_dv = l.vrms_dv
+            r.irms_ma = l.irms_ma
+            r.p_exact = p
+            r.p_w = int(p + 0.5) if p >= 0 else -int(-p + 0.5)
+            r.s_va = l.s_va
+            r.pf_permille = l.pf_permille
+            r.freq_chz = l.freq_chz
+            r.fault = self.p_chf[i]
+            self.p_chf[i] = 0
+            self.e_wms[i] = 0.0
+        m = self.p_meas_us // 1000
+        self.meas_permille = 1000 if m >= cov else (m * 1000 // cov if cov > 0 else 0)
+        self.fault = self.p_fault
+        self.p_windows = 0
+        self.p_meas_us = 0
+        self.p_cover_ms = 0
+        self.p_fault = 0
+        return res
+
+    def take_fraction(self):
+        """Measured share of board time since the last call, permille
+        (the status reports it), and start counting again."""
+        c = self.s_cover_ms
+        m = self.s_meas_ms
+        self.s_cover_ms = 0
+        self.s_meas_ms = 0
+        return m * 1000 // c if c > 0 else None

@@ -21,7 +21,9 @@ from firmware import hal_esp32
 from firmware.atm90e32 import REG_IGAIN_A, REG_MMODE0, REG_CFG_REG_ACC_EN, CFG_LOCK
 from boardsim.atm90e32_sim import SimATM90E32
 from firmware.energy import Registers
-from firmware.frontend import AdcFrontEnd, AtmFrontEnd, open_frontend
+from firmware.atm90e32 import AtmFrontEnd
+from firmware.frontend import open_frontend
+from firmware.metering import AdcFrontEnd
 from firmware.net import LanNet, WifiNet, _ntp, lan_args, open_net
 
 WRAP = 1 << 30          # ticks_us period on the ESP32 port

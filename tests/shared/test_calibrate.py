@@ -99,7 +99,8 @@ class _Running:
 
 def test_console_op_on_the_adc_and_the_atm90e32_front_ends():
     from firmware.console import Ops
-    from firmware.frontend import AdcFrontEnd, AtmFrontEnd
+    from firmware.metering import AdcFrontEnd
+    from firmware.atm90e32 import AtmFrontEnd
     from util import ROOT, load_json
 
     board = load_json(ROOT + "/boards/sim/board.json")

@@ -1,6 +1,7 @@
 # Both measurement front ends behind one interface, feeding the registers.
 from firmware.energy import Registers
-from firmware.frontend import AdcFrontEnd, AtmFrontEnd
+from firmware.metering import AdcFrontEnd
+from firmware.atm90e32 import AtmFrontEnd
 from boardsim.hal_sim import SimHal
 from firmware.metering import lut_from_points
 from boardsim.sim_waveforms import AdcModel, MainsSource
