@@ -53,9 +53,12 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     # updates in issue 20, the fwget schema, status keys 20-25 and the board's
     # hooks into the update agent, about 1.7 KB of code, and 0.5 KB of data,
     # mostly the names the start-up check of the release leaves interned; the
-    # agent itself is loaded only while it works; 82,500 and 114,500: the
-    # code compiled with -O3, no line-number tables, 3.5 KB less)
-    assert r["code_heap_bytes"] <= 82_500 and r["peak_live_heap_bytes"] <= 114_500, r
+    # agent itself is loaded only while it works; 82,000 and 110,000: the
+    # code compiled with -O3, no line-number tables, 3.5 KB less; an ADC
+    # board no longer loads the ATM90E32 front end; and the soak's flash has
+    # the NOR rules of the ESP32's partitions, so the spool erases blocks
+    # instead of writing a 4 KB block of 0xFF it had kept in the heap)
+    assert r["code_heap_bytes"] <= 82_000 and r["peak_live_heap_bytes"] <= 110_000, r
     # 24 h at one reading a minute: every one made, published once at least,
     # none left in the spool, none dropped, no spool error, no period missed
     assert r["readings_made"] == 24 * 60
@@ -77,9 +80,13 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     # uptime kept from tick differences: the whole day, never negative
     assert abs(r["uptime_s"] - r["elapsed_s"]) <= 1
     # no leak: the live heap of the last six hours is what it was in the six
-    # hours after the outage (the reconnect and the replay included)
-    by_hour = r["live_by_hour"]
-    assert len(by_hour) >= 24 and max(by_hour[18:24]) <= max(by_hour[11:17]) + 256, by_hour
+    # hours after the outage (the reconnect and the replay included). Each
+    # hour's least live heap: a leak raises it hour by hour as it raises the
+    # most, while one step's garbage that the conservative collector of this
+    # runtime kept (288 B once in hour 19, moved by any change to the code's
+    # layout) raises only the most
+    floor = r["floor_by_hour"]
+    assert len(floor) >= 24 and max(floor[18:24]) <= max(floor[11:17]) + 256, (floor, r["live_by_hour"])
 
 
 def test_atm90e32_board_runs_its_day_and_refuses_relay_commands(mpy32: Path, tmp_path: Path) -> None:

@@ -217,7 +217,7 @@ def day(board: str | Path, mpy_dir: Path, heap: int, *, hours: float = 24.0, out
            "missed_periods": stats.get("missed_periods"), "acks": got["acks"],
            "commands": len(commands), "bad_frames": got["bad_frames"], "uptime_s": end.get("uptime"),
            "elapsed_s": (end.get("ms") or 0) // 1000, "events": res["events"],
-           "live_by_hour": end.get("live_by_hour"),
+           "live_by_hour": end.get("live_by_hour"), "floor_by_hour": end.get("floor_by_hour"),
            "error": None if res["rc"] == 0 else (res["stderr"] or res["stdout"])[-800:]}
     fits = (res["rc"] == 0 and live is not None and live <= heap * (1 - FREE_SHARE))
     out["fits"] = bool(fits)

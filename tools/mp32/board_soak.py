@@ -29,7 +29,8 @@ def _load(name):
         return json.load(f)
 
 
-S = {"phase": 0, "base": 0, "code": 0, "sim": 0, "live": 0, "peak": 0, "steps": 0, "iter": 0, "hours_live": []}
+S = {"phase": 0, "base": 0, "code": 0, "sim": 0, "live": 0, "peak": 0, "steps": 0, "iter": 0, "hours_live": [],
+     "hours_floor": []}
 
 
 def _emit(obj):
@@ -64,6 +65,7 @@ def _make_hal():
     board = _load("board.json")
     scen = _load("scenario.json")
     atm = (board.get("frontend") or {}).get("type") == "atm90e32"
+    from boardsim.hal_sim import NorFlash
     if atm:
         from boardsim.hal_sim import SimHal as Base
     else:
@@ -80,6 +82,17 @@ def _make_hal():
             Base.advance(self, ms)
             for chip in getattr(self, "spi_devices", ()):
                 chip.advance(ms / 1000)
+
+        def flash(self, name, size):
+            # NOR rules, as the ESP32's partitions have (PartitionFlash in
+            # firmware/hal_esp32.py): a write only clears bits, erase()
+            # sets whole blocks back. The firmware then erases as it does
+            # on a board, instead of writing a block of 0xFF from the heap.
+            f = self._flashes.get(name)
+            if f is None:
+                f = NorFlash(self.root + "/" + name + ".bin", size)
+                self._flashes[name] = f
+            return f
 
         def io_ms(self):
             return self.ticks_ms()
@@ -236,13 +249,19 @@ def step():
     else:
         if live > S["live"]:
             S["live"] = live
-        # the live heap by hour of board time: a leak shows as growth
+        # the live heap by hour of board time, its most and its least: a
+        # leak raises both; the most alone also shows a step whose garbage
+        # survived the collection (this runtime's collector is conservative)
         h = S["hal"].elapsed_ms() // 3600000
         hours = S["hours_live"]
+        floor = S["hours_floor"]
         while len(hours) <= h:
             hours.append(0)
+            floor.append(0)
         if live > hours[h]:
             hours[h] = live
+        if live < floor[h] or not floor[h]:
+            floor[h] = live
         more = _run()
         S["steps"] += 1
         if not more:
@@ -253,7 +272,8 @@ def step():
                    "base": S["base"], "code": S["code"], "sim": S["sim"],
                    "live": S["live"] - S["base"] - S["sim"], "peak": S["peak"] - S["base"] - S["sim"],
                    "iteration": S["iter"], "broker": loop.counts(),
-                   "live_by_hour": [x - S["base"] - S["sim"] if x else 0 for x in S["hours_live"]]})
+                   "live_by_hour": [x - S["base"] - S["sim"] if x else 0 for x in S["hours_live"]],
+                   "floor_by_hour": [x - S["base"] - S["sim"] if x else 0 for x in S["hours_floor"]]})
             return False
     if phase < 3:
         S["phase"] = phase + 1
