@@ -153,6 +153,7 @@ class Waveforms:
 
 class SimHal(Hal):
     name = "sim"
+    flash_class = SimFlash      # NorFlash: the erase-before-write rules of a board's partitions
 
     def __init__(self, board, root="/tmp/peergrid-sim", period_us=250, ticks0=0):
         """ticks0: what ticks_ms() says at the start (tests start the clock
@@ -226,7 +227,7 @@ class SimHal(Hal):
     def flash(self, name, size):
         f = self._flashes.get(name)
         if f is None:
-            f = SimFlash(self.root + "/" + name + ".bin", size)
+            f = self.flash_class(self.root + "/" + name + ".bin", size)
             self._flashes[name] = f
         return f
 

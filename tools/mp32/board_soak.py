@@ -73,7 +73,12 @@ def _make_hal():
 
     class SoakHal(Base):
         """The simulated hardware on a clock that moves only when the board
-        waits: I/O time is board time, nothing sleeps for real."""
+        waits: I/O time is board time, nothing sleeps for real. Its flash
+        has the NOR rules of the ESP32's partitions (PartitionFlash in
+        firmware/hal_esp32.py: a write only clears bits, erase() sets whole
+        blocks back), so the firmware erases as it does on a board instead
+        of writing a block of 0xFF from the heap."""
+        flash_class = NorFlash
 
         def elapsed_ms(self):
             return Base.elapsed_ms(self) if not atm else self.now_us // 1000
@@ -82,17 +87,6 @@ def _make_hal():
             Base.advance(self, ms)
             for chip in getattr(self, "spi_devices", ()):
                 chip.advance(ms / 1000)
-
-        def flash(self, name, size):
-            # NOR rules, as the ESP32's partitions have (PartitionFlash in
-            # firmware/hal_esp32.py): a write only clears bits, erase()
-            # sets whole blocks back. The firmware then erases as it does
-            # on a board, instead of writing a block of 0xFF from the heap.
-            f = self._flashes.get(name)
-            if f is None:
-                f = NorFlash(self.root + "/" + name + ".bin", size)
-                self._flashes[name] = f
-            return f
 
         def io_ms(self):
             return self.ticks_ms()
