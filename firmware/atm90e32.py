@@ -34,29 +34,29 @@ except ImportError:  # CPython
 
 # --- register map (addresses are 10 bits) ---------------------------------
 REG_METER_EN = const(0x00)
-REG_SAG_PEAK_DET_CFG = const(0x05)
-REG_ZX_CONFIG = const(0x07)
-REG_FREQ_LO_TH = const(0x0C)
-REG_FREQ_HI_TH = const(0x0D)
+_REG_SAG_PEAK_DET_CFG = const(0x05)
+_REG_ZX_CONFIG = const(0x07)
+_REG_FREQ_LO_TH = const(0x0C)
+_REG_FREQ_HI_TH = const(0x0D)
 REG_PL_CONST_H = const(0x31)
 REG_PL_CONST_L = const(0x32)
 REG_MMODE0 = const(0x33)
-REG_MMODE1 = const(0x34)
-REG_P_START_TH = const(0x35)
-REG_Q_START_TH = const(0x36)
-REG_S_START_TH = const(0x37)
-REG_P_PHASE_TH = const(0x38)
-REG_Q_PHASE_TH = const(0x39)
-REG_S_PHASE_TH = const(0x3A)
+_REG_MMODE1 = const(0x34)
+_REG_P_START_TH = const(0x35)
+_REG_Q_START_TH = const(0x36)
+_REG_S_START_TH = const(0x37)
+_REG_P_PHASE_TH = const(0x38)
+_REG_Q_PHASE_TH = const(0x39)
+_REG_S_PHASE_TH = const(0x3A)
 REG_UGAIN_A = const(0x61)       # per phase: Ugain, Igain, Uoffset, Ioffset,
 REG_IGAIN_A = const(0x62)       # then the same four for B at +4, C at +8
-REG_UOFFSET_A = const(0x63)
-REG_IOFFSET_A = const(0x64)
+_REG_UOFFSET_A = const(0x63)
+_REG_IOFFSET_A = const(0x64)
 REG_SOFT_RESET = const(0x70)
-REG_EMM_STATE0 = const(0x71)
+_REG_EMM_STATE0 = const(0x71)
 REG_EMM_STATE1 = const(0x72)
-REG_EMM_INT_STATE0 = const(0x73)
-REG_EMM_INT_STATE1 = const(0x74)
+_REG_EMM_INT_STATE0 = const(0x73)
+_REG_EMM_INT_STATE1 = const(0x74)
 REG_LAST_SPI_DATA = const(0x78)
 REG_CFG_REG_ACC_EN = const(0x7F)
 REG_AP_ENERGY_A = const(0x81)   # forward (import) active energy, A/B/C at +0..2
@@ -76,29 +76,29 @@ REG_FREQ = const(0xF8)
 SOFT_RESET_KEY = const(0x789A)
 CFG_UNLOCK = const(0x55AA)
 CFG_LOCK = const(0x0000)
-METER_ON = const(0x0001)
+_METER_ON = const(0x0001)
 
 PL_CONST = 140625000            # gives a meter constant of 3200 pulses/kWh
-METER_CONSTANT = const(3200)
-# one energy count in mWh is ENERGY_NUM / ENERGY_DEN (= 3.125)
-ENERGY_NUM = const(25)
-ENERGY_DEN = const(8)
+_METER_CONSTANT = const(3200)
+# one energy count in mWh is _ENERGY_NUM / _ENERGY_DEN (= 3.125)
+_ENERGY_NUM = const(25)
+_ENERGY_DEN = const(8)
 # active power: W = raw32 * 0.00032 = raw32 / 3125
-POWER_DIV = const(3125)
+_POWER_DIV = const(3125)
 
 # MMode0: bits 0..2 let phases C, B, A count into the sums; bit 7 is set the
 # way the public drivers for 3-phase-4-wire boards set it; bit 12 selects a
 # 60 Hz line (clear = 50 Hz).
-MMODE0_3P4W = const(0x0087)
-MMODE0_60HZ = const(0x1000)
+_MMODE0_3P4W = const(0x0087)
+_MMODE0_60HZ = const(0x1000)
 # SagPeakDetCfg: peak detector window 20 ms (high byte), sag window 63 ms
-SAG_PEAK_CFG = const(0x143F)
+_SAG_PEAK_CFG = const(0x143F)
 # ZXConfig: zero-crossing pins follow the current channels, both edges
-ZX_CFG = const(0xD654)
+_ZX_CFG = const(0xD654)
 # start-up (no-load) power thresholds, values as used on CT boards by the
 # public drivers; they keep noise from creeping into the energy registers
-START_TH = const(0x1D4C)
-PHASE_TH = const(0x02EE)
+_START_TH = const(0x1D4C)
+_PHASE_TH = const(0x02EE)
 
 PHASES = "ABC"
 
@@ -185,33 +185,33 @@ class ATM90E32:
         ig = _triple(igain)
         uo = _triple(uoffset)
         io = _triple(ioffset)
-        mm0 = MMODE0_3P4W | (MMODE0_60HZ if line_freq_hz == 60 else 0)
+        mm0 = _MMODE0_3P4W | (_MMODE0_60HZ if line_freq_hz == 60 else 0)
         f = line_freq_hz * 100
         # everything begin() writes while the configuration is unlocked, in
         # order, and reads back once it is locked again
         cfg = [
-            (REG_METER_EN, METER_ON),
-            (REG_SAG_PEAK_DET_CFG, SAG_PEAK_CFG),
-            (REG_ZX_CONFIG, ZX_CFG),
-            (REG_FREQ_HI_TH, f + 200),      # flag the line outside +-2 Hz
-            (REG_FREQ_LO_TH, f - 200),
+            (REG_METER_EN, _METER_ON),
+            (_REG_SAG_PEAK_DET_CFG, _SAG_PEAK_CFG),
+            (_REG_ZX_CONFIG, _ZX_CFG),
+            (_REG_FREQ_HI_TH, f + 200),      # flag the line outside +-2 Hz
+            (_REG_FREQ_LO_TH, f - 200),
             (REG_PL_CONST_H, PL_CONST >> 16),
             (REG_PL_CONST_L, PL_CONST & 0xFFFF),
             (REG_MMODE0, mm0),
-            (REG_MMODE1, pga_gain & 0xFFFF),
-            (REG_P_START_TH, START_TH),
-            (REG_Q_START_TH, START_TH),
-            (REG_S_START_TH, START_TH),
-            (REG_P_PHASE_TH, PHASE_TH),
-            (REG_Q_PHASE_TH, PHASE_TH),
-            (REG_S_PHASE_TH, PHASE_TH),
+            (_REG_MMODE1, pga_gain & 0xFFFF),
+            (_REG_P_START_TH, _START_TH),
+            (_REG_Q_START_TH, _START_TH),
+            (_REG_S_START_TH, _START_TH),
+            (_REG_P_PHASE_TH, _PHASE_TH),
+            (_REG_Q_PHASE_TH, _PHASE_TH),
+            (_REG_S_PHASE_TH, _PHASE_TH),
         ]
         for i in range(3):
             base = 4 * i
             cfg.append((REG_UGAIN_A + base, ug[i] & 0xFFFF))
             cfg.append((REG_IGAIN_A + base, ig[i] & 0xFFFF))
-            cfg.append((REG_UOFFSET_A + base, uo[i] & 0xFFFF))
-            cfg.append((REG_IOFFSET_A + base, io[i] & 0xFFFF))
+            cfg.append((_REG_UOFFSET_A + base, uo[i] & 0xFFFF))
+            cfg.append((_REG_IOFFSET_A + base, io[i] & 0xFFFF))
         self.config = tuple(cfg)
 
     # --- bus ----------------------------------------------------------------
@@ -302,7 +302,7 @@ class ATM90E32:
         # MeterEn is 1 after begin(); 0 means the chip reset itself (brown-out),
         # 0xFFFF or 0 also what a dead bus returns
         v = self.read_reg(REG_METER_EN)
-        if v != METER_ON:
+        if v != _METER_ON:
             if v == 0xFFFF:
                 raise ATM90E32Error("atm90e32: no answer on SPI (reads 0xffff): chip unplugged?")
             raise ATM90E32Error("atm90e32: metering off (MeterEn 0x%04x): chip reset (run begin()) or bus stuck "
@@ -331,7 +331,7 @@ class ATM90E32:
         pf = self.read_reg(REG_PFMEAN_A + i)
         f = self.read_reg(REG_FREQ)
         self._check_alive()
-        return ((u + 5) // 10, ia, _rdiv(p, POWER_DIV), _signed16(pf), f)
+        return ((u + 5) // 10, ia, _rdiv(p, _POWER_DIV), _signed16(pf), f)
 
     def energy_read(self):
         """Read (and so clear) the six active-energy registers, add them to
@@ -360,19 +360,19 @@ class ATM90E32:
         """The totals of the last energy_read(), without touching the chip."""
         imp = self._imp
         exp = self._exp
-        return ((imp[0] * ENERGY_NUM // ENERGY_DEN, exp[0] * ENERGY_NUM // ENERGY_DEN),
-                (imp[1] * ENERGY_NUM // ENERGY_DEN, exp[1] * ENERGY_NUM // ENERGY_DEN),
-                (imp[2] * ENERGY_NUM // ENERGY_DEN, exp[2] * ENERGY_NUM // ENERGY_DEN))
+        return ((imp[0] * _ENERGY_NUM // _ENERGY_DEN, exp[0] * _ENERGY_NUM // _ENERGY_DEN),
+                (imp[1] * _ENERGY_NUM // _ENERGY_DEN, exp[1] * _ENERGY_NUM // _ENERGY_DEN),
+                (imp[2] * _ENERGY_NUM // _ENERGY_DEN, exp[2] * _ENERGY_NUM // _ENERGY_DEN))
 
     def status(self):
         """Chip state as a dict of raw register values: meter_en, emm0/emm1
         (live event state), int0/int1 (latched events), cfg_locked."""
         return {
             "meter_en": self.read_reg(REG_METER_EN),
-            "emm0": self.read_reg(REG_EMM_STATE0),
+            "emm0": self.read_reg(_REG_EMM_STATE0),
             "emm1": self.read_reg(REG_EMM_STATE1),
-            "int0": self.read_reg(REG_EMM_INT_STATE0),
-            "int1": self.read_reg(REG_EMM_INT_STATE1),
+            "int0": self.read_reg(_REG_EMM_INT_STATE0),
+            "int1": self.read_reg(_REG_EMM_INT_STATE1),
             "cfg_locked": self.read_reg(REG_CFG_REG_ACC_EN) != CFG_UNLOCK,
         }
 

@@ -72,14 +72,24 @@ def heap_figures(hours: float, outage_h: float, tmp: Path) -> dict:
         fig["error"] = r["error"]
         if heap != footprint.ESP32_HEAP:
             small = footprint.day(bdir, mpy, footprint.ESP32_HEAP, hours=min(hours, 1.0), outage_h=0.25, work=tmp)
+            # the live figures do not depend on the cap: what this board's
+            # day would leave free of an ESP32's heap without PSRAM, and how
+            # much it holds beyond the 75 % it may use there
+            live = fig["peak_live_heap_bytes"]
             fig["without_psram"] = {"heap_cap_bytes": footprint.ESP32_HEAP, "runs": small["rc"] == 0,
                                     "fits": small["fits"],
-                                    "error": (small["error"] or "").strip().splitlines()[-1:] or None}
+                                    "error": (small["error"] or "").strip().splitlines()[-1:] or None,
+                                    "free_share_of_day": (round(1 - live / footprint.ESP32_HEAP, 3)
+                                                          if live is not None else None),
+                                    "over_budget_bytes": (live - int(footprint.ESP32_HEAP * (1 - footprint.FREE_SHARE))
+                                                          if live is not None else None)}
         out[bdir.name] = fig
         print(f"{bdir.name}: {module}, heap {heap}: code {fig['code_heap_bytes']} B, live at most "
               f"{fig['peak_live_heap_bytes']} B, least free {fig['min_free_heap_bytes']} B "
               f"({fig['min_free_share']}), fits {fig['fits']}, all readings delivered {fig['delivered_all']}"
-              + (f"; in {footprint.ESP32_HEAP} B (no PSRAM): runs {fig['without_psram']['runs']}"
+              + (f"; in {footprint.ESP32_HEAP} B (no PSRAM): runs {fig['without_psram']['runs']}, its day's "
+                 f"live heap would leave {fig['without_psram']['free_share_of_day']} free "
+                 f"({fig['without_psram']['over_budget_bytes']} B beyond 75 %)"
                  if "without_psram" in fig else ""))
     return out
 
