@@ -37,8 +37,11 @@ _SPOOLED = 2
 class Board:
     def __init__(self, hal, board, cfg, digest, net, fsroot, rs485=None, on_event=None):
         self.hal = hal
-        self.board = board
-        self.cfg = cfg
+        # what the board at work needs of its definition and config: the
+        # two dicts themselves are not kept (about 3.5 KB of heap)
+        self.name = board["name"]
+        self.heap_bytes = board.get("heap_bytes", 111936)
+        self.ack_timeout_ms = cfg["ack_timeout_s"] * 1000
         self.digest = digest
         self.on_event = on_event
         # uptime: whole seconds and the ms not yet a second, accumulated
@@ -56,6 +59,12 @@ class Board:
         nch = len(board["channels"])
         self.nch = nch
         cal = cfg.get("channels") or {}
+        # each channel's role for the commissioning console
+        self.roles = {}
+        for name in cal:
+            r = cal[name].get("role") if isinstance(cal[name], dict) else None
+            if r:
+                self.roles[name] = r
         self.uncalibrated = False
         for c in board["channels"]:
             k = cal.get(c["name"]) or {}
@@ -174,7 +183,7 @@ class Board:
                   "fw": FW_VERSION, "cfg": self.digest, "reset": self.hal.reset_cause(),
                   "heap": self.hal.mem_free(), "uptime": self.uptime_s(),
                   "buffered": self.spool.count, "online": online,
-                  "board": self.board["name"]}
+                  "board": self.name}
         if self.spool.dropped:
             fields["dropped"] = self.spool.dropped
         if self.store.lost_wh_bound:
@@ -345,9 +354,9 @@ class Board:
             return
         f = self.inflight
         if f is not None:
-            if self.hal.io_diff(self.hal.io_ms(), f[2]) > self.cfg["ack_timeout_s"] * 1000:
+            if self.hal.io_diff(self.hal.io_ms(), f[2]) > self.ack_timeout_ms:
                 self.stats["ack_timeouts"] += 1
-                up._drop("no PUBACK within %d s" % self.cfg["ack_timeout_s"])
+                up._drop("no PUBACK within %d s" % (self.ack_timeout_ms // 1000))
                 self._lost()
             return
         if self.live_len:

@@ -171,8 +171,8 @@ class Ops:
                "relays": len(self.bdef.get("relays") or []), "rs485": bool(self.bdef.get("rs485")),
                "commissioned": b is not None}
         if b is not None:
-            out["community"] = b.cfg["community"]
-            out["device"] = b.cfg["device"]
+            out["community"] = b.link.community
+            out["device"] = b.link.device
             out["cfg"] = binascii.hexlify(b.digest).decode()
             out["boot"] = b.boot
         else:
@@ -189,10 +189,10 @@ class Ops:
     def op_measure(self, req):
         b = self.board
         ch = []
-        roles = b.cfg.get("channels") or {}
+        roles = b.roles
         for i in range(b.nch):
             name = self.bdef["channels"][i]["name"]
-            ch.append({"name": name, "role": (roles.get(name) or {}).get("role", ""),
+            ch.append({"name": name, "role": roles.get(name, ""),
                        "w": b.ch[4 * i], "irms_ma": b.ch[4 * i + 3]})
         out = {"ok": True, "readings": b.stats["readings"], "ch": ch}
         r0 = b.last_rs[0] if b.last_rs else None
@@ -223,12 +223,12 @@ class Ops:
             return {"ok": False, "err": "arg", "msg": "windows is 1..16"}
         from firmware import calibrate
         got = calibrate.measure(meter, n)
-        roles = b.cfg.get("channels") or {}
+        roles = b.roles
         ch = []
         for i in range(len(got)):
             a, bb, sd = got[i]
             c = meter.channels[i]
-            ch.append({"name": c.name, "role": (roles.get(c.name) or {}).get("role", ""),
+            ch.append({"name": c.name, "role": roles.get(c.name, ""),
                        "a_w": round(a, 2), "b_w": round(bb, 2), "sd_w": round(sd, 2),
                        "gain": c.gain, "phase_deg": c.phase_deg})
         r0 = meter.results[0] if meter.results else None

@@ -65,12 +65,12 @@ class Esp32Hal(Hal):
     def __init__(self, board, wdt_ms=30000):
         if machine is None:
             raise OSError("machine module missing: not on a board")
-        self.board = board
         fe = board.get("frontend", {})
         atten = _ATTEN[fe.get("attenuation_db", 11)]
         self._adc = {}
         pins = [c["pin"] for c in board.get("channels", []) if "pin" in c]
         vref = board.get("vref", {})
+        self.vref_pin = vref.get("pin")     # the ADC's calibration input (the board's dict is not kept)
         if "pin" in vref:
             pins.append(vref["pin"])
         for p in pins:
@@ -122,7 +122,7 @@ class Esp32Hal(Hal):
         (metering.points_from_pairs). Each raw read sits between two
         calibrated ones, so the wave's movement between reads cancels."""
         from firmware.metering import points_from_pairs
-        pin = self.board.get("vref", {}).get("pin")
+        pin = self.vref_pin
         if pin is None:
             return None
         a = self._adc[pin]

@@ -124,10 +124,16 @@ def open_hal(board, **kw):
     return Esp32Hal(board, **kw)
 
 
-def main(root=""):
+def _load_board(root):
     with open(root + "/board.json") as f:
-        board = json.load(f)
-    port = StdioPort()
+        return json.load(f)
+
+
+def _start(root, port):
+    """Build the Board from board.json and config.json; never returns
+    without a config (the console waits for one). The two dicts die with
+    this frame: the board keeps only what it needs of them."""
+    board = _load_board(root)
     from firmware import config as fconfig
     try:
         cfg, digest = fconfig.load(root + "/config.json")
@@ -144,13 +150,17 @@ def main(root=""):
     hal = open_hal(board, wdt_ms=max(30000, 3 * cfg["period_s"] * 1000))
     net = open_net(board, cfg)
     master = _rs485(hal, board, cfg) if (cfg.get("inverter") or cfg.get("battery")) else None
-    b = Board(hal, board, cfg, digest, net, root or "/", rs485=master)
-    del fconfig
+    return hal, Board(hal, board, cfg, digest, net, root or "/", rs485=master)
+
+
+def main(root=""):
+    port = StdioPort()
+    hal, b = _start(root, port)
     settle(b)
 
     def console():
         from firmware.console import Console, Ops
-        ops = Ops(hal, board, root or "", b, fboard.FW_VERSION, _fw_digest(root))
+        ops = Ops(hal, _load_board(root), root or "", b, fboard.FW_VERSION, _fw_digest(root))
         ops.reboot = _reset
         return Console(port, ops, IoClock(hal))
 

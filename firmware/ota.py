@@ -334,7 +334,7 @@ class Ota:
         b = self.b
         if not isinstance(m, dict) or m.get("format") != 1:
             raise Refused("manifest format")
-        if m.get("board") != b.board.get("name"):
+        if m.get("board") != b.name:
             raise Refused("wrong board")
         seq = m.get("seq")
         if seq != self.rel:
@@ -342,7 +342,7 @@ class Ota:
         if seq < self.rel_now and m.get("downgrade") is not True:
             raise Refused("downgrade")
         heap = m.get("heap")
-        if not isinstance(heap, int) or heap > b.board.get("heap_bytes", 111936) * 3 // 4:
+        if not isinstance(heap, int) or heap > b.heap_bytes * 3 // 4:
             raise Refused("heap")
         t = m.get("trial_s")
         if not isinstance(t, int) or not 10 <= t <= 86400:

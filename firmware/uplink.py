@@ -26,7 +26,6 @@ class Uplink:
         on_cmd(topic, frame) gets every message on the command topic."""
         self.hal = hal
         self.net = net
-        self.cfg = cfg
         self.link = link
         self.on_cmd = on_cmd
         self.will = will
@@ -39,6 +38,7 @@ class Uplink:
         self.tls = b.get("tls")     # None: plain text (the status says so)
         self.ctx = None
         self.keepalive_ms = cfg["keepalive_s"] * 1000
+        self.sock_timeout_s = cfg["sock_timeout_s"]
         self.backoff_min = cfg["backoff_s"][0] * 1000
         self.backoff_max = cfg["backoff_s"][1] * 1000
         self.backoff = self.backoff_min
@@ -124,7 +124,7 @@ class Uplink:
         # communities on a broker that does not (boards without an account
         # keep their device id)
         c = BoardMQTT(self.user or self.link.device, self.addr, self.user, self.password,
-                      keepalive=self.keepalive_ms // 1000, timeout_s=self.cfg["sock_timeout_s"],
+                      keepalive=self.keepalive_ms // 1000, timeout_s=self.sock_timeout_s,
                       tls=self.ctx, name=t and t["name"])
         c.set_callback(self._on_msg)
         c.set_last_will(self.link.t_status, bytes(self.will()), retain=True, qos=1)

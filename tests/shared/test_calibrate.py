@@ -90,11 +90,11 @@ def test_solve_signs():
 
 class _Running:
     """What the console's cal_measure needs of a running board: its front
-    end and its config (firmware.board.Board has both)."""
+    end and each channel's role (firmware.board.Board has both)."""
 
-    def __init__(self, fe, cfg):
+    def __init__(self, fe, roles):
         self.fe = fe
-        self.cfg = cfg
+        self.roles = roles
 
 
 def test_console_op_on_the_adc_and_the_atm90e32_front_ends():
@@ -111,15 +111,15 @@ def test_console_op_on_the_adc_and_the_atm90e32_front_ends():
     hal.source = MainsSource(adc, [_load(2000.0, 0.0, 2.0, a) for a in apv], volts_per_volt=vpv)
     fe = AdcFrontEnd(hal, board, cal={"ct1": {"gain": 1.1, "phase_deg": 0.5}},
                      lut=lut_from_points(adc.calibration_points()))
-    cfg = {"channels": {"ct1": {"role": "grid"}}}
-    r = Ops(hal, board, "/tmp", _Running(fe, cfg)).call({"op": "cal_measure", "windows": 2})
+    roles = {"ct1": "grid"}
+    r = Ops(hal, board, "/tmp", _Running(fe, roles)).call({"op": "cal_measure", "windows": 2})
     assert r["ok"] and r["windows"] == 2 and len(r["ch"]) == 4, r
     c = r["ch"][0]
     assert c["name"] == "ct1" and c["role"] == "grid" and c["gain"] == 1.1 and c["phase_deg"] == 0.5
     ph, g = solve(c["a_w"], c["b_w"], 2000.0)
     assert abs(ph - 2.0) < 0.15 and abs(g - 1) < 0.01, (ph, g)
     assert fe.meter.channels[0].gain == 1.1 and fe.meter.channels[0].phase_deg == 0.5
-    bad = Ops(hal, board, "/tmp", _Running(fe, cfg)).call({"op": "cal_measure", "windows": 40})
+    bad = Ops(hal, board, "/tmp", _Running(fe, roles)).call({"op": "cal_measure", "windows": 40})
     assert not bad["ok"] and bad["err"] == "arg"
     atm = load_json(ROOT + "/boards/circuitsetup-6ch/board.json")
     r = Ops(hal, atm, "/tmp", _Running(AtmFrontEnd([], atm), {})).call({"op": "cal_measure"})
