@@ -1,13 +1,11 @@
 # COSE_Mac0 (RFC 9052 section 6.2) with HMAC (RFC 9053 section 3.1), built on
 # hashlib alone because MicroPython has neither `hmac` nor `compare_digest`.
 #
-# Two layers:
-#   * a general Mac0 verifier (`verify_mac0`) that the COSE working group's
-#     examples are run through;
-#   * the PeerGrid profile (`Sealer.seal`, `open_frame`): tag 17 required,
-#     exactly one protected header {1: alg}, exactly one unprotected header
-#     {4: kid}, the MQTT topic as external AAD, and the MAC over the exact
-#     received bytes.
+# The PeerGrid profile (`Sealer.seal`, `open_frame`): tag 17 required,
+# exactly one protected header {1: alg}, exactly one unprotected header
+# {4: kid}, the MQTT topic as external AAD, and the MAC over the exact
+# received bytes. The general Mac0 verifier that the COSE working group's
+# examples run through is protocol/mac0.py: a board never loads it.
 import hashlib
 import sys
 
@@ -34,9 +32,6 @@ HDR_KID = const(4)
 
 MAX_FRAME = const(512)
 
-# Known header labels (RFC 9052 table 3); anything else in `crit` is refused.
-_KNOWN_LABELS = (1, 2, 3, 4, 5, 6)
-
 # alg -> (hash constructor name, block size, tag length)
 _ALGS = {
     4: ("sha256", 64, 8),
@@ -50,11 +45,6 @@ PROTECTED = {4: b"\xa1\x01\x04", 5: b"\xa1\x01\x05"}
 
 _KDF_UP = b"peergrid/v1 uplink"
 _KDF_DOWN = b"peergrid/v1 downlink"
-
-
-def alg_supported(alg):
-    info = _ALGS.get(alg)
-    return info is not None and hasattr(hashlib, info[0])
 
 
 class HmacKey:
@@ -95,10 +85,6 @@ class HmacKey:
         h = self.inner()
         h.update(data)
         return self.finish(h)
-
-
-def hmac_sha256(key, data):
-    return HmacKey(key, ALG_HMAC256).mac(data)
 
 
 def ct_equal(a, b):
@@ -143,57 +129,6 @@ def mac_structure_tag(key, protected, aad, payload):
     _feed_bstr(h, aad)
     _feed_bstr(h, payload)
     return key.finish(h)
-
-
-def _params(hdr):
-    if not isinstance(hdr, dict):
-        raise ProtocolError(E_HEADER, "header bucket is not a map")
-    return hdr
-
-
-def verify_mac0(frame, key, external_aad=b"", require_tag=True):
-    """General Mac0 verification. `key` is raw key bytes. Returns
-    (protected, unprotected, payload) or raises ProtocolError."""
-    msg = cbor.loads(frame, max_depth=3, max_items=64, allow_tag=True, max_size=0)
-    if isinstance(msg, cbor.Tag):
-        if msg.tag != COSE_MAC0_TAG:
-            raise ProtocolError(E_NOT_COSE, "tag %d is not COSE_Mac0" % msg.tag)
-        msg = msg.value
-    elif require_tag:
-        raise ProtocolError(E_NOT_COSE, "untagged")
-    if not isinstance(msg, list) or len(msg) != 4:
-        raise ProtocolError(E_NOT_COSE, "not an array of four")
-    prot_raw, unprot, payload, tag = msg
-    if not isinstance(prot_raw, bytes) or not isinstance(tag, bytes):
-        raise ProtocolError(E_NOT_COSE, "protected and tag must be byte strings")
-    if payload is None:
-        raise ProtocolError(E_NOT_COSE, "detached payload not supported")
-    if not isinstance(payload, bytes):
-        raise ProtocolError(E_NOT_COSE, "payload must be a byte string")
-    prot = _params(cbor.loads(prot_raw, max_depth=2) if prot_raw else {})
-    unprot = _params(unprot)
-    for label in prot:
-        if label in unprot:
-            raise ProtocolError(E_HEADER, "label %r in both buckets" % (label,))
-    crit = prot.get(HDR_CRIT)
-    if crit is not None:
-        if not isinstance(crit, list) or not crit:
-            raise ProtocolError(E_HEADER, "bad crit")
-        for label in crit:
-            if label not in _KNOWN_LABELS:
-                raise ProtocolError(E_HEADER, "critical label %r not understood" % (label,))
-    alg = prot.get(HDR_ALG, unprot.get(HDR_ALG))
-    if not isinstance(alg, int) or not alg_supported(alg):
-        raise ProtocolError(E_ALG, "algorithm %r" % (alg,))
-    k = HmacKey(key, alg)
-    if len(tag) != k.tag_len:
-        raise ProtocolError(E_TAG, "tag length %d" % len(tag))
-    # An empty protected map counts as the empty byte string in the
-    # MAC_structure, whichever way the sender wrote it (h'' or h'A0').
-    signed_prot = prot_raw if prot else b""
-    if not ct_equal(mac_structure_tag(k, signed_prot, external_aad, payload), tag):
-        raise ProtocolError(E_TAG, "MAC does not verify")
-    return prot, unprot, payload
 
 
 class Sealer:
