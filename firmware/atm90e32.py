@@ -23,6 +23,7 @@
 #
 # Everything the functions return is an integer in PeerGrid protocol units.
 import time
+from array import array
 
 from firmware.energy import Result
 
@@ -188,7 +189,9 @@ class ATM90E32:
         mm0 = _MMODE0_3P4W | (_MMODE0_60HZ if line_freq_hz == 60 else 0)
         f = line_freq_hz * 100
         # everything begin() writes while the configuration is unlocked, in
-        # order, and reads back once it is locked again
+        # order, and reads back once it is locked again: (register, value)
+        # pairs, kept flat in 16-bit words (a tuple a pair would hold about
+        # 450 bytes more of a board's heap, per chip)
         cfg = [
             (REG_METER_EN, _METER_ON),
             (_REG_SAG_PEAK_DET_CFG, _SAG_PEAK_CFG),
@@ -212,7 +215,11 @@ class ATM90E32:
             cfg.append((REG_IGAIN_A + base, ig[i] & 0xFFFF))
             cfg.append((_REG_UOFFSET_A + base, uo[i] & 0xFFFF))
             cfg.append((_REG_IOFFSET_A + base, io[i] & 0xFFFF))
-        self.config = tuple(cfg)
+        flat = array("H", bytes(4 * len(cfg)))
+        for i in range(len(cfg)):
+            flat[2 * i] = cfg[i][0]
+            flat[2 * i + 1] = cfg[i][1]
+        self.config = flat
 
     # --- bus ----------------------------------------------------------------
     def _xfer(self):
@@ -268,10 +275,13 @@ class ATM90E32:
                                     "wrong chip select?" % echo)
             raise ATM90E32Error("atm90e32: garbled SPI (LastSPIData 0x%04x, expected 0x%04x): check SPI mode 3 "
                                 "and clock rate" % (echo, CFG_UNLOCK))
-        for addr, val in self.config:
-            self.write_reg(addr, val)
+        c = self.config
+        for k in range(0, len(c), 2):
+            self.write_reg(c[k], c[k + 1])
         self.write_reg(REG_CFG_REG_ACC_EN, CFG_LOCK)
-        for addr, val in self.config:
+        for k in range(0, len(c), 2):
+            addr = c[k]
+            val = c[k + 1]
             got = self.read_reg(addr)
             if got != val:
                 raise ATM90E32Error("atm90e32: config reg 0x%02x reads 0x%04x after locking, wrote 0x%04x"
