@@ -89,9 +89,8 @@ class Board:
         self.ch = [0] * (4 * nch)
         self.live = bytearray(512)      # a live reading not yet published
         self.live_len = 0
-        self.fly = bytearray(512)       # the live reading in flight
-        self.fly_len = 0
-        self.rbuf = bytearray(512)
+        self.fly = bytearray(512)       # the live reading in flight; a replayed one is read into it too
+        self.fly_len = 0                # (only when nothing is in flight and nothing live waits)
         self.inflight = None            # [pid, source, io ms sent]
         self.period_ms = cfg["period_s"] * 1000
         self.next_due = hal.ticks_add(hal.ticks_ms(), self.period_ms)
@@ -372,9 +371,11 @@ class Board:
                 self._lost()
             return
         if self.spool.count and self._replay_due():
-            n = self.spool.peek(self.rbuf)
+            # nothing in flight, no live reading waiting: fly is free, and
+            # fly_len stays 0, so a lost session spools nothing from it
+            n = self.spool.peek(self.fly)
             if n:
-                pid = up.publish(self.link.t_reading, memoryview(self.rbuf)[:n])
+                pid = up.publish(self.link.t_reading, memoryview(self.fly)[:n])
                 if pid:
                     self.inflight = [pid, _SPOOLED, self.hal.io_ms()]
                     self.next_replay = self.hal.io_add(self.hal.io_ms(), self.replay_gap)

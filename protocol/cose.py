@@ -137,13 +137,16 @@ class Sealer:
     Frame: 17([h'A1 01 alg', {4: kid}, payload, tag])
     """
 
-    def __init__(self, key, kid, alg, size=MAX_FRAME):
+    def __init__(self, key, kid, alg, size=MAX_FRAME, out=None):
+        """out: a cbor.Writer to build frames in, shared with another
+        Sealer whose frames are used up before this one seals (a board's
+        link: one frame buffer for its readings and its other messages)."""
         if alg not in PROTECTED:
             raise ProtocolError(E_ALG, "profile allows alg 4 or 5")
         self.key = HmacKey(key, alg)
         self.protected = PROTECTED[alg]
         self.kid = bytes(kid)
-        self.out = cbor.Writer(size)
+        self.out = out if out is not None else cbor.Writer(size)
         # Everything in front of the payload is the same for every frame.
         w = cbor.Writer(32 + len(self.kid))
         w.tag(COSE_MAC0_TAG)

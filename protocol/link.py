@@ -25,8 +25,11 @@ class DeviceLink:
         self._aad_status = self.t_status.encode()
         self._aad_ack = self.t_ack.encode()
         self._aad_cmd = self.t_cmd.encode()
+        # one frame buffer for both: a frame (a memoryview into it) is
+        # valid until this link seals the next one; the board copies or
+        # sends each before it seals another
         self._reading = cose.Sealer(up, kid, messages.ALGS[topics.READING][0])
-        self._other = cose.Sealer(up, kid, cose.ALG_HMAC256)
+        self._other = cose.Sealer(up, kid, cose.ALG_HMAC256, out=self._reading.out)
         self._down = cose.HmacKey(down, cose.ALG_HMAC256)
         self._w = cbor.Writer(messages.MAX_PAYLOAD)
         self.cmd_guard = None
