@@ -1,6 +1,6 @@
 # The ADC's linearisation at boot (ADC boards only): calibration points
 # cached in flash, else measured from the chip's eFuse calibration and
-# cached. Needed once, while the board is built: firmware/main.py unloads
+# cached. Needed once, while the board is built: firmware/boot.py unloads
 # this module afterwards, so its code leaves the heap.
 
 

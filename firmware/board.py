@@ -54,7 +54,7 @@ class Board:
         self.fsroot = fsroot
         self.reset_pending = None       # why the entry loop must save and reset (an update)
         self.seq = 0
-        from firmware.config import secret     # config.py is needed at boot only (main.unload)
+        from firmware.config import secret     # config.py is needed at boot only (boot.settle unloads it)
         self.link = plink.DeviceLink(cfg["community"], cfg["device"], secret(cfg))
         nch = len(board["channels"])
         self.nch = nch
@@ -73,7 +73,7 @@ class Board:
         self.adc_cal = None             # where the ADC's linearisation came from
         lut = None
         if (board.get("frontend") or {}).get("type", "adc") == "adc":
-            from firmware import adccal     # boot only: firmware/main.py unloads it
+            from firmware import adccal     # boot only: firmware/boot.py unloads it
             lut, self.adc_cal = adccal.lut(hal, fsroot)
             if lut is None:
                 self.uncalibrated = True
@@ -136,7 +136,7 @@ class Board:
         self.rel = 0                    # the release running and its digest (status 20, 21)
         self.rel_dig = b""
         self.ota_fields = {}
-        from firmware import loader     # what runs, whether it is on trial (main.settle unloads it)
+        from firmware import loader     # what runs, whether it is on trial (boot.settle unloads it)
         if loader.boot(self):           # on trial: the agent waits for the confirmation
             from firmware import ota
             self.ota = ota.Ota(self, fsroot)

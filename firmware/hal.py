@@ -1,5 +1,5 @@
 # Hardware layer of the meter board: the one interface application code uses.
-# Backends: hal_esp32 (machine module, on a board; firmware/main.py's open_hal
+# Backends: hal_esp32 (machine module, on a board; firmware/boot.py's open_hal
 # picks it) and boardsim/hal_sim.py (unix port, tests, virtual board). This
 # module imports neither. Application code never imports `machine`.
 #

@@ -1,7 +1,7 @@
 # The inverter and the battery on the RS485 bus (SunSpec over Modbus RTU:
 # firmware/sunspec.py, firmware/modbus.py), read by the board once a
 # measurement period. firmware/board.py imports this module only when it
-# has an RS485 master (firmware/main.py builds one only when the config
+# has an RS485 master (firmware/boot.py builds one only when the config
 # names an inverter or a battery), so a board without either never has this
 # code, nor sunspec's, in its heap. The devices' state stays on the Board
 # (inv, inv_ok, bat, bat_ok, next_discover, stats), where the console and

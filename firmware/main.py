@@ -4,14 +4,12 @@
 # console (firmware/console.py) shares the USB serial port with the REPL:
 # its frames are plain ASCII and start with STX, which the REPL never sees
 # while main.py runs; Ctrl-C still stops main.py for `make deploy`.
-import json
+#
+# What only the start needs (reading board.json and config.json, building
+# the HAL, the network and the Board) is firmware/boot.py, which drops
+# itself from the heap once the board runs.
 import select
 import sys
-
-from firmware import board as fboard
-from firmware.board import Board
-from firmware.hal import IoClock
-from firmware.net import open_net
 
 _STX = 2
 
@@ -67,102 +65,21 @@ class LazyConsole:
         return None
 
 
-def _fw_digest(root):
-    try:
-        with open(root + "/manifest.json") as f:
-            return json.load(f).get("digest", "")
-    except (OSError, ValueError):
-        return ""
-
-
-def _rs485(hal, board, cfg):
-    """The Modbus master: timeouts from board.json's rs485 (baud, the
-    devices' latency_ms) and each device's latency_ms in the config."""
-    rs = board.get("rs485")
-    if not rs:
-        return None
-    from firmware.modbus import master_for
-
-    uart = hal.uart(rs)
-    de = hal.pin_out(rs["de"], 0) if "de" in rs else None
-    return master_for(uart, IoClock(hal), rs, cfg, de=de)
-
-
 def _reset():
     import machine
     machine.reset()
 
 
-def unload(name):
-    """Drop a module needed at boot only (its code and tables leave the
-    heap once nothing refers to them; an import loads it again)."""
-    sys.modules.pop(name, None)
-    pkg, _, attr = name.rpartition(".")
-    mod = sys.modules.get(pkg)
-    if mod is not None and hasattr(mod, attr):
-        delattr(mod, attr)
-
-
-def settle(b):
-    """Drop the modules only the start needed, once the Board is built."""
-    unload("firmware.config")      # 3.2 KB of code the board at work never calls
-    unload("firmware.adccal")      # the ADC's linearisation, read once at boot
-    if b.ota is None:
-        # the update agent and what it brought: back when an update command arrives
-        for m in ("firmware.ota", "firmware.release", "firmware.loader", "protocol.fw"):
-            unload(m)
-
-
-def open_hal(board, **kw):
-    """The HAL backend for a board definition (board.json), by its "mcu".
-    The firmware's one backend is the ESP32's; simulated boards build theirs
-    from boardsim/ (the virtual board, the tests), never through here."""
-    mcu = board.get("mcu")
-    if mcu != "esp32":
-        raise ValueError("this firmware runs on an esp32, not %r" % (mcu,))
-    from firmware.hal_esp32 import Esp32Hal
-    return Esp32Hal(board, **kw)
-
-
-def _load_board(root):
-    with open(root + "/board.json") as f:
-        return json.load(f)
-
-
-def _start(root, port):
-    """Build the Board from board.json and config.json; never returns
-    without a config (the console waits for one). The two dicts die with
-    this frame: the board keeps only what it needs of them."""
-    board = _load_board(root)
-    from firmware import config as fconfig
-    try:
-        cfg, digest = fconfig.load(root + "/config.json")
-    except fconfig.ConfigError as e:
-        # never commissioned (or a broken config): wait for one on the console
-        from firmware.console import Console, Ops
-        hal = open_hal(board, wdt_ms=0)
-        ops = Ops(hal, board, root or "", None, fboard.FW_VERSION, _fw_digest(root), str(e))
-        ops.reboot = _reset
-        con = Console(port, ops, IoClock(hal))
-        while True:
-            con.poll()
-            hal.idle(20)
-    hal = open_hal(board, wdt_ms=max(30000, 3 * cfg["period_s"] * 1000))
-    net = open_net(board, cfg)
-    master = _rs485(hal, board, cfg) if (cfg.get("inverter") or cfg.get("battery")) else None
-    return hal, Board(hal, board, cfg, digest, net, root or "/", rs485=master)
-
-
 def main(root=""):
     port = StdioPort()
-    hal, b = _start(root, port)
-    settle(b)
+    from firmware import boot
+    hal, b = boot.start(root, port)
+    boot.settle(b)          # drops the start's modules, firmware.boot among them
+    del boot
 
     def console():
-        from firmware.console import Console, Ops
-        ops = Ops(hal, _load_board(root), root or "", b, fboard.FW_VERSION, _fw_digest(root))
-        ops.reboot = _reset
-        return Console(port, ops, IoClock(hal))
+        from firmware import boot as fboot      # back while the console is open
+        return fboot.console(hal, b, root, port)
 
     con = LazyConsole(port, console)
     while True:

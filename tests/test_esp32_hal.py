@@ -266,10 +266,14 @@ def test_unknown_front_end_type_is_refused(esp):
         open_frontend(hal_esp32.Esp32Hal(board, wdt_ms=0), board)
 
 
-def test_circuitsetup_board_starts(esp, monkeypatch, tmp_path):
-    # the whole Board on the ESP32 HAL: Wi-Fi from the fake network module,
-    # energy and spool partitions from the fake esp32 module, the chips
-    # behind the fake SPI
+HOUSE_7 = json.dumps({"community": "street-1", "device": "house-7", "secret": "ab" * 32,
+                      "broker": {"host": "192.0.2.1"}, "net": {"ssid": "home", "password": "pw"},
+                      "channels": {"ct1": {"role": "grid", "gain": 1.0}}})
+
+
+def _board_class(monkeypatch):
+    """firmware.board.Board, importable under CPython: umqtt from build/lib
+    under the names MicroPython gives its modules."""
     monkeypatch.syspath_prepend(str(ROOT / "build" / "lib"))
     import binascii
     import struct
@@ -279,13 +283,54 @@ def test_circuitsetup_board_starts(esp, monkeypatch, tmp_path):
         from firmware.board import Board
     except ImportError as e:      # umqtt is fetched by `make umqtt`
         pytest.skip("firmware.board not importable: %s" % e)
+    return Board
+
+
+def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path):
+    # what firmware/main.py runs on a board: boot.start reads board.json and
+    # config.json from the flash root and builds the HAL, the network and the
+    # Board; the Board keeps what it needs of the two dicts, not the dicts;
+    # boot.settle drops the start's modules (boot and config among them);
+    # the console brings boot back and answers for the running board
+    _board_class(monkeypatch)
+    from firmware import boot
+    board = board_def("circuitsetup-6ch")
+    atm_chips(board)
+    (tmp_path / "board.json").write_text(json.dumps(board))
+    (tmp_path / "config.json").write_text(HOUSE_7)
+    hal, b = boot.start(str(tmp_path), None)
+    assert isinstance(hal, hal_esp32.Esp32Hal) and isinstance(b.fe, AtmFrontEnd) and b.nch == 6
+    assert b.name == "circuitsetup-6ch" and b.heap_bytes == board["heap_bytes"] and b.ack_timeout_ms == 10000
+    assert b.roles == {"ct1": "grid"} and b.uplink.sock_timeout_s == 5
+    assert not hasattr(b, "board") and not hasattr(b, "cfg") and not hasattr(b.uplink, "cfg")
+    for name in ("firmware.boot", "firmware.config", "firmware.adccal", "firmware.ota", "firmware.release",
+                 "firmware.loader", "protocol.fw"):
+        # what settle unloads comes back for the tests after this one
+        if name in sys.modules:
+            monkeypatch.setitem(sys.modules, name, sys.modules[name])
+            pkg, _, attr = name.rpartition(".")
+            monkeypatch.setattr(sys.modules[pkg], attr, sys.modules[name])
+    boot.settle(b)
+    assert "firmware.boot" not in sys.modules and "firmware.config" not in sys.modules
+    import firmware
+    assert not hasattr(firmware, "boot")
+    from firmware import boot as again
+    con = again.console(hal, b, str(tmp_path), None)
+    hello = con.ops.call({"op": "hello"})
+    assert hello["board"] == "circuitsetup-6ch" and hello["device"] == "house-7" and hello["commissioned"]
+    assert con.ops.call({"op": "measure"})["ch"][0]["role"] == "grid"
+
+
+def test_circuitsetup_board_starts(esp, monkeypatch, tmp_path):
+    # the whole Board on the ESP32 HAL: Wi-Fi from the fake network module,
+    # energy and spool partitions from the fake esp32 module, the chips
+    # behind the fake SPI
+    Board = _board_class(monkeypatch)
     from firmware import config as fconfig
     from protocol import messages
     board = board_def("circuitsetup-6ch")
     chips = atm_chips(board)
-    text = json.dumps({"community": "street-1", "device": "house-7", "secret": "ab" * 32,
-                       "broker": {"host": "192.0.2.1"}, "net": {"ssid": "home", "password": "pw"}})
-    cfg, digest = fconfig.parse(text)
+    cfg, digest = fconfig.parse(HOUSE_7)
     clock.reset(start_us=123456, rtc=0)                 # power-up: the RTC says 2000-01-01
     hal = hal_esp32.Esp32Hal(board, wdt_ms=30000)
     net = open_net(board, cfg)

@@ -25,6 +25,7 @@ from firmware import main as fmain  # noqa: E402
 _CONSOLE_WITH_MAIN = "firmware.console" in sys.modules     # (mpy_run imports one test module a process)
 
 from firmware import console as fconsole  # noqa: E402
+from firmware import boot as fboot  # noqa: E402
 
 
 class Port:
@@ -115,9 +116,9 @@ def test_first_frame_loads_the_console_and_is_answered():
 
 def test_unload_drops_a_boot_only_module_and_it_comes_back():
     import firmware
-    from firmware import config   # noqa: F401  (what main unloads after boot)
+    from firmware import config   # noqa: F401  (what boot.settle unloads after the start)
     assert "firmware.config" in sys.modules
-    fmain.unload("firmware.config")
+    fboot.unload("firmware.config")
     assert "firmware.config" not in sys.modules and not hasattr(firmware, "config")
     from firmware import config as again     # the console loads it again when it needs it
     assert hasattr(again, "load") and "firmware.config" in sys.modules
@@ -128,7 +129,7 @@ def test_open_hal_builds_only_the_esp32_backend():
     # boardsim/, so a sim board definition on a board's main.py is refused
     # at once with its mcu named
     try:
-        fmain.open_hal({"mcu": "sim"})
+        fboot.open_hal({"mcu": "sim"})
     except ValueError as e:
         assert "sim" in str(e)
     else:

@@ -39,9 +39,11 @@ def _emit(obj):
 
 
 def _modules():
-    """What firmware/main.py loads on a board: main (board, config, hal,
-    net; the console only when a frame arrives), the ESP32 HAL, the MQTT client, and the front end and RS485
-    modules this board and config use (the firmware imports those lazily).
+    """What firmware/main.py loads on a board: main and boot (board,
+    config, hal, net; the console only when a frame arrives), the ESP32
+    HAL, the MQTT client, and the front end and RS485 modules this board
+    and config use (the firmware imports those lazily); boot.settle drops
+    boot, config and adccal again once the Board is built.
     One a step: on a board the collector runs whenever the heap fills, here
     only between steps, so the garbage of loading one module is all a step
     may leave."""
@@ -55,7 +57,7 @@ def _modules():
     else:
         mods += ["firmware.dsp", "firmware.metering", "firmware.adccal"]
     mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.commands",
-             "firmware.board", "firmware.main", "firmware.hal_esp32"]
+             "firmware.board", "firmware.main", "firmware.boot", "firmware.hal_esp32"]
     if cfg.get("inverter") or cfg.get("battery"):
         mods += ["firmware.modbus", "firmware.sunspec", "firmware.inverters"]
     return mods
@@ -182,7 +184,7 @@ def _start():
 
     S["board"] = Board(hal, _load("board.json"), cfg, digest, net, "/flash", on_event=on_event)
     # as firmware/main.py does once the board is built
-    from firmware.main import settle
+    from firmware.boot import settle
     settle(S["board"])
 
 

@@ -1,0 +1,108 @@
+# The start of a board (firmware/main.py runs it once): board.json and
+# config.json read, the HAL, the network and the Board built, the modules
+# only the start needed dropped again (settle). Nothing here runs while the
+# board works, so settle() unloads this module too; the commissioning
+# console imports it again when it opens.
+import json
+import sys
+
+from firmware import board as fboard
+from firmware.board import Board
+from firmware.hal import IoClock
+from firmware.net import open_net
+
+
+def _reset_board():
+    import machine
+    machine.reset()
+
+
+def _fw_digest(root):
+    try:
+        with open(root + "/manifest.json") as f:
+            return json.load(f).get("digest", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _rs485(hal, board, cfg):
+    """The Modbus master: timeouts from board.json's rs485 (baud, the
+    devices' latency_ms) and each device's latency_ms in the config."""
+    rs = board.get("rs485")
+    if not rs:
+        return None
+    from firmware.modbus import master_for
+
+    uart = hal.uart(rs)
+    de = hal.pin_out(rs["de"], 0) if "de" in rs else None
+    return master_for(uart, IoClock(hal), rs, cfg, de=de)
+
+
+def unload(name):
+    """Drop a module needed at boot only (its code and tables leave the
+    heap once nothing refers to them; an import loads it again)."""
+    sys.modules.pop(name, None)
+    pkg, _, attr = name.rpartition(".")
+    mod = sys.modules.get(pkg)
+    if mod is not None and hasattr(mod, attr):
+        delattr(mod, attr)
+
+
+def settle(b):
+    """Drop the modules only the start needed, once the Board is built
+    (this one too: the console imports it again when it opens)."""
+    unload("firmware.boot")
+    unload("firmware.config")      # 3.2 KB of code the board at work never calls
+    unload("firmware.adccal")      # the ADC's linearisation, read once at boot
+    if b.ota is None:
+        # the update agent and what it brought: back when an update command arrives
+        for m in ("firmware.ota", "firmware.release", "firmware.loader", "protocol.fw"):
+            unload(m)
+
+
+def open_hal(board, **kw):
+    """The HAL backend for a board definition (board.json), by its "mcu".
+    The firmware's one backend is the ESP32's; simulated boards build theirs
+    from boardsim/ (the virtual board, the tests), never through here."""
+    mcu = board.get("mcu")
+    if mcu != "esp32":
+        raise ValueError("this firmware runs on an esp32, not %r" % (mcu,))
+    from firmware.hal_esp32 import Esp32Hal
+    return Esp32Hal(board, **kw)
+
+
+def load_board(root):
+    with open(root + "/board.json") as f:
+        return json.load(f)
+
+
+def start(root, port):
+    """Build the Board from board.json and config.json; never returns
+    without a config (the console waits for one). The two dicts die with
+    this frame: the board keeps only what it needs of them."""
+    board = load_board(root)
+    from firmware import config as fconfig
+    try:
+        cfg, digest = fconfig.load(root + "/config.json")
+    except fconfig.ConfigError as e:
+        # never commissioned (or a broken config): wait for one on the console
+        from firmware.console import Console, Ops
+        hal = open_hal(board, wdt_ms=0)
+        ops = Ops(hal, board, root or "", None, fboard.FW_VERSION, _fw_digest(root), str(e))
+        ops.reboot = _reset_board
+        con = Console(port, ops, IoClock(hal))
+        while True:
+            con.poll()
+            hal.idle(20)
+    hal = open_hal(board, wdt_ms=max(30000, 3 * cfg["period_s"] * 1000))
+    net = open_net(board, cfg)
+    master = _rs485(hal, board, cfg) if (cfg.get("inverter") or cfg.get("battery")) else None
+    return hal, Board(hal, board, cfg, digest, net, root or "/", rs485=master)
+
+
+def console(hal, b, root, port):
+    """The commissioning console for the running board `b`."""
+    from firmware.console import Console, Ops
+    ops = Ops(hal, load_board(root), root or "", b, fboard.FW_VERSION, _fw_digest(root))
+    ops.reboot = _reset_board
+    return Console(port, ops, IoClock(hal))
