@@ -105,7 +105,8 @@ def _stub():
             self.link = Link("oak", "heap1", bytes(range(32)))
             self.boot = 2
             self.seq = 0
-            self.board = BOARD
+            self.name = BOARD["name"]          # what the Board keeps of board.json
+            self.heap_bytes = BOARD.get("heap_bytes", 111936)
             self.fsroot = ROOT
             self.next_status = 0
             self.reset_pending = None
