@@ -6,10 +6,8 @@
 import json
 import sys
 
-from firmware import board as fboard
-from firmware.board import Board
 from firmware.hal import IoClock
-from firmware.net import open_net
+from firmware.net import HostNet, LanNet, WifiNet
 
 
 def _reset_board():
@@ -82,13 +80,14 @@ def start(root, port):
     this frame: the board keeps only what it needs of them."""
     board = load_board(root)
     from firmware import config as fconfig
+    from firmware.board import Board, FW_VERSION
     try:
         cfg, digest = fconfig.load(root + "/config.json")
     except fconfig.ConfigError as e:
         # never commissioned (or a broken config): wait for one on the console
         from firmware.console import Console, Ops
         hal = open_hal(board, wdt_ms=0)
-        ops = Ops(hal, board, root or "", None, fboard.FW_VERSION, _fw_digest(root), str(e))
+        ops = Ops(hal, board, root or "", None, FW_VERSION, _fw_digest(root), str(e))
         ops.reboot = _reset_board
         con = Console(port, ops, IoClock(hal))
         while True:
@@ -102,7 +101,50 @@ def start(root, port):
 
 def console(hal, b, root, port):
     """The commissioning console for the running board `b`."""
+    from firmware.board import FW_VERSION
     from firmware.console import Console, Ops
-    ops = Ops(hal, load_board(root), root or "", b, fboard.FW_VERSION, _fw_digest(root))
+    ops = Ops(hal, load_board(root), root or "", b, FW_VERSION, _fw_digest(root))
     ops.reboot = _reset_board
     return Console(port, ops, IoClock(hal))
+
+
+def open_net(board, cfg, unix_now=None):
+    kind = board.get("network", {}).get("type", "host")
+    if kind == "wifi":
+        n = cfg.get("net", {})
+        net = WifiNet(n.get("ssid", ""), n.get("password", ""))
+    elif kind == "ethernet":
+        import machine
+        import network
+        net = LanNet(network.LAN(**lan_args(board["network"], machine, network)))
+    else:
+        return HostNet(unix_now)
+    net.ntp = cfg.get("ntp")
+    return net
+
+
+def lan_args(netdef, machine, network):
+    """network.LAN's keyword arguments for a board's network definition."""
+    kw = {"mdc": machine.Pin(netdef["mdc"]), "mdio": machine.Pin(netdef["mdio"]),
+          "phy_type": getattr(network, "PHY_" + netdef.get("phy", "LAN8720")),
+          "phy_addr": netdef.get("phy_addr", 0)}
+    if netdef.get("power") is not None:
+        kw["power"] = machine.Pin(netdef["power"])
+    pin = netdef.get("ref_clk")
+    mode = netdef.get("ref_clk_mode")
+    clock = netdef.get("clock")
+    if pin is None and clock is not None:
+        # "gpio17_out": GPIO17 carries the clock, driven by the ESP32
+        c = clock.lower()
+        cut = c.find("_")
+        if not c.startswith("gpio") or cut < 5 or c[cut + 1:] not in ("in", "out"):
+            raise ValueError("network clock must be gpio<N>_in or gpio<N>_out, got %r" % (clock,))
+        pin = int(c[4:cut])
+        mode = c[cut + 1:]
+    if pin is not None:
+        mode = mode.lower() if isinstance(mode, str) else mode
+        if mode not in ("in", "out"):
+            raise ValueError("network ref_clk_mode must be 'in' or 'out', got %r" % (mode,))
+        kw["ref_clk"] = machine.Pin(pin)
+        kw["ref_clk_mode"] = machine.Pin.OUT if mode == "out" else machine.Pin.IN
+    return kw

@@ -59,17 +59,16 @@ class WifiNet(Net):  # pragma: no cover - needs an ESP32
 
 class LanNet(Net):
     """Ethernet through the ESP32's RMII MAC and an external PHY. The keys of
-    board.json's network entry become network.LAN's keywords: mdc, mdio
+    board.json's network entry become network.LAN's keywords (boot.lan_args,
+    at the start): mdc, mdio
     (GPIOs), phy ("LAN8720" -> network.PHY_LAN8720), phy_addr, power (the
     PHY's enable GPIO) and the 50 MHz reference clock, either as ref_clk (a
     GPIO) with ref_clk_mode ("out": the ESP32 drives the clock, "in": the
     PHY does) or as clock "gpio<N>_out" / "gpio<N>_in". Without a clock entry
     the firmware image's default applies (GPIO0 in)."""
 
-    def __init__(self, netdef):
-        import machine
-        import network
-        self.lan = network.LAN(**lan_args(netdef, machine, network))
+    def __init__(self, lan):
+        self.lan = lan              # network.LAN, built by firmware/boot.py's open_net
 
     def start(self):
         self.lan.active(True)
@@ -79,33 +78,6 @@ class LanNet(Net):
 
     def sync_time(self, hal):
         return _ntp(hal, self.ntp)
-
-
-def lan_args(netdef, machine, network):
-    """network.LAN's keyword arguments for a board's network definition."""
-    kw = {"mdc": machine.Pin(netdef["mdc"]), "mdio": machine.Pin(netdef["mdio"]),
-          "phy_type": getattr(network, "PHY_" + netdef.get("phy", "LAN8720")),
-          "phy_addr": netdef.get("phy_addr", 0)}
-    if netdef.get("power") is not None:
-        kw["power"] = machine.Pin(netdef["power"])
-    pin = netdef.get("ref_clk")
-    mode = netdef.get("ref_clk_mode")
-    clock = netdef.get("clock")
-    if pin is None and clock is not None:
-        # "gpio17_out": GPIO17 carries the clock, driven by the ESP32
-        c = clock.lower()
-        cut = c.find("_")
-        if not c.startswith("gpio") or cut < 5 or c[cut + 1:] not in ("in", "out"):
-            raise ValueError("network clock must be gpio<N>_in or gpio<N>_out, got %r" % (clock,))
-        pin = int(c[4:cut])
-        mode = c[cut + 1:]
-    if pin is not None:
-        mode = mode.lower() if isinstance(mode, str) else mode
-        if mode not in ("in", "out"):
-            raise ValueError("network ref_clk_mode must be 'in' or 'out', got %r" % (mode,))
-        kw["ref_clk"] = machine.Pin(pin)
-        kw["ref_clk_mode"] = machine.Pin.OUT if mode == "out" else machine.Pin.IN
-    return kw
 
 
 def _ntp(hal, host=None):
@@ -120,16 +92,3 @@ def _ntp(hal, host=None):
     unix, _ = hal.time()
     hal.set_time(unix)
     return True
-
-
-def open_net(board, cfg, unix_now=None):
-    kind = board.get("network", {}).get("type", "host")
-    if kind == "wifi":
-        n = cfg.get("net", {})
-        net = WifiNet(n.get("ssid", ""), n.get("password", ""))
-    elif kind == "ethernet":
-        net = LanNet(board["network"])
-    else:
-        return HostNet(unix_now)
-    net.ntp = cfg.get("ntp")
-    return net

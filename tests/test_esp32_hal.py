@@ -24,7 +24,8 @@ from firmware.energy import Registers
 from firmware.atm90e32 import AtmFrontEnd
 from firmware.frontend import open_frontend
 from firmware.metering import AdcFrontEnd
-from firmware.net import LanNet, WifiNet, _ntp, lan_args, open_net
+from firmware.boot import lan_args, open_net
+from firmware.net import LanNet, WifiNet, _ntp
 
 WRAP = 1 << 30          # ticks_us period on the ESP32 port
 
