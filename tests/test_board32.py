@@ -57,8 +57,11 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     # code compiled with -O3, no line-number tables, 3.5 KB less; an ADC
     # board no longer loads the ATM90E32 front end; and the soak's flash has
     # the NOR rules of the ESP32's partitions, so the spool erases blocks
-    # instead of writing a 4 KB block of 0xFF it had kept in the heap)
-    assert r["code_heap_bytes"] <= 82_000 and r["peak_live_heap_bytes"] <= 110_000, r
+    # instead of writing a 4 KB block of 0xFF it had kept in the heap;
+    # 81,000 and 103,500: the Board keeps no board.json or config.json dict,
+    # the start-up code (boot.py) and the general Mac0 verifier leave the
+    # heap, one frame buffer less for replays and one for the link's sealers)
+    assert r["code_heap_bytes"] <= 81_000 and r["peak_live_heap_bytes"] <= 103_500, r
     # 24 h at one reading a minute: every one made, published once at least,
     # none left in the spool, none dropped, no spool error, no period missed
     assert r["readings_made"] == 24 * 60
