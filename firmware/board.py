@@ -38,7 +38,7 @@ class Board:
     def __init__(self, hal, board, cfg, digest, net, fsroot, rs485=None, on_event=None):
         self.hal = hal
         # what the board at work needs of its definition and config: the
-        # two dicts themselves are not kept (about 3.5 KB of heap)
+        # two dicts themselves are not kept (about 3 KB of heap)
         self.name = board["name"]
         self.heap_bytes = board.get("heap_bytes", 111936)
         self.ack_timeout_ms = cfg["ack_timeout_s"] * 1000
