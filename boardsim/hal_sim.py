@@ -46,6 +46,12 @@ class SimFlash(Flash):
             f.seek(off)
             return f.read(n)
 
+    def readinto(self, off, buf):
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            if f.readinto(buf) != len(buf):
+                raise OSError(5)        # past the end: a board's readblocks refuses too
+
     def write(self, off, data):
         if off < 0 or off + len(data) > self.size:
             raise ValueError("flash write out of range")
@@ -99,6 +105,52 @@ class NorFlash(SimFlash):
                 raise FlashDied("power lost during erase")
             for _ in range(n // self.block):
                 f.write(page)
+
+
+class RamNorFlash(Flash):
+    """NOR flash kept in memory, for measurements of the board's heap: a
+    read costs what PartitionFlash.read costs on a board (a buffer and its
+    bytes), not the file object a SimFlash opens for every read. Same NOR
+    rules as NorFlash; nothing survives the process."""
+
+    def __init__(self, path, size, block=4096):
+        self.path = path
+        self.size = size
+        self.block = block
+        self.erases = 0
+        self.writes = 0
+        self.mem = bytearray(size)
+        self.mv = memoryview(self.mem)
+        self.page = b"\xff" * block
+        self._fill(0, size)
+
+    def _fill(self, off, n):
+        m = self.mv
+        end = off + n
+        while off < end:
+            k = min(self.block, end - off)
+            m[off:off + k] = self.page if k == self.block else self.page[:k]
+            off += k
+
+    def read(self, off, n):
+        return bytes(self.mv[off:off + n])
+
+    def readinto(self, off, buf):
+        buf[:] = self.mv[off:off + len(buf)]
+
+    def write(self, off, data):
+        if off < 0 or off + len(data) > self.size:
+            raise ValueError("flash write out of range")
+        self.writes += 1
+        m = self.mem
+        for i in range(len(data)):
+            m[off + i] &= data[i]
+
+    def erase(self, off, n):
+        if off % self.block or n % self.block:
+            raise ValueError("erase must cover whole blocks")
+        self.erases += n // self.block
+        self._fill(off, n)
 
 
 class SimUart:

@@ -217,16 +217,18 @@ class RegisterStore:
         loss_bound_wh()."""
         best = None
         bad = 0
-        blank = b"\xff" * self.rec_len
+        data = self._buf        # each slot read into the save buffer: no garbage
         for i in range(self.nslots):
-            data = self.flash.read(i * self.slot_size, self.rec_len)
+            self.flash.readinto(i * self.slot_size, data)
             got = self._parse(data)
             if got is None:
-                if data != blank:
-                    bad += 1
+                for x in data:
+                    if x != 0xFF:
+                        bad += 1        # neither a record nor erased
+                        break
                 continue
             if best is None or got[0] > best[1]:
-                best = (i, got[0], got[1], data)
+                best = (i, got[0], got[1])
         self.bad_slots = bad
         self.found = best is not None
         if best is None:
@@ -237,7 +239,8 @@ class RegisterStore:
             self.lost_wh_bound = 0
             self._snapshot()
             return False
-        i, seq, flags, data = best
+        i, seq, flags = best
+        self.flash.readinto(i * self.slot_size, data)
         for ch in range(self.nch):
             imp, exp, ir, er = struct.unpack_from(_CH, data, _HDR_LEN + _CH_LEN * ch)
             self.regs.set(ch, imp, exp, ir, er)

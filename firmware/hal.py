@@ -11,7 +11,7 @@
 #   Hal.spi(cfg) -> Spi           write_readinto(wbuf, rbuf), select(cs, on)
 #   Hal.uart(cfg) -> Uart         write(b), readinto(buf) -> n or None, any()
 #   Hal.pin_out(n, value) -> Pin  value(v=None)
-#   Hal.flash(name, size) -> Flash  read(off, n) -> bytes, write(off, data), size
+#   Hal.flash(name, size) -> Flash  read(off, n) -> bytes, readinto(off, buf), write(off, data), size
 #   Hal.ticks_ms(), ticks_us(), time() -> (unix s, synced)
 #   Hal.ticks_add(t, delta)       the tick value delta ms after (before) t
 #   Hal.ticks_diff(a, b)          a - b in ms, for two tick values
@@ -88,6 +88,11 @@ class Flash:
 
     def read(self, off, n):
         raise NotImplementedError
+
+    def readinto(self, off, buf):
+        """Fill buf (a bytearray or a memoryview of one) from off: what
+        reads in a loop use, so that they leave no garbage on a board."""
+        buf[:] = self.read(off, len(buf))
 
     def write(self, off, data):
         raise NotImplementedError

@@ -46,6 +46,9 @@ class PartitionFlash(Flash):
         self.part.readblocks(off // self.block, out, off % self.block)
         return bytes(out)
 
+    def readinto(self, off, buf):
+        self.part.readblocks(off // self.block, buf, off % self.block)
+
     def write(self, off, data):
         # ext readblocks/writeblocks with offset: program without erase;
         # callers only write to erased (0xFF) bytes or erase whole blocks

@@ -71,6 +71,7 @@ class Spool:
         self.max_record = max_record
         self._rec = bytearray(_RHDR_LEN + max_record)
         self._hdr = bytearray(_BHDR_LEN)
+        self._rh = bytearray(_RHDR_LEN)    # a record's header, read from flash
         self._blank = None
         self.bno = [-1] * self.n        # block number of each block, -1: free
         self.head = -1                  # block being filled
@@ -86,32 +87,56 @@ class Spool:
 
     # -- mount ---------------------------------------------------------------
 
+    # Reads go into the spool's own buffers (Flash.readinto): mounting a
+    # region of hundreds of blocks, or replaying a day of records, leaves
+    # no garbage in the board's heap.
+
     def _header(self, b):
-        d = self.flash.read(b * self.bs, _BHDR_LEN)
+        d = self._hdr
+        self.flash.readinto(b * self.bs, d)
+        # the magic byte by byte: most headers of a mount are erased ones,
+        # and unpacking 0xFFFFFFFF makes a long int on a 32-bit board
+        if d[0] != 0x50 or d[1] != 0x47 or d[2] != 0x53 or d[3] != 0x31:
+            for i in range(_BHDR_LEN):
+                if d[i] != 0xFF:
+                    self.bad += 1       # not an erased header either
+                    break
+            return None
         magic, bno, dropped, crc = struct.unpack_from(_BHDR, d, 0)
-        if magic != _MAGIC or _crc(memoryview(d)[:12]) != crc:
-            if d != b"\xff" * _BHDR_LEN:
-                self.bad += 1
+        if _crc(memoryview(d)[:12]) != crc:
+            self.bad += 1
             return None
         return bno, dropped
 
-    def _scan(self, b, data):
-        """Walk the records of one block (its bytes in data). Returns
-        (end offset of valid records, waiting count, offset of the first
-        waiting record or 0)."""
+    def _record(self, addr):
+        """The record header at addr: (length, state, mark, crc)."""
+        self.flash.readinto(addr, self._rh)
+        return struct.unpack_from(_RHDR, self._rh, 0)
+
+    def _data_ok(self, addr, n, crc, buf):
+        """Read n bytes of record data at addr into buf and check them."""
+        v = memoryview(buf)[:n]
+        self.flash.readinto(addr, v)
+        return len(v) == n and _crc(v) == crc
+
+    def _scan(self, b):
+        """Walk the records of block b. Returns (end offset of valid
+        records, waiting count, offset of the first waiting record or 0,
+        whether a bad record ended the walk)."""
         off = _BHDR_LEN
         waiting = 0
         first = 0
         bs = self.bs
+        base = b * bs
         while off + _RHDR_LEN <= bs:
-            n, state, mark, crc = struct.unpack_from(_RHDR, data, off)
+            n, state, mark, crc = self._record(base + off)
             if n == _BLANK_LEN and state == 0xFF and mark == 0xFF:
                 break
             if mark != _MARK or n == 0 or n > self.max_record or off + _RHDR_LEN + n > bs:
                 self.bad += 1
                 return off, waiting, first, True
             if state == _WAITING:
-                if _crc(memoryview(data)[off + _RHDR_LEN:off + _RHDR_LEN + n]) != crc:
+                if not self._data_ok(base + off + _RHDR_LEN, n, crc, self._rec):
                     self.bad += 1
                     return off, waiting, first, True
                 if not first:
@@ -148,8 +173,7 @@ class Spool:
         newest = order[-1][0]
         run = [x for x in order if x[0] > newest - self.n]
         for bno, b, dropped in run:
-            data = self.flash.read(b * self.bs, self.bs)
-            end, waiting, first, torn = self._scan(b, data)
+            end, waiting, first, torn = self._scan(b)
             if waiting and self.tb < 0:
                 self.tb = b
                 self.toff = first
@@ -177,8 +201,7 @@ class Spool:
         nb = (self.head + 1) % self.n
         if self.bno[nb] >= 0 and self.count:
             # the ring is full: whatever still waits in nb is lost
-            data = self.flash.read(nb * self.bs, self.bs)
-            _, waiting, _, _ = self._scan(nb, data)
+            _, waiting, _, _ = self._scan(nb)
             if waiting:
                 self.dropped += waiting
                 self.count -= waiting
@@ -236,7 +259,9 @@ class Spool:
         self.tlen = 0
 
     def peek(self, buf):
-        """Copy the oldest waiting record into buf; its length, or 0."""
+        """Read the oldest waiting record into buf (at least max_record
+        bytes; its contents are undefined when 0 comes back); its length,
+        or 0."""
         for _ in range(self.n * 64):
             if self.count == 0 or self.tb < 0:
                 return 0
@@ -244,19 +269,16 @@ class Spool:
                 self._next_block()
                 continue
             base = self.tb * self.bs + self.toff
-            h = self.flash.read(base, _RHDR_LEN)
-            n, state, mark, crc = struct.unpack_from(_RHDR, h, 0)
+            n, state, mark, crc = self._record(base)
             if mark != _MARK or n == 0 or n > self.max_record or self.toff + _RHDR_LEN + n > self.bs:
                 self._next_block()          # end of this block's records
                 continue
             if state != _WAITING:
                 self.toff += _RHDR_LEN + n  # delivered before a reboot
                 continue
-            d = self.flash.read(base + _RHDR_LEN, n)
-            if _crc(d) != crc:
+            if not self._data_ok(base + _RHDR_LEN, n, crc, buf):
                 self._next_block()
                 continue
-            buf[:n] = d
             self.tlen = n
             return n
         return 0

@@ -5,6 +5,7 @@ import os
 
 from boardsim.hal_sim import NorFlash, FlashDied
 from firmware.spool import Spool
+from util import Skip
 
 try:
     import time
@@ -258,3 +259,27 @@ def test_capacity_matches_filling():
         i += 1
     # just before the first drop the ring held at least the promised count
     assert i - 1 >= s.capacity_records(40)
+
+
+def test_mount_reads_into_its_own_buffers():
+    # a board mounts its whole region at every boot (384 blocks of a 1.5 MB
+    # partition): the headers are read into the spool's buffer, so the
+    # garbage left does not grow with the region (it was ~200 B a block)
+    import gc
+    if not hasattr(gc, "mem_alloc"):
+        raise Skip("heap accounting exists on MicroPython only")
+    from boardsim.hal_sim import RamNorFlash
+
+    def mount_alloc(blocks):
+        s = Spool(RamNorFlash("ram", blocks * BS, block=BS), block_size=BS, max_record=200)
+        gc.collect()
+        gc.disable()
+        a = gc.mem_alloc()
+        s.mount()
+        b = gc.mem_alloc()
+        gc.enable()
+        return b - a
+
+    few, many = mount_alloc(8), mount_alloc(72)
+    # the simulated flash's readinto takes one memoryview slice a read
+    assert many - few <= 64 * 48, (few, many)
