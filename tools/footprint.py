@@ -34,6 +34,7 @@ UNIX0 = 1_795_000_000           # 2026-11-17: the board's date at the start
 WRAP = 1 << 30                  # the ESP32's ticks_ms period
 ESP32_HEAP = 111_936            # GC heap of an ESP32 without PSRAM once Wi-Fi runs
 FREE_SHARE = 0.25               # what a board must leave free of its heap
+SIM_ROOM = 512 * 1024           # the runner's and the simulated hardware's heap, besides the board's
 
 
 def _gateway_on_path() -> None:
@@ -117,8 +118,16 @@ def prepare(folder: Path, board: str | Path, *, hours: float, ticks0: int, outag
 
 def run(folder: Path, mpy_dir: Path, heap: int, timeout: float = 900) -> dict[str, Any]:
     """Run a prepared soak with the GC heap capped at `heap` bytes.
-    Returns {"rc", "events", "end", "heap", "published", "stderr", "stdout"}."""
-    cmd = mp32_cmd() + ["--heap", str(heap), "--step", "--js", f"loop={MP32 / 'broker.mjs'}",
+    Returns {"rc", "events", "end", "heap", "published", "stderr", "stdout"}.
+    The runner's heap is larger by SIM_ROOM, for the runner and the
+    simulated hardware (its flash is kept in memory); the soak takes what
+    they leave of it before the board starts, so that the firmware has
+    `heap` bytes for its code and data."""
+    scen_file = folder / "scenario.json"
+    scen = json.loads(scen_file.read_text())
+    scen["heap"] = heap
+    scen_file.write_text(json.dumps(scen))
+    cmd = mp32_cmd() + ["--heap", str(heap + SIM_ROOM), "--step", "--js", f"loop={MP32 / 'broker.mjs'}",
                         "--copy", f"{mpy_dir}:/mpy", "--copy", f"{folder}:/soak",
                         "--copy", f"{MP32 / 'shim'}:/shim",
                         "--sys", "/mpy", "--sys", "/shim", str(MP32 / "board_soak.py"), "/soak"]

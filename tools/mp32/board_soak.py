@@ -15,6 +15,14 @@
 # figures at the end. Heap: gc.mem_alloc() right after each collection (what
 # is live) and at the end of each step before it (live plus one step's
 # garbage: the least free heap the board saw).
+#
+# The board's heap is scenario.json's "heap": the runner's cap is larger
+# (footprint.SIM_ROOM) and holds this script and the simulated hardware
+# too; once those are built, what they leave of the extra room is taken
+# (step(), phase 2), so that the firmware's code and data have exactly the
+# board's heap. This runtime collects only between steps, so the board's
+# start and every step must fit in what the last collection left free:
+# loop iterations stop early when the heap runs low (_run).
 import gc
 import json
 import sys
@@ -67,7 +75,7 @@ def _make_hal():
     board = _load("board.json")
     scen = _load("scenario.json")
     atm = (board.get("frontend") or {}).get("type") == "atm90e32"
-    from boardsim.hal_sim import NorFlash
+    from boardsim.hal_sim import RamNorFlash
     if atm:
         from boardsim.hal_sim import SimHal as Base
     else:
@@ -79,8 +87,10 @@ def _make_hal():
         has the NOR rules of the ESP32's partitions (PartitionFlash in
         firmware/hal_esp32.py: a write only clears bits, erase() sets whole
         blocks back), so the firmware erases as it does on a board instead
-        of writing a block of 0xFF from the heap."""
-        flash_class = NorFlash
+        of writing a block of 0xFF from the heap; it is kept in memory
+        outside the board's heap (see step()), so that a read costs the
+        firmware what it costs on a board."""
+        flash_class = RamNorFlash
 
         def elapsed_ms(self):
             return Base.elapsed_ms(self) if not atm else self.now_us // 1000
@@ -162,6 +172,10 @@ def _make_hal():
             return f
 
         hal.flash = failing
+    # the partitions the firmware opens, made now: the simulated flash is
+    # hardware, not part of the board's heap
+    hal.flash("energy", 16 * 4096)
+    hal.flash("spool", _load("config.json")["spool_kb"] * 1024)
     S["hal"] = hal
     S["scen"] = scen
     S["step_ms"] = scen.get("step_ms", 1000)
@@ -188,16 +202,26 @@ def _start():
     settle(S["board"])
 
 
+def _free():
+    """The heap's free bytes; the WebAssembly port adds to gc.mem_free() the
+    128 MiB it could grow by, which the runner's cap does not allow."""
+    f = gc.mem_free()
+    return f - (1 << 27) if f >= 1 << 27 else f
+
+
 def _run():
-    """Board loop iterations until one reading was made, a minute passed or
-    100 iterations ran (a replay after an outage runs many short ones; the
-    collector must get its turn between steps)."""
+    """Board loop iterations until one reading was made, a minute passed,
+    100 iterations ran or the heap left free is less than an iteration may
+    need (a replay after an outage runs many short ones): on a board the
+    collector runs inside an iteration when the heap fills, here only
+    between steps."""
     b = S["board"]
     hal = S["hal"]
     n0 = b.stats["readings"]
     t0 = hal.elapsed_ms()
     n = 0
-    while b.stats["readings"] == n0 and hal.elapsed_ms() - t0 < 60000 and n < 100:
+    while b.stats["readings"] == n0 and hal.elapsed_ms() - t0 < 60000 and n < 100 and (
+            n == 0 or _free() > max(12288, S["iter"] * 5 // 4 + 2048)):
         n += 1
         loop.clock(hal.elapsed_ms())
         a = gc.mem_alloc()
@@ -238,9 +262,20 @@ def step():
     elif phase == 1:
         S["code"] = live - S["base"]
         _make_hal()
+        S["heap"] = S["scen"]["heap"]
     elif phase == 2:
         S["sim"] = live - S["base"] - S["code"]
-        _emit({"ev": "heap", "code": S["code"], "sim": S["sim"]})
+        # the runner's heap is the board's plus room for itself and the
+        # simulated hardware; what of that room they do not use is taken
+        # now, so the firmware has exactly the board's heap for its code
+        # and data
+        total = live + _free()
+        ballast = total - S["heap"] - S["base"] - S["sim"]
+        if ballast < 0:
+            raise MemoryError("the runner and the simulated hardware need %d B more room" % -ballast)
+        S["ballast"] = bytearray(ballast)
+        S["out"] = total - S["heap"]
+        _emit({"ev": "heap", "code": S["code"], "sim": S["sim"], "heap": S["heap"], "room": ballast})
         _start()
     else:
         if live > S["live"]:
@@ -265,11 +300,11 @@ def step():
             _emit({"ev": "end", "ms": S["hal"].elapsed_ms(), "seq": b.seq, "stats": b.stats,
                    "uplink": b.uplink.stats, "outputs": b.outputs.stats, "buffered": b.spool.count,
                    "dropped": b.spool.dropped, "uptime": b.uptime_s(), "steps": S["steps"],
-                   "base": S["base"], "code": S["code"], "sim": S["sim"],
-                   "live": S["live"] - S["base"] - S["sim"], "peak": S["peak"] - S["base"] - S["sim"],
+                   "base": S["base"], "code": S["code"], "sim": S["sim"], "heap": S["heap"],
+                   "live": S["live"] - S["out"], "peak": S["peak"] - S["out"],
                    "iteration": S["iter"], "broker": loop.counts(),
-                   "live_by_hour": [x - S["base"] - S["sim"] if x else 0 for x in S["hours_live"]],
-                   "floor_by_hour": [x - S["base"] - S["sim"] if x else 0 for x in S["hours_floor"]]})
+                   "live_by_hour": [x - S["out"] if x else 0 for x in S["hours_live"]],
+                   "floor_by_hour": [x - S["out"] if x else 0 for x in S["hours_floor"]]})
             return False
     if phase < 3:
         S["phase"] = phase + 1
