@@ -48,7 +48,7 @@ from peergrid.community import registry as reg  # noqa: E402
 from peergrid.commissioning.commission import Operator, main as commission_main  # noqa: E402
 from peergrid.commissioning.console import BoardConsole  # noqa: E402
 from protocol import topics  # noqa: E402
-from protocol.link import CommandSealer, open_uplink  # noqa: E402
+from protocol.gateway_end import CommandSealer, open_uplink  # noqa: E402
 
 C = "hil"
 

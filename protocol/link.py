@@ -1,9 +1,9 @@
-# Both ends of one device's link, built from topics, messages and the COSE
-# profile. `DeviceLink` is what a board holds; `open_uplink` and
-# `CommandSealer` are the reference for the gateway side (the CPython gateway
-# has a faster cbor2 path that must agree with these byte for byte).
+# A board's end of its link, built from topics, messages and the COSE
+# profile: `DeviceLink` is what a board holds. The gateway's end (sealing
+# commands, opening uplink frames, the topics it subscribes and the ACL it
+# writes) is protocol/gateway_end.py, which a board never loads.
 from protocol import cbor, cose, messages, topics
-from protocol.errors import ProtocolError, E_TOPIC, E_KID
+from protocol.errors import ProtocolError, E_TOPIC
 
 
 class DeviceLink:
@@ -93,41 +93,3 @@ def command_counter(payload):
     if isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 0xFFFFFFFF:
         return c
     return None
-
-
-class CommandSealer:
-    """Gateway side: seals commands for one device with its downlink key."""
-
-    def __init__(self, community, device, secret):
-        down = cose.derive_keys(secret)[1]
-        self.topic = topics.topic(community, device, topics.CMD)
-        self._aad = self.topic.encode()
-        self._s = cose.Sealer(down, device.encode(), messages.ALGS[topics.CMD][0])
-        self._w = cbor.Writer(messages.MAX_PAYLOAD)
-
-    def seal(self, fields):
-        w = self._w
-        w.reset()
-        messages.encode(w, topics.CMD, fields)
-        return bytes(self._s.seal(w.mv[:w.pos], self._aad))
-
-
-def open_uplink(topic, frame, secret_for):
-    """Reference verification of an uplink frame.
-
-    secret_for(community, device) -> the device's 32-byte secret or None.
-    Returns (community, device, kind, message dict)."""
-    community, device, kind = topics.parse(topic)
-    if kind not in topics.UPLINK:
-        raise ProtocolError(E_TOPIC, "not an uplink topic")
-    aad = topic.encode() if isinstance(topic, str) else bytes(topic)
-
-    def key_for(kid, alg):
-        s = secret_for(community, device)
-        return None if s is None else cose.derive_keys(s)[0]
-
-    kid = device.encode()
-    if not kid:
-        raise ProtocolError(E_KID, "empty device id")
-    payload = cose.open_frame(frame, aad, kid, key_for, messages.ALGS[kind])
-    return community, device, kind, messages.decode(kind, payload)

@@ -54,16 +54,3 @@ def parse(t):
             or not valid_id(parts[1]) or not valid_id(parts[2]):
         raise ProtocolError(E_TOPIC, "not pg/<community>/<device>/<kind>")
     return parts[1], parts[2], parts[3]
-
-
-def subscriptions(community):
-    """What the gateway subscribes to for one community."""
-    return [ROOT + "/" + community + "/+/" + k for k in UPLINK]
-
-
-def device_acl(community, device):
-    """(pattern, access) pairs a board's broker account gets."""
-    base = ROOT + "/" + community + "/" + device + "/"
-    return [(base + READING, "write"), (base + STATUS, "write"),
-            (base + ACK, "write"), (base + CMD, "read"),
-            (base + FWGET, "write"), (base + FW, "read")]

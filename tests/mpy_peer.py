@@ -5,7 +5,7 @@ import sys
 import json
 import binascii
 
-from protocol import cbor, link
+from protocol import cbor, gateway_end, link
 from protocol.errors import ProtocolError
 from jsonx import to_json
 
@@ -41,7 +41,7 @@ def handle(req):
         return {"topic": dl.t_status if op == "status" else dl.t_ack,
                 "frame": binascii.hexlify(bytes(f)).decode()}
     if op == "open_uplink":
-        m = link.open_uplink(req["topic"], binascii.unhexlify(req["frame"]), lambda cc, dd: secret)[3]
+        m = gateway_end.open_uplink(req["topic"], binascii.unhexlify(req["frame"]), lambda cc, dd: secret)[3]
         return {"msg": to_json(m)}
     if op == "open_cmd":
         dl = link.DeviceLink(c, d, secret)

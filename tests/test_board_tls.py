@@ -40,8 +40,8 @@ from peergrid.community import registry as reg
 from peergrid.community.broker import write_broker_files
 from peergrid.config import Config
 from peergrid.sim.vboard import VirtualBoard, board_tls, default_config
-from protocol import topics
-from protocol.link import open_uplink
+from protocol import gateway_end, topics
+from protocol.gateway_end import open_uplink
 
 pytestmark = pytest.mark.broker
 C = "oak"
@@ -168,7 +168,7 @@ class Site:
         ready = threading.Event()
 
         def on_connect(client, userdata, flags, rc, props=None):
-            client.subscribe([(t, 1) for t in topics.subscriptions(C)])
+            client.subscribe([(t, 1) for t in gateway_end.subscriptions(C)])
 
         def on_message(client, userdata, msg):
             with self.lock:

@@ -10,7 +10,7 @@ import pytest
 
 from harness import ROOT, MpyPeer
 from peergrid.ingest.wire import UplinkVerifier, seal_command
-from protocol import topics
+from protocol import gateway_end
 from protocol.errors import ProtocolError
 
 SECRET_A = bytes(range(32))
@@ -33,7 +33,7 @@ def _client(broker, user: str, password: str) -> tuple[mqtt.Client, queue.Queue]
 @pytest.fixture(scope="module")
 def community(broker):
     for dev in ("dev-a", "dev-b"):
-        broker.add_user(dev, f"{dev}-pw", topics.device_acl("oak", dev))
+        broker.add_user(dev, f"{dev}-pw", gateway_end.device_acl("oak", dev))
     broker.add_user("gateway", "gw-pw", [("pg/oak/#", "readwrite")])
     broker.apply()
     return broker
@@ -56,7 +56,7 @@ def _sub(c: mqtt.Client, topic: str) -> None:
 
 def test_board_frame_through_broker_verifies_on_gateway(community, mpy_dir) -> None:
     gw, gq = _client(community, "gateway", "gw-pw")
-    for t in topics.subscriptions("oak"):
+    for t in gateway_end.subscriptions("oak"):
         _sub(gw, t)
     peer = MpyPeer([mpy_dir, ROOT / "tests" / "shared", ROOT / "tests"])
     try:
@@ -147,7 +147,7 @@ def test_micropython_umqtt_board_publishes_through_broker(community) -> None:
 
     subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_umqtt.py")], check=True, capture_output=True)
     gw, gq = _client(community, "gateway", "gw-pw")
-    for t in topics.subscriptions("oak"):
+    for t in gateway_end.subscriptions("oak"):
         _sub(gw, t)
     try:
         proc = run_micropython(["tests/mpy_umqtt_publish.py", community.host, str(community.port), "dev-a",

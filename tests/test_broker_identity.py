@@ -30,7 +30,7 @@ import pytest
 from harness import free_port, stop_process, wait_port
 from peergrid.community import broker
 from peergrid.community import registry as reg
-from protocol import cose, messages, topics
+from protocol import cose, gateway_end, messages, topics
 from protocol.errors import NAMES
 from protocol.link import DeviceLink
 
@@ -519,7 +519,7 @@ def test_no_reading_the_broker_acknowledged_is_lost(site_factory, tmp_path) -> N
 def test_messages_beyond_the_protocol_are_refused_by_the_broker(site_factory) -> None:
     site = site_factory()
     gw = Client(site, "gateway", site.gw_password, GW_ID, clean=False)
-    gw.c.subscribe(topics.subscriptions(C)[0], qos=1)
+    gw.c.subscribe(gateway_end.subscriptions(C)[0], qos=1)
     a = Board(site, "house-a")
     try:
         time.sleep(0.3)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from harness import ROOT, MpyPeer
 from jsonx import from_json
 from peergrid.ingest.wire import UplinkVerifier, seal_command
-from protocol import cbor, link, messages, topics
+from protocol import cbor, gateway_end, link, messages, topics
 from protocol.errors import E_REPLAY, ProtocolError
 from protocol.replay import ReplayWindow
 
@@ -258,7 +258,7 @@ def test_limits_agree_on_fast_and_reference_paths(extra: int, code: str | None) 
         ver.open(topic, frame)
     assert ei.value.name() == code
     with pytest.raises(ProtocolError) as ei:
-        link.open_uplink(topic, frame, lambda c, d: SECRET)
+        gateway_end.open_uplink(topic, frame, lambda c, d: SECRET)
     assert ei.value.name() == code
 
 
@@ -279,12 +279,12 @@ def test_extension_fields_agree_on_both_paths(ext: bytes, ok: bool) -> None:
     ver = UplinkVerifier(lambda c, d: SECRET)
     if ok:
         assert ver.open(topic, frame).fields["_ext"] == 1
-        assert link.open_uplink(topic, frame, lambda c, d: SECRET)[3]["_ext"] == 1
+        assert gateway_end.open_uplink(topic, frame, lambda c, d: SECRET)[3]["_ext"] == 1
         return
     with pytest.raises(ProtocolError) as g:
         ver.open(topic, frame)
     with pytest.raises(ProtocolError) as r:
-        link.open_uplink(topic, frame, lambda c, d: SECRET)
+        gateway_end.open_uplink(topic, frame, lambda c, d: SECRET)
     assert g.value.code == r.value.code and g.value.name() in ("type", "depth")
 
 
@@ -292,7 +292,7 @@ def test_open_uplink_takes_any_bytes_like_topic() -> None:
     dl = link.DeviceLink("oak", "d3f9a2", SECRET)
     f = bytes(dl.reading(1, 1, 1, 0, None, None, [0, 0, 0, 0], 1))
     for t in (dl.t_reading, dl.t_reading.encode(), memoryview(dl.t_reading.encode())):
-        assert link.open_uplink(t, f, lambda c, d: SECRET)[2] == "reading"
+        assert gateway_end.open_uplink(t, f, lambda c, d: SECRET)[2] == "reading"
 
 
 @pytest.mark.parametrize("value,err", [(0, None), (125, None), (0xFFFFFFFF, None), (1 << 32, "range"), (-1, "range"),
@@ -311,9 +311,9 @@ def test_status_spool_err_from_an_authentic_board_is_bounded(value: object, err:
     ver = UplinkVerifier(lambda c, d: SECRET)
     if err is None:
         assert ver.open(topic, frame).fields["spool_err"] == value
-        assert link.open_uplink(topic, frame, lambda c, d: SECRET)[3]["spool_err"] == value
+        assert gateway_end.open_uplink(topic, frame, lambda c, d: SECRET)[3]["spool_err"] == value
         return
-    for open_ in (lambda: ver.open(topic, frame), lambda: link.open_uplink(topic, frame, lambda c, d: SECRET)):
+    for open_ in (lambda: ver.open(topic, frame), lambda: gateway_end.open_uplink(topic, frame, lambda c, d: SECRET)):
         with pytest.raises(ProtocolError) as ei:
             open_()
         assert ei.value.name() == err, ei.value.name()
@@ -331,7 +331,7 @@ def test_commands_sealed_on_two_threads_at_once_keep_their_tags() -> None:
     from protocol import cose
 
     secrets = {"d3f9a2": SECRET, "e7a1b2": bytes(range(1, 33))}
-    sealers = {d: link.CommandSealer("oak", d, k) for d, k in secrets.items()}
+    sealers = {d: gateway_end.CommandSealer("oak", d, k) for d, k in secrets.items()}
     keys = {d: cose.derive_keys(k)[1] for d, k in secrets.items()}
     wrong: list[str] = []
     done = {d: 0 for d in secrets}

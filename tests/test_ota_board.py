@@ -21,10 +21,10 @@ import pytest
 
 from harness import ROOT, broken_firmware_tree
 from peergrid.sim.vboard import VirtualBoard, default_config
-from protocol import cbor, messages, topics
+from protocol import cbor, gateway_end, messages, topics
 from protocol.fw import encode_chunk, encode_chunk_error
 from protocol.errors import E_TARGET
-from protocol.link import CommandSealer, open_uplink
+from protocol.gateway_end import CommandSealer, open_uplink
 
 sys.path.insert(0, str(ROOT / "tools"))
 import release as rtool  # noqa: E402
@@ -145,7 +145,7 @@ def setup(broker, tmp_path, rels):
     def make(device: str, installed: int = 1, speed: float = 4, **over: Any) -> tuple[VirtualBoard, Server]:
         secret = os.urandom(32)
         pw = f"pw-{random.randrange(1 << 30)}"
-        broker.add_user(device, pw, topics.device_acl(C, device))
+        broker.add_user(device, pw, gateway_end.device_acl(C, device))
         broker.apply()
         cfg = default_config(C, device, secret, broker.host, broker.port, device, pw, **over)
         vb = VirtualBoard(tmp_path / device, cfg, speed=speed)

@@ -21,9 +21,9 @@ from netfault import MqttFaultProxy
 from peergrid.community.registry import Device
 from peergrid.ingest.validate import Duplicate, Validator
 from peergrid.sim.vboard import VirtualBoard, default_config
-from protocol import cbor, cose, messages, topics
+from protocol import cbor, cose, gateway_end, messages, topics
 from protocol.errors import E_EXPIRED, E_REPLAY, ProtocolError
-from protocol.link import CommandSealer, open_uplink
+from protocol.gateway_end import CommandSealer, open_uplink
 
 pytestmark = pytest.mark.broker
 COMMUNITY = "oak"
@@ -51,7 +51,7 @@ class Gateway:
         c.reconnect_delay_set(min_delay=1, max_delay=1)
 
         def on_connect(client, userdata, flags, rc, props=None):
-            client.subscribe([(t, 1) for t in topics.subscriptions(COMMUNITY)])
+            client.subscribe([(t, 1) for t in gateway_end.subscriptions(COMMUNITY)])
 
         def on_subscribe(client, userdata, mid, rcs, props=None):
             self.subscribed.set()
@@ -118,7 +118,7 @@ def _board(broker, tmp_path: Path, device: str, speed: float, port: int | None =
            **over: Any) -> tuple[VirtualBoard, bytes]:
     secret = os.urandom(32)
     pw = f"pw-{device}-{random.randrange(1 << 30)}"
-    broker.add_user(device, pw, topics.device_acl(COMMUNITY, device))
+    broker.add_user(device, pw, gateway_end.device_acl(COMMUNITY, device))
     broker.apply()
     cfg = default_config(COMMUNITY, device, secret, broker.host, port or broker.port, device, pw, **over)
     return VirtualBoard(tmp_path / device, cfg, speed=speed), secret

@@ -154,7 +154,7 @@ def check(res: dict[str, Any]) -> dict[str, Any]:
     """What the board published, opened with the gateway's verification:
     reading sequence numbers by boot, acks by counter, statuses."""
     _gateway_on_path()
-    from protocol.link import open_uplink
+    from protocol.gateway_end import open_uplink
 
     def secret_for(community: str, device: str) -> bytes | None:
         return SECRET if (community, device) == (COMMUNITY, DEVICE) else None

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from protocol import cbor, cose, errors, link, messages, topics  # noqa: E402
+from protocol import cbor, cose, errors, gateway_end, link, messages, topics  # noqa: E402
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(100, 132))
@@ -73,7 +73,7 @@ def main() -> None:
         if kind == topics.CMD:
             msg = dl.open_command(topic, frame)
         else:
-            msg = link.open_uplink(topic, frame, lambda c, d: SECRET)[3]
+            msg = gateway_end.open_uplink(topic, frame, lambda c, d: SECRET)[3]
         vectors.append(dict(name=name, kind=kind, topic=topic, secret=SECRET.hex(), frame=frame.hex(),
                             expect=0, error="ok", build=jsonable(build), message=jsonable(msg), note=note))
 
@@ -101,7 +101,7 @@ def main() -> None:
        "release 8 started on trial, waiting for its confirmation")
     ok("fwget_piece", topics.FWGET, dl.t_fwget, bytes(dl.fwget(FWGET)), FWGET,
        "asks for 1024 bytes of release 8's third file from offset 2048")
-    cs = link.CommandSealer(C, D, SECRET)
+    cs = gateway_end.CommandSealer(C, D, SECRET)
     ok("cmd_update", topics.CMD, t_c, cs.seal(CMD_UPDATE), CMD_UPDATE, "fetch and install release 8")
     ok("cmd_relay_on", topics.CMD, t_c, cs.seal(CMD), CMD, "relay 0 on for 60 s")
     ok("cmd_battery_discharge", topics.CMD, t_c, cs.seal(CMD_BAT), CMD_BAT, "battery 0 discharges 2500 W")

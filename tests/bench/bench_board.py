@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from harness import Broker, free_port, mpy_build, wait_port  # noqa: E402
 from peergrid.sim.vboard import VirtualBoard, default_config  # noqa: E402
-from protocol import topics  # noqa: E402
+from protocol import gateway_end, topics  # noqa: E402
 import footprint  # noqa: E402
 
 HEAP = 110 * 1024       # the unix port's data heap for part 2 (its code is counted apart)
@@ -186,7 +186,7 @@ def tls_figures(tmp: Path, mpy: Path, n: int) -> dict:
     (d / "passwd").write_text("")
     subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(d / "passwd"),
                     "bench1", "bench-pw"], check=True, capture_output=True)
-    (d / "acl").write_text("user bench1\n" + "".join(f"topic {a} {t}\n" for t, a in topics.device_acl("oak", "bench1")))
+    (d / "acl").write_text("user bench1\n" + "".join(f"topic {a} {t}\n" for t, a in gateway_end.device_acl("oak", "bench1")))
     port, tls_port = free_port(), free_port()
     (d / "mosquitto.conf").write_text(mosquitto_conf(
         port, d / "passwd", d / "acl", "127.0.0.1", persistence_dir=d,
@@ -262,7 +262,7 @@ def main() -> None:
         (tmp / "mq").mkdir()
         broker = Broker(tmp / "mq")
         secret = os.urandom(32)
-        broker.add_user("bench1", "bench-pw", topics.device_acl("oak", "bench1"))
+        broker.add_user("bench1", "bench-pw", gateway_end.device_acl("oak", "bench1"))
         broker.apply()
         cfg = default_config("oak", "bench1", secret, broker.host, broker.port, "bench1", "bench-pw",
                              replay_per_s=1000, backoff_s=[1, 2], status_s=600,

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from protocol import cose, link, messages  # noqa: E402
+from protocol import cose, gateway_end, link, messages  # noqa: E402
 from peergrid.ingest.wire import UplinkVerifier  # noqa: E402
 
 SECRET = bytes(range(32))
@@ -56,7 +56,7 @@ def main() -> None:
 
     d = link.DeviceLink("oak", "d3f9a2", SECRET)
     frame = bytes(d.reading(12, 4711, 1795000000, 0, 2304, 5001, CH, 4, INV, None))
-    msg = link.open_uplink(d.t_reading, frame, lambda c, dv: SECRET)[3]
+    msg = gateway_end.open_uplink(d.t_reading, frame, lambda c, dv: SECRET)[3]
     w = link.cbor.Writer(512)
     messages.encode_reading(w, 12, 4711, 1795000000, 0, 2304, 5001, CH, 4, INV, None)
     payload_len = w.pos
@@ -81,7 +81,7 @@ def main() -> None:
     t0 = time.perf_counter()
     n_ref = max(200, n_cpy // 10)
     for _ in range(n_ref):
-        link.open_uplink(d.t_reading, frame, lambda c, dv: SECRET)
+        gateway_end.open_uplink(d.t_reading, frame, lambda c, dv: SECRET)
     ref_us = (time.perf_counter() - t0) / n_ref * 1e6
 
     res = {

@@ -3,7 +3,7 @@
 import sys
 import time
 import gc
-from protocol import link
+from protocol import gateway_end, link
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 d = link.DeviceLink("oak", "d3f9a2", bytes(range(32)))
@@ -23,6 +23,6 @@ a1 = gc.mem_alloc() if hasattr(gc, "mem_alloc") else 0
 gc.enable()
 t0 = time.ticks_us()
 for i in range(n):
-    link.open_uplink(d.t_reading, f, lambda c, dv: bytes(range(32)))
+    gateway_end.open_uplink(d.t_reading, f, lambda c, dv: bytes(range(32)))
 dv = time.ticks_diff(time.ticks_us(), t0)
 print("RESULT %d %d %d %d" % (n, dt, a1 - a0, dv))

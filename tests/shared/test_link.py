@@ -1,5 +1,5 @@
 # Keys, topics, replay rules and the hot-path reading encoder.
-from protocol import cbor, cose, link, messages, topics
+from protocol import cbor, cose, gateway_end, link, messages, topics
 from protocol.errors import E_REPLAY, E_TOPIC, E_TAG, E_SCHEMA
 from protocol.replay import ReplayWindow, CounterGuard
 from util import raises_code
@@ -20,7 +20,7 @@ def test_topics():
                 "pg/oak/d3f9a2/reading/x", "pg/oak/" + "a" * 17 + "/reading", "pg/oak/+/reading",
                 "pg//d/reading"):
         raises_code(E_TOPIC, topics.parse, bad)
-    acl = topics.device_acl("oak", "d1")
+    acl = gateway_end.device_acl("oak", "d1")
     assert ("pg/oak/d1/cmd", "read") in acl and ("pg/oak/d1/reading", "write") in acl
 
 

@@ -1,7 +1,7 @@
 # Golden frames (protocol/vectors/frames.json) through the reference code that
 # the boards run: every valid frame is rebuilt byte for byte from its inputs
 # and opens to its stated message; every invalid frame fails with its code.
-from protocol import link, topics
+from protocol import gateway_end, link, topics
 from protocol.errors import ProtocolError, E_REPLAY
 from protocol.replay import ReplayWindow, CounterGuard
 from util import frames, unhex
@@ -26,7 +26,7 @@ def receive(v):
         msg = board.open_command(v["topic"], unhex(v["frame"]))
         CounterGuard(state.get("last_ctr", 0)).accept(msg["ctr"])
         return msg
-    msg = link.open_uplink(v["topic"], unhex(v["frame"]), lambda c, d: secret)[3]
+    msg = gateway_end.open_uplink(v["topic"], unhex(v["frame"]), lambda c, d: secret)[3]
     w = ReplayWindow()
     for boot, seq in state.get("seen", []):
         w.accept(boot, seq)
@@ -38,7 +38,7 @@ def build(v):
     secret = unhex(v["secret"])
     b = _fields(v["kind"], v["build"])
     if v["kind"] == topics.CMD:
-        return link.CommandSealer(C, D, secret).seal(b)
+        return gateway_end.CommandSealer(C, D, secret).seal(b)
     d = link.DeviceLink(C, D, secret)
     if v["kind"] == topics.READING:
         return bytes(d.reading(b["boot"], b["seq"], b["t"], b["flags"], b["vrms_dv"], b["freq_chz"],

@@ -23,7 +23,7 @@ from typing import Any
 
 from peergrid import schema
 from peergrid.community import hatopics
-from protocol import topics
+from protocol import gateway_end, topics
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS communities (
@@ -434,7 +434,7 @@ class Registry:
         acl_lines = [f"user {gateway_user}"]
         comms = [r[0] for r in self.db.execute("SELECT id FROM communities ORDER BY id")]
         for c in comms:
-            acl_lines += [f"topic read {t}" for t in topics.subscriptions(c)]
+            acl_lines += [f"topic read {t}" for t in gateway_end.subscriptions(c)]
             acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.CMD}")
             acl_lines.append(f"topic write {topics.ROOT}/{c}/+/{topics.FW}")
             acl_lines.append(f"topic readwrite pgw/{c}/#")
@@ -449,7 +449,7 @@ class Registry:
             user = broker_user(c, dev)
             pw_lines.append(f"{user}:{h}")
             acl_lines.append(f"user {user}")
-            acl_lines += [f"topic {access} {pattern}" for pattern, access in topics.device_acl(c, dev)]
+            acl_lines += [f"topic {access} {pattern}" for pattern, access in gateway_end.device_acl(c, dev)]
             acl_lines.append("")
             n += 1
         for c, mid, h in self.db.execute("SELECT community, id, broker_hash FROM members WHERE broker_hash IS NOT NULL"

@@ -33,7 +33,7 @@ from peergrid.community import registry as reg
 from peergrid.control.controller import Controller, Decision, resources
 from protocol import messages, topics
 from protocol.errors import E_REPLAY
-from protocol.link import CommandSealer
+from protocol.gateway_end import CommandSealer
 
 log = logging.getLogger("peergrid.control.controller")
 

@@ -31,7 +31,7 @@ from peergrid.ingest.brokerlink import BrokerLink, LinkClient, classify_connack,
 from peergrid.ingest.metrics import Metrics
 from peergrid.ingest.store import Store, quarantined
 from peergrid.ingest.validate import Accepted, Duplicate, Rejected, Throttled, Validator, fault_warnings
-from protocol import topics
+from protocol import gateway_end, topics
 
 log = logging.getLogger("peergrid.gateway")
 
@@ -100,7 +100,7 @@ class Gateway:
         if rc != 0:
             self.link.failed(*classify_connack(rc))     # logged there; paho retries
             return
-        client.subscribe([(t, 1) for t in topics.subscriptions(self.cfg.community)])
+        client.subscribe([(t, 1) for t in gateway_end.subscriptions(self.cfg.community)])
         if self.ha is not None:
             from peergrid.community.hatopics import HA_STATUS
 

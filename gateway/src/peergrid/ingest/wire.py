@@ -156,7 +156,7 @@ class UplinkVerifier:
 
 def seal_command(community: str, device: str, secret: bytes, fields: dict[str, Any]) -> tuple[str, bytes]:
     """Topic and frame of a command (gateway to board)."""
-    from protocol.link import CommandSealer
+    from protocol.gateway_end import CommandSealer
 
     s = CommandSealer(community, device, secret)
     return s.topic, s.seal(fields)
