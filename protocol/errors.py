@@ -38,16 +38,6 @@ E_TARGET = const(46)        # command addresses an output the board does not hav
 E_CLOCK = const(47)         # timestamp implausible for the receiver's clock
 E_PLAUSIBILITY = const(48)  # physically implausible reading
 
-NAMES = {
-    0: "ok",
-    1: "too_big", 2: "truncated", 3: "trailing", 4: "depth", 5: "indefinite",
-    6: "duplicate_key", 7: "noncanonical", 8: "type", 9: "count", 10: "utf8",
-    20: "not_cose", 21: "header", 22: "alg", 23: "kid", 24: "tag",
-    25: "unknown_device",
-    40: "topic", 41: "schema", 42: "version", 43: "replay", 44: "expired",
-    45: "range", 46: "target", 47: "clock", 48: "plausibility",
-}
-
 
 class ProtocolError(ValueError):
     """A frame or message was rejected; `code` is one of the E_* numbers."""
@@ -58,6 +48,7 @@ class ProtocolError(ValueError):
         self.detail = detail
 
     def name(self):
+        from protocol.errnames import NAMES    # only when an error is put into words
         return NAMES.get(self.code, "e%d" % self.code)
 
     def __str__(self):

@@ -31,7 +31,7 @@ from harness import free_port, stop_process, wait_port
 from peergrid.community import broker
 from peergrid.community import registry as reg
 from protocol import cose, gateway_end, messages, topics
-from protocol.errors import NAMES
+from protocol.errnames import NAMES
 from protocol.link import DeviceLink
 
 C = "elm"

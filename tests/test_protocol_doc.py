@@ -23,8 +23,18 @@ def test_worked_example_frames_are_golden_vectors() -> None:
         assert h in frames, f"PROTOCOL.md shows a frame that is not a golden vector: {h[:40]}..."
 
 
+def test_every_error_code_has_a_name() -> None:
+    # the names live apart from the codes (a board loads only the codes)
+    from protocol import errors
+    from protocol.errnames import NAMES
+
+    codes = {v for k, v in vars(errors).items() if k == "OK" or k.startswith("E_")}
+    assert codes == set(NAMES), codes ^ set(NAMES)
+    assert str(errors.ProtocolError(errors.E_TAG, "forged")) == "tag (24): forged"
+
+
 def test_error_code_table_matches_errors_py() -> None:
-    from protocol.errors import NAMES
+    from protocol.errnames import NAMES
 
     doc = (ROOT / "protocol" / "PROTOCOL.md").read_text()
     rows = dict(re.findall(r"^\| (\d+) \| ([a-z_0-9]+) \|", doc, re.M))

@@ -4,7 +4,8 @@ import binascii
 import json
 import sys
 
-from protocol.errors import ProtocolError, NAMES
+from protocol.errnames import NAMES
+from protocol.errors import ProtocolError
 
 IS_MICROPYTHON = sys.implementation.name == "micropython"
 

@@ -31,8 +31,9 @@ from peergrid.ingest.energycheck import DEFAULT_MAX_LATE_S, EnergyError, EnergyS
 from peergrid.community.registry import Device, valid_rating
 from peergrid.ingest.wire import UplinkVerifier
 from protocol import cose, messages, topics
+from protocol.errnames import NAMES
 from protocol.errors import (E_CLOCK, E_PLAUSIBILITY, E_REPLAY, E_TAG, E_TOO_BIG, E_TOPIC, E_UNKNOWN_DEVICE,
-                             NAMES, ProtocolError)
+                             ProtocolError)
 from protocol.replay import ReplayWindow
 
 DeviceLookup = Callable[[str, str], "Device | None"]
