@@ -22,7 +22,6 @@ from protocol import link as plink
 from protocol import messages
 from firmware import commands
 from firmware.energy import RegisterStore
-from firmware.frontend import open_frontend
 from firmware.outputs import Outputs, Relay, BatteryOut
 from firmware.spool import Spool
 from firmware.state import Counter
@@ -77,6 +76,7 @@ class Board:
             lut, self.adc_cal = adccal.lut(hal, fsroot)
             if lut is None:
                 self.uncalibrated = True
+        from firmware.frontend import open_frontend     # the start only: boot.settle unloads it
         self.fe = open_frontend(hal, board, cal=cal, frames=cfg["frames"], lut=lut)
         lut = None
         self.store = RegisterStore(hal.flash("energy", 16 * 4096), nch, max_w=23000,

@@ -291,7 +291,8 @@ def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path)
     # what firmware/main.py runs on a board: boot.start reads board.json and
     # config.json from the flash root and builds the HAL, the network and the
     # Board; the Board keeps what it needs of the two dicts, not the dicts;
-    # boot.settle drops the start's modules (boot and config among them);
+    # boot.settle drops the start's modules (boot, config and the front-end
+    # factory among them);
     # the console brings boot back and answers for the running board
     _board_class(monkeypatch)
     from firmware import boot
@@ -304,8 +305,8 @@ def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path)
     assert b.name == "circuitsetup-6ch" and b.heap_bytes == board["heap_bytes"] and b.ack_timeout_ms == 10000
     assert b.roles == {"ct1": "grid"} and b.uplink.sock_timeout_s == 5
     assert not hasattr(b, "board") and not hasattr(b, "cfg") and not hasattr(b.uplink, "cfg")
-    for name in ("firmware.boot", "firmware.config", "firmware.adccal", "firmware.ota", "firmware.release",
-                 "firmware.loader", "protocol.fw"):
+    for name in ("firmware.boot", "firmware.config", "firmware.adccal", "firmware.frontend", "firmware.ota",
+                 "firmware.release", "firmware.loader", "protocol.fw"):
         # what settle unloads comes back for the tests after this one
         if name in sys.modules:
             monkeypatch.setitem(sys.modules, name, sys.modules[name])
@@ -313,6 +314,7 @@ def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path)
             monkeypatch.setattr(sys.modules[pkg], attr, sys.modules[name])
     boot.settle(b)
     assert "firmware.boot" not in sys.modules and "firmware.config" not in sys.modules
+    assert "firmware.frontend" not in sys.modules
     import firmware
     assert not hasattr(firmware, "boot")
     from firmware import boot as again
@@ -473,3 +475,4 @@ print("CODES", " ".join(out))
     want = [str(E_UTF8)] * len(BAD_TEXT) + ["ok", "ok"]
     assert line[0].split()[1:] == want
     assert codes_cpython() == want
+

@@ -51,7 +51,7 @@ def _modules():
     config, hal, net; the console only when a frame arrives), the ESP32
     HAL, the MQTT client, and the front end and RS485 modules this board
     and config use (the firmware imports those lazily); boot.settle drops
-    boot, config and adccal again once the Board is built.
+    boot, config, adccal and frontend again once the Board is built.
     One a step: on a board the collector runs whenever the heap fills, here
     only between steps, so the garbage of loading one module is all a step
     may leave."""
