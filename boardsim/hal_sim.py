@@ -296,5 +296,9 @@ class SimHal(Hal):
     def time(self):
         return self.unix + self.now_us // 1000000, self.synced
 
+    def set_time(self, unix):
+        self.unix = unix - self.now_us // 1000000
+        self.synced = True
+
     def wdt_feed(self):
         self.fed += 1

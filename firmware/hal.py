@@ -7,7 +7,8 @@
 #   Hal.adc_block(pins, buf, n)   sample len(pins) inputs n times, interleaved,
 #                                 into buf (array 'H' of raw codes); returns the
 #                                 frame period in us (int or float). No allocation per sample.
-#   Hal.adc_uv(code)              calibrated microvolts for a raw code
+#   Hal.adc_calibration()         (code, microvolts) points of the ADC's transfer
+#                                 curve, or None (firmware/adccal.py)
 #   Hal.spi(cfg) -> Spi           write_readinto(wbuf, rbuf), select(cs, on)
 #   Hal.uart(cfg) -> Uart         write(b), readinto(buf) -> n or None, any()
 #   Hal.pin_out(n, value) -> Pin  value(v=None)
@@ -99,35 +100,16 @@ class Flash:
 
 
 class Hal:
+    """What backends share. The methods every backend must have (adc_block,
+    adc_calibration, spi, uart, pin_out, flash, ticks_ms, ticks_us, time,
+    set_time: the list at the top) have no stand-ins here that raise
+    NotImplementedError: on a board this module's code shares the heap with
+    the data, and ten such stand-ins cost about 0.5 KB of it."""
     name = "abstract"
 
     # the board may measure in every idle moment (a virtual board whose
     # clock runs faster than real time cannot: its CPU does not speed up)
     continuous = True
-
-    def adc_block(self, pins, buf, n):
-        raise NotImplementedError
-
-    def adc_uv(self, code):
-        raise NotImplementedError
-
-    def spi(self, cfg):
-        raise NotImplementedError
-
-    def uart(self, cfg):
-        raise NotImplementedError
-
-    def pin_out(self, n, value=0):
-        raise NotImplementedError
-
-    def flash(self, name, size):
-        raise NotImplementedError
-
-    def ticks_ms(self):
-        raise NotImplementedError
-
-    def ticks_us(self):
-        raise NotImplementedError
 
     def ticks_add(self, t, delta):
         return ticks_add(t, delta)
@@ -135,11 +117,8 @@ class Hal:
     def ticks_diff(self, a, b):
         return ticks_diff(a, b)
 
-    def time(self):
-        raise NotImplementedError
-
     def io_ms(self):
-        return self.ticks_ms()
+        return self.ticks_ms()  # type: ignore[attr-defined]  # every backend has it: the list at the top
 
     def io_add(self, t, delta):
         return self.ticks_add(t, delta)
@@ -158,9 +137,6 @@ class Hal:
         """Nothing to do for up to ms of board time."""
         if ms > 0:
             self.sleep_ms(ms)
-
-    def set_time(self, unix):
-        raise NotImplementedError
 
     def wdt_feed(self):
         pass

@@ -476,3 +476,27 @@ print("CODES", " ".join(out))
     assert line[0].split()[1:] == want
     assert codes_cpython() == want
 
+
+def test_every_backend_has_the_whole_hal_interface():
+    # firmware/hal.py's Hal keeps no NotImplementedError stand-ins (they
+    # would cost a board heap): a backend missing a method would fail only
+    # when a board calls it, so each backend is checked against the list at
+    # the top of firmware/hal.py here
+    from boardsim.hal_sim import NorFlash, RamNorFlash, SimFlash, SimHal
+    from boardsim.hal_virtual import VirtualHal
+    from firmware.hal import Hal
+
+    head = (ROOT / "firmware" / "hal.py").read_text().split("\ntry:")[0]
+    names = set()
+    for line in head.splitlines():
+        if line.startswith("#   Hal."):
+            spec = line[len("#   Hal."):].split("  ")[0].split(" -> ")[0]
+            names |= {n.strip().split("(")[0] for n in spec.split(", ") if "(" in n}
+    assert {"adc_block", "flash", "ticks_ms", "ticks_us", "time", "set_time", "io_add", "io_diff",
+            "mem_free"} <= names, names
+    for backend in (hal_esp32.Esp32Hal, SimHal, VirtualHal):
+        missing = sorted(n for n in names if not callable(getattr(backend, n, None)))
+        assert not missing, (backend.__name__, missing)
+    assert not callable(getattr(Hal, "adc_block", None))      # the check above can fail
+    for flash in (hal_esp32.PartitionFlash, SimFlash, NorFlash, RamNorFlash):
+        assert all(callable(getattr(flash, n, None)) for n in ("read", "readinto", "write")), flash
