@@ -66,6 +66,9 @@ def open_hal(board, **kw):
     mcu = board.get("mcu")
     if mcu != "esp32":
         raise ValueError("this firmware runs on an esp32, not %r" % (mcu,))
+    if (board.get("frontend") or {}).get("type", "adc") == "adc":
+        from firmware.adc_esp32 import AdcEsp32Hal      # only a board that samples CTs loads the ADC code
+        return AdcEsp32Hal(board, **kw)
     from firmware.hal_esp32 import Esp32Hal
     return Esp32Hal(board, **kw)
 

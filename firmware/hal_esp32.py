@@ -1,6 +1,7 @@
 # ESP32 backend of the hardware layer (MicroPython `machine`). Only this file
-# touches `machine`; it cannot run on the unix port and is compiled by
-# mpy-cross in every test run.
+# and firmware/adc_esp32.py (the ADC, for the boards that sample CTs
+# themselves) touch `machine`; they cannot run on the unix port and are
+# compiled by mpy-cross in every test run.
 import time
 
 from firmware.hal import Hal, Flash
@@ -10,23 +11,7 @@ try:
 except ImportError:  # unix port or CPython: importable, unusable
     machine = None
 
-_ATTEN = {0: 0, 2: 1, 6: 2, 11: 3}
-
-
 _EPOCH_2000 = 946684800     # 2000-01-01T00:00:00Z in Unix seconds
-
-
-def _tick_cost():
-    """Microseconds between the timer reads of two back-to-back ticks_us()
-    calls, the least of a few tries (an interrupt can stretch one)."""
-    tick = time.ticks_us
-    best = None
-    for _ in range(8):
-        a = tick()
-        d = time.ticks_diff(tick(), a)
-        if best is None or d < best:
-            best = d
-    return best
 
 
 class PartitionFlash(Flash):
@@ -68,74 +53,14 @@ class Esp32Hal(Hal):
     def __init__(self, board, wdt_ms=30000):
         if machine is None:
             raise OSError("machine module missing: not on a board")
-        fe = board.get("frontend", {})
-        atten = _ATTEN[fe.get("attenuation_db", 11)]
-        self._adc = {}
-        pins = [c["pin"] for c in board.get("channels", []) if "pin" in c]
-        vref = board.get("vref", {})
-        self.vref_pin = vref.get("pin")     # the ADC's calibration input (the board's dict is not kept)
-        if "pin" in vref:
-            pins.append(vref["pin"])
-        for p in pins:
-            a = machine.ADC(machine.Pin(p), atten=atten)
-            self._adc[p] = a
         # fed on progress by the application (a reading built, a command
         # handled), so the timeout must exceed the reading period
         # (0: no watchdog, while the board waits for its commissioning config)
         self._wdt = machine.WDT(timeout=wdt_ms) if wdt_ms else None
-        self._pins = None
-        self._reads = None
-        self._tick_cost = _tick_cost()
         # time.time() counts from the port's epoch: 2000-01-01 on the ESP32
         # port, 1970-01-01 elsewhere. Asked once, never guessed from the value.
         self._epoch = _EPOCH_2000 if time.gmtime(0)[0] == 2000 else 0
         self._synced = False
-
-    def adc_block(self, pins, buf, n):
-        """Returns the frame period in microseconds as a float: the block's
-        length over n, not rounded. A frame of 4-5 inputs lasts ~50-60 us
-        and one read ~12 us, so a whole-us period (or a per-read period
-        rounded down) would be off by percent, i.e. by ~1 Hz at 50 Hz.
-        The cost of one ticks_us() call, measured at start-up, is taken off:
-        it lies between the two timestamps but not between samples."""
-        reads = self._reads
-        if pins is not self._pins:
-            # the bound read methods, once per pin list (Meter passes the
-            # same list every window): the loop below allocates nothing
-            reads = [self._adc[p].read_u16 for p in pins]
-            self._reads = reads
-            self._pins = pins
-        m = len(reads)
-        if not n or not m:
-            return 0
-        tick = time.ticks_us
-        t0 = tick()
-        i = 0
-        for _ in range(n):
-            for j in range(m):
-                buf[i] = reads[j]() >> 4
-                i += 1
-        dt = time.ticks_diff(tick(), t0) - self._tick_cost
-        return dt / n
-
-    def adc_calibration(self, n=800):
-        """(code, microvolts) points of this chip's ADC from its eFuse
-        calibration: read_uv() (calibrated) against read_u16() (raw) on the
-        voltage reference while the mains wave sweeps it; averaged per bin
-        (metering.points_from_pairs). Each raw read sits between two
-        calibrated ones, so the wave's movement between reads cancels."""
-        from firmware.metering import points_from_pairs
-        pin = self.vref_pin
-        if pin is None:
-            return None
-        a = self._adc[pin]
-        pairs = []
-        for _ in range(n):
-            u1 = a.read_uv()
-            c = a.read_u16() >> 4
-            u2 = a.read_uv()
-            pairs.append((c, (u1 + u2) // 2))
-        return points_from_pairs(pairs)
 
     def pin_out(self, n, value=0):
         return machine.Pin(n, machine.Pin.OUT, value=value)

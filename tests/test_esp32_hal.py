@@ -18,6 +18,7 @@ from esp32_fake import clock, esp32 as fesp32, machine as fmachine, network as f
 from harness import ROOT, run_micropython
 
 from firmware import hal_esp32
+from firmware.adc_esp32 import AdcEsp32Hal
 from firmware.atm90e32 import REG_IGAIN_A, REG_MMODE0, REG_CFG_REG_ACC_EN, CFG_LOCK
 from boardsim.atm90e32_sim import SimATM90E32
 from firmware.energy import Registers
@@ -81,7 +82,7 @@ def test_adc_block_returns_the_frame_period_exactly(esp, name, seed):
 
     fmachine.read_us = read_us
     mains(board, 50.0)
-    hal = hal_esp32.Esp32Hal(board, wdt_ms=0)
+    hal = AdcEsp32Hal(board, wdt_ms=0)
     fe = open_frontend(hal, board, frames=1000)
     assert isinstance(fe, AdcFrontEnd)
     meter = fe.meter
@@ -118,7 +119,7 @@ def test_frequency_through_the_esp32_hal_and_metering(esp, name, freq, read_us):
     clock.reset(start_us=WRAP - 25000, cost_us=2.5)
     fmachine.read_us = lambda: read_us + rng.uniform(-0.05, 0.05)
     mains(board, freq)
-    hal = hal_esp32.Esp32Hal(board, wdt_ms=0)
+    hal = AdcEsp32Hal(board, wdt_ms=0)
     fe = open_frontend(hal, board, frames=1000)
     regs = Registers(len(board["channels"]))
     want = int(freq * 100 + 0.5)
@@ -144,9 +145,10 @@ from firmware import hal_esp32
 from array import array
 hal_esp32.machine = machine
 hal_esp32.time = clock
+from firmware.adc_esp32 import AdcEsp32Hal
 clock.reset(start_us=(1 << 30) - 5000)
 board = {"mcu": "esp32", "channels": [{"pin": 39}, {"pin": 34}, {"pin": 35}], "vref": {"pin": 36}}
-hal = hal_esp32.Esp32Hal(board, wdt_ms=0)
+hal = AdcEsp32Hal(board, wdt_ms=0)
 pins = [36, 39, 34, 35]
 buf = array("H", bytes(2 * 4 * 3000))
 hal.adc_block(pins, buf, 2)
@@ -302,6 +304,7 @@ def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path)
     (tmp_path / "config.json").write_text(HOUSE_7)
     hal, b = boot.start(str(tmp_path), None)
     assert isinstance(hal, hal_esp32.Esp32Hal) and isinstance(b.fe, AtmFrontEnd) and b.nch == 6
+    assert not isinstance(hal, AdcEsp32Hal)         # an ATM90E32 board has no ADC code to load
     assert b.name == "circuitsetup-6ch" and b.heap_bytes == board["heap_bytes"] and b.ack_timeout_ms == 10000
     assert b.roles == {"ct1": "grid"} and b.uplink.sock_timeout_s == 5
     assert not hasattr(b, "board") and not hasattr(b, "cfg") and not hasattr(b.uplink, "cfg")
@@ -492,11 +495,25 @@ def test_every_backend_has_the_whole_hal_interface():
         if line.startswith("#   Hal."):
             spec = line[len("#   Hal."):].split("  ")[0].split(" -> ")[0]
             names |= {n.strip().split("(")[0] for n in spec.split(", ") if "(" in n}
-    assert {"adc_block", "flash", "ticks_ms", "ticks_us", "time", "set_time", "io_add", "io_diff",
+    assert {"adc_block", "adc_calibration", "flash", "ticks_ms", "ticks_us", "time", "set_time", "io_add", "io_diff",
             "mem_free"} <= names, names
-    for backend in (hal_esp32.Esp32Hal, SimHal, VirtualHal):
-        missing = sorted(n for n in names if not callable(getattr(backend, n, None)))
+    adc = {"adc_block", "adc_calibration"}
+    for backend, need in ((AdcEsp32Hal, names), (hal_esp32.Esp32Hal, names - adc), (SimHal, names),
+                          (VirtualHal, names)):
+        missing = sorted(n for n in need if not callable(getattr(backend, n, None)))
         assert not missing, (backend.__name__, missing)
     assert not callable(getattr(Hal, "adc_block", None))      # the check above can fail
     for flash in (hal_esp32.PartitionFlash, SimFlash, NorFlash, RamNorFlash):
         assert all(callable(getattr(flash, n, None)) for n in ("read", "readinto", "write")), flash
+
+
+def test_only_a_board_that_samples_cts_gets_the_adc_hal(esp, monkeypatch):
+    from firmware.boot import open_hal
+    monkeypatch.delitem(sys.modules, "firmware.adc_esp32")
+    atm = open_hal(board_def("circuitsetup-6ch"), wdt_ms=0)
+    assert type(atm) is hal_esp32.Esp32Hal and "firmware.adc_esp32" not in sys.modules
+    for name in ("devkitc-3ct", "olimex-esp32-poe-iso"):
+        hal = open_hal(board_def(name), wdt_ms=0)
+        assert type(hal).__name__ == "AdcEsp32Hal" and hal.vref_pin == board_def(name)["vref"]["pin"]
+    with pytest.raises(ValueError, match="esp32"):
+        open_hal(dict(board_def("devkitc-3ct"), mcu="rp2040"))

@@ -1,10 +1,11 @@
 """Type check of the firmware's ESP32 path against the MicroPython ESP32 stubs.
 
-What is checked: firmware/hal_esp32.py, firmware/main.py, firmware/net.py and
-every firmware/ and protocol/ module they import, transitively (found here by
-reading their import statements, so a new import is checked without editing
-this file), with mypy and tools/mypy-esp32.ini. The stubs are the `typecheck`
-extra of pyproject.toml: micropython-esp32-esp32-generic-stubs of the
+What is checked: firmware/hal_esp32.py, firmware/adc_esp32.py,
+firmware/main.py, firmware/net.py and every firmware/ and protocol/ module
+they import, transitively (found here by reading their import statements,
+so a new import is checked without editing this file), with mypy and
+tools/mypy-esp32.ini. The stubs are the `typecheck` extra of
+pyproject.toml: micropython-esp32-esp32-generic-stubs of the
 MicroPython release the firmware runs on (1.28, the version of the pinned
 unix port) and micropython-stdlib-stubs. mypy gets them as its typeshed and
 search path, so `time`, `sys`, `socket`, `select`, `gc`, `hashlib` are
@@ -30,10 +31,11 @@ Settings and suppressions, by class (nothing else is suppressed):
   the CPython stand-in cannot repeat the stub's generic signature.
 - `import socket  # type: ignore[no-redef]` (mqtt.py): the same idiom for
   `usocket`.
-- strict_optional off in firmware.uplink, firmware.mqtt, firmware.hal_esp32:
+- strict_optional off in firmware.uplink, firmware.mqtt, firmware.hal_esp32,
+  firmware.adc_esp32:
   attributes that are None until a later step sets them and are only used
   after it (Uplink.client while the state is _UP; umqtt's sock and last-will
-  fields, set by connect() and set_last_will(); Esp32Hal's ADC read list,
+  fields, set by connect() and set_last_will(); AdcEsp32Hal's ADC read list,
   built on the first block; `machine = None` off a board, where Esp32Hal
   refuses to start). mypy cannot see these invariants without annotations.
 - Two single spots of the same kind, ignored on their line with the reason:
@@ -70,7 +72,7 @@ CONFIG = ROOT / "tools" / "mypy-esp32.ini"
 TYPINGS = ROOT / "build" / "typecheck" / "typings"
 UMQTT = ROOT / "build" / "lib" / "umqtt_pinned" / "simple.py"
 STUBS = ("micropython-esp32-esp32-generic-stubs", "micropython-stdlib-stubs")
-ENTRY = ("firmware/hal_esp32.py", "firmware/main.py", "firmware/net.py")
+ENTRY = ("firmware/hal_esp32.py", "firmware/adc_esp32.py", "firmware/main.py", "firmware/net.py")
 
 
 def _module_file(name: str) -> Path | None:

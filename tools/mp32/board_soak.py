@@ -60,12 +60,15 @@ def _modules():
     mods = ["protocol.errors", "protocol.cbor", "protocol.cose", "protocol.topics", "protocol.messages",
             "protocol.link", "firmware.hal", "firmware.state", "firmware.config", "firmware.energy",
             "firmware.spool", "firmware.outputs", "firmware.frontend"]
-    if (board.get("frontend") or {}).get("type") == "atm90e32":
+    atm = (board.get("frontend") or {}).get("type") == "atm90e32"
+    if atm:
         mods.append("firmware.atm90e32")
     else:
         mods += ["firmware.dsp", "firmware.metering", "firmware.adccal"]
     mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.commands",
              "firmware.board", "firmware.main", "firmware.boot", "firmware.hal_esp32"]
+    if not atm:
+        mods.append("firmware.adc_esp32")       # the ESP32 HAL's ADC part (boot.open_hal)
     if cfg.get("inverter") or cfg.get("battery"):
         mods += ["firmware.modbus", "firmware.sunspec", "firmware.inverters"]
     return mods
@@ -209,6 +212,22 @@ def _free():
     return f - (1 << 27) if f >= 1 << 27 else f
 
 
+def _take(n):
+    """n bytes of the heap taken, in the largest pieces the free space
+    still holds (the simulated hardware may have split it)."""
+    got = []
+    piece = n
+    while n > 0:
+        try:
+            got.append(bytearray(min(piece, n)))
+            n -= min(piece, n)
+        except MemoryError:
+            if piece <= 1024:
+                raise
+            piece //= 2
+    return got
+
+
 def _run():
     """Board loop iterations until one reading was made, a minute passed,
     100 iterations ran or the heap left free is less than an iteration may
@@ -273,7 +292,7 @@ def step():
         ballast = total - S["heap"] - S["base"] - S["sim"]
         if ballast < 0:
             raise MemoryError("the runner and the simulated hardware need %d B more room" % -ballast)
-        S["ballast"] = bytearray(ballast)
+        S["ballast"] = _take(ballast)
         S["out"] = total - S["heap"]
         _emit({"ev": "heap", "code": S["code"], "sim": S["sim"], "heap": S["heap"], "room": ballast})
         _start()
