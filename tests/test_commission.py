@@ -402,3 +402,20 @@ def test_ct_figures_guard_rails_and_residual() -> None:
     assert "did not show up" in fit_ct(300, 200, 2000)["problem"]
     far = fit_ct(2000 * math.cos(math.radians(-12)), 2000 * math.sin(math.radians(-12)), 2000)["problem"]
     assert "-12.0 degrees" in far
+
+
+def test_an_inverter_needs_a_board_with_psram() -> None:
+    """The inverter's Modbus and SunSpec code (about 15 KB) does not fit the
+    heap of an ESP32 without PSRAM with a quarter free: the sheet is refused
+    before anything is registered or written, for the WROOM board only."""
+    from peergrid.commissioning.sheet import sheet_problems
+
+    root = Path(__file__).resolve().parents[1] / "boards"
+    sheet = {"house": {"member": "Ada", "device": "house-7"}, "ct": [{"name": "ct1", "role": "grid", "rating_a": 100}],
+             "inverter": {"unit": 1}}
+    wroom = json.loads((root / "circuitsetup-6ch-wroom" / "board.json").read_text())
+    wrover = json.loads((root / "circuitsetup-6ch" / "board.json").read_text())
+    problems = sheet_problems(sheet, wroom)
+    assert len(problems) == 1 and "no PSRAM" in problems[0] and "111936 B" in problems[0], problems
+    assert sheet_problems(sheet, wrover) == []
+    assert sheet_problems(dict(sheet, inverter=None), wroom) == []

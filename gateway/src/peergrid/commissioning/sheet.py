@@ -7,7 +7,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from peergrid.commissioning.boards import MODULES
 from peergrid.commissioning.errors import Stop
+
+NO_PSRAM_HEAP = MODULES["ESP32-WROOM-32E"]["heap"]     # an ESP32's heap without PSRAM
 
 
 def load_sheet(path: Path) -> dict[str, Any]:
@@ -47,4 +50,11 @@ def sheet_problems(sh: dict[str, Any], bdef: dict[str, Any]) -> list[str]:
     inv = sh.get("inverter")
     if inv is not None and not (isinstance(inv.get("unit"), int) and 1 <= inv["unit"] <= 247):
         out.append("inverter.unit is a Modbus address 1..247")
+    if inv is not None and bdef.get("heap_bytes", 0) <= NO_PSRAM_HEAP:
+        # the Modbus master, SunSpec and the inverter driver add about 15 KB
+        # of code to the heap (README, "The board's heap"): the quarter a
+        # board keeps free of 111,936 B is gone
+        out.append(f"inverter: board {bdef.get('name')} ({bdef.get('module')}, no PSRAM) has "
+                   f"{bdef.get('heap_bytes')} B of heap, too little for the inverter's Modbus and SunSpec code; "
+                   "use a board with PSRAM (a WROVER module) in a house with an inverter or battery")
     return out
