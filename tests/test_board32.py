@@ -60,8 +60,11 @@ def test_a_day_on_32_bit_across_the_tick_wrap(mpy32: Path, tmp_path: Path) -> No
     # instead of writing a 4 KB block of 0xFF it had kept in the heap;
     # 81,000 and 103,500: the Board keeps no board.json or config.json dict,
     # the start-up code (boot.py) and the general Mac0 verifier leave the
-    # heap, one frame buffer less for replays and one for the link's sealers)
-    assert r["code_heap_bytes"] <= 81_000 and r["peak_live_heap_bytes"] <= 103_500, r
+    # heap, one frame buffer less for replays and one for the link's sealers;
+    # 80,000 and 101,500: the gateway's end of the link and the error names
+    # in modules a board never loads, the front-end factory unloaded after
+    # the start, no NotImplementedError stand-ins in the HAL's base class)
+    assert r["code_heap_bytes"] <= 80_000 and r["peak_live_heap_bytes"] <= 101_500, r
     # 24 h at one reading a minute: every one made, published once at least,
     # none left in the spool, none dropped, no spool error, no period missed
     assert r["readings_made"] == 24 * 60
