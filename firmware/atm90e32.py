@@ -23,7 +23,6 @@
 #
 # Everything the functions return is an integer in PeerGrid protocol units.
 import time
-from array import array
 
 from firmware.energy import Result
 
@@ -35,24 +34,11 @@ except ImportError:  # CPython
 
 # --- register map (addresses are 10 bits) ---------------------------------
 REG_METER_EN = const(0x00)
-_REG_SAG_PEAK_DET_CFG = const(0x05)
-_REG_ZX_CONFIG = const(0x07)
-_REG_FREQ_LO_TH = const(0x0C)
-_REG_FREQ_HI_TH = const(0x0D)
 REG_PL_CONST_H = const(0x31)
 REG_PL_CONST_L = const(0x32)
 REG_MMODE0 = const(0x33)
-_REG_MMODE1 = const(0x34)
-_REG_P_START_TH = const(0x35)
-_REG_Q_START_TH = const(0x36)
-_REG_S_START_TH = const(0x37)
-_REG_P_PHASE_TH = const(0x38)
-_REG_Q_PHASE_TH = const(0x39)
-_REG_S_PHASE_TH = const(0x3A)
 REG_UGAIN_A = const(0x61)       # per phase: Ugain, Igain, Uoffset, Ioffset,
 REG_IGAIN_A = const(0x62)       # then the same four for B at +4, C at +8
-_REG_UOFFSET_A = const(0x63)
-_REG_IOFFSET_A = const(0x64)
 REG_SOFT_RESET = const(0x70)
 _REG_EMM_STATE0 = const(0x71)
 REG_EMM_STATE1 = const(0x72)
@@ -87,19 +73,6 @@ _ENERGY_DEN = const(8)
 # active power: W = raw32 * 0.00032 = raw32 / 3125
 _POWER_DIV = const(3125)
 
-# MMode0: bits 0..2 let phases C, B, A count into the sums; bit 7 is set the
-# way the public drivers for 3-phase-4-wire boards set it; bit 12 selects a
-# 60 Hz line (clear = 50 Hz).
-_MMODE0_3P4W = const(0x0087)
-_MMODE0_60HZ = const(0x1000)
-# SagPeakDetCfg: peak detector window 20 ms (high byte), sag window 63 ms
-_SAG_PEAK_CFG = const(0x143F)
-# ZXConfig: zero-crossing pins follow the current channels, both edges
-_ZX_CFG = const(0xD654)
-# start-up (no-load) power thresholds, values as used on CT boards by the
-# public drivers; they keep noise from creeping into the energy registers
-_START_TH = const(0x1D4C)
-_PHASE_TH = const(0x02EE)
 
 PHASES = "ABC"
 
@@ -127,14 +100,6 @@ def _phase(p):
     if i < 0 or i > 2:
         raise ValueError("phase must be 0..2 or 'A'..'C', got %r" % (p,))
     return i
-
-
-def _triple(v):
-    if isinstance(v, int):
-        return (v, v, v)
-    if len(v) != 3:
-        raise ValueError("need one value or three (A, B, C)")
-    return tuple(v)
 
 
 def _default_delay_ms(ms):
@@ -182,44 +147,8 @@ class ATM90E32:
         self._exp = [0, 0, 0]
         self.started = False
         cs_pin.value(1)
-        ug = _triple(ugain)
-        ig = _triple(igain)
-        uo = _triple(uoffset)
-        io = _triple(ioffset)
-        mm0 = _MMODE0_3P4W | (_MMODE0_60HZ if line_freq_hz == 60 else 0)
-        f = line_freq_hz * 100
-        # everything begin() writes while the configuration is unlocked, in
-        # order, and reads back once it is locked again: (register, value)
-        # pairs, kept flat in 16-bit words (a tuple a pair would hold about
-        # 450 bytes more of a board's heap, per chip)
-        cfg = [
-            (REG_METER_EN, _METER_ON),
-            (_REG_SAG_PEAK_DET_CFG, _SAG_PEAK_CFG),
-            (_REG_ZX_CONFIG, _ZX_CFG),
-            (_REG_FREQ_HI_TH, f + 200),      # flag the line outside +-2 Hz
-            (_REG_FREQ_LO_TH, f - 200),
-            (REG_PL_CONST_H, PL_CONST >> 16),
-            (REG_PL_CONST_L, PL_CONST & 0xFFFF),
-            (REG_MMODE0, mm0),
-            (_REG_MMODE1, pga_gain & 0xFFFF),
-            (_REG_P_START_TH, _START_TH),
-            (_REG_Q_START_TH, _START_TH),
-            (_REG_S_START_TH, _START_TH),
-            (_REG_P_PHASE_TH, _PHASE_TH),
-            (_REG_Q_PHASE_TH, _PHASE_TH),
-            (_REG_S_PHASE_TH, _PHASE_TH),
-        ]
-        for i in range(3):
-            base = 4 * i
-            cfg.append((REG_UGAIN_A + base, ug[i] & 0xFFFF))
-            cfg.append((REG_IGAIN_A + base, ig[i] & 0xFFFF))
-            cfg.append((_REG_UOFFSET_A + base, uo[i] & 0xFFFF))
-            cfg.append((_REG_IOFFSET_A + base, io[i] & 0xFFFF))
-        flat = array("H", bytes(4 * len(cfg)))
-        for i in range(len(cfg)):
-            flat[2 * i] = cfg[i][0]
-            flat[2 * i + 1] = cfg[i][1]
-        self.config = flat
+        from firmware.atm90e32_setup import config_words     # the start only: boot.settle unloads it
+        self.config = config_words(line_freq_hz, pga_gain, ugain, igain, uoffset, ioffset)
 
     # --- bus ----------------------------------------------------------------
     def _xfer(self):
@@ -264,37 +193,10 @@ class ATM90E32:
         """Reset the chip, write configuration and calibration, lock, read
         it all back. Raises ATM90E32Error when the chip is not there or does
         not keep what was written."""
-        self.started = False
-        self.write_reg(REG_SOFT_RESET, SOFT_RESET_KEY, check=False)
-        self._delay_ms(6)                       # the reset takes ~5 ms
-        self.write_reg(REG_CFG_REG_ACC_EN, CFG_UNLOCK, check=False)
-        echo = self.read_reg(REG_LAST_SPI_DATA)
-        if echo != CFG_UNLOCK:
-            if self._dead(echo):
-                raise ATM90E32Error("atm90e32: no answer on SPI (reads 0x%04x): chip unplugged, unpowered or "
-                                    "wrong chip select?" % echo)
-            raise ATM90E32Error("atm90e32: garbled SPI (LastSPIData 0x%04x, expected 0x%04x): check SPI mode 3 "
-                                "and clock rate" % (echo, CFG_UNLOCK))
-        c = self.config
-        for k in range(0, len(c), 2):
-            self.write_reg(c[k], c[k + 1])
-        self.write_reg(REG_CFG_REG_ACC_EN, CFG_LOCK)
-        for k in range(0, len(c), 2):
-            addr = c[k]
-            val = c[k + 1]
-            got = self.read_reg(addr)
-            if got != val:
-                raise ATM90E32Error("atm90e32: config reg 0x%02x reads 0x%04x after locking, wrote 0x%04x"
-                                    % (addr, got, val))
-        for i in range(3):
-            self._imp[i] = 0
-            self._exp[i] = 0
-        # the energy registers are zero after the reset; read them anyway so
-        # whatever accumulated during set-up is not counted
-        for i in range(3):
-            self.read_reg(REG_AP_ENERGY_A + i)
-            self.read_reg(REG_AN_ENERGY_A + i)
-        self.started = True
+        from firmware.atm90e32_setup import begin
+        why = begin(self)
+        if why is not None:
+            raise ATM90E32Error(why)
 
     def write_config(self, addr, val):
         """Change one configuration/calibration register at run time:

@@ -53,6 +53,7 @@ def settle(b):
     unload("firmware.config")      # 3.2 KB of code the board at work never calls
     unload("firmware.adccal")      # the ADC's linearisation, read once at boot
     unload("firmware.frontend")    # open_frontend: the front end is built
+    unload("firmware.atm90e32_setup")   # the chips' set-up: they are running
     if b.ota is None:
         # the update agent and what it brought: back when an update command arrives
         for m in ("firmware.ota", "firmware.release", "firmware.loader", "protocol.fw"):

@@ -308,8 +308,8 @@ def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path)
     assert b.name == "circuitsetup-6ch" and b.heap_bytes == board["heap_bytes"] and b.ack_timeout_ms == 10000
     assert b.roles == {"ct1": "grid"} and b.uplink.sock_timeout_s == 5
     assert not hasattr(b, "board") and not hasattr(b, "cfg") and not hasattr(b.uplink, "cfg")
-    for name in ("firmware.boot", "firmware.config", "firmware.adccal", "firmware.frontend", "firmware.ota",
-                 "firmware.release", "firmware.loader", "protocol.fw"):
+    for name in ("firmware.boot", "firmware.config", "firmware.adccal", "firmware.frontend",
+                 "firmware.atm90e32_setup", "firmware.ota", "firmware.release", "firmware.loader", "protocol.fw"):
         # what settle unloads comes back for the tests after this one
         if name in sys.modules:
             monkeypatch.setitem(sys.modules, name, sys.modules[name])
@@ -317,7 +317,7 @@ def test_the_start_builds_the_board_and_drops_itself(esp, monkeypatch, tmp_path)
             monkeypatch.setattr(sys.modules[pkg], attr, sys.modules[name])
     boot.settle(b)
     assert "firmware.boot" not in sys.modules and "firmware.config" not in sys.modules
-    assert "firmware.frontend" not in sys.modules
+    assert "firmware.frontend" not in sys.modules and "firmware.atm90e32_setup" not in sys.modules
     import firmware
     assert not hasattr(firmware, "boot")
     from firmware import boot as again

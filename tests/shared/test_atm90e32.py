@@ -2,7 +2,7 @@
 from firmware import atm90e32 as A
 from firmware.atm90e32 import ATM90E32, ATM90E32Error, config_from_board
 from boardsim.atm90e32_sim import SimATM90E32, SimBus
-from util import ROOT, load_json
+from util import ROOT, Skip, load_json
 
 IGAIN = (39473, 25498, 12345)
 UGAIN = 7305
@@ -256,3 +256,20 @@ def test_two_chips_on_one_bus():
     assert d0.measure(0)[1] == 1000 and d1.measure(0)[1] == 2000
     d1.cs = Pin(1)                       # d1's chip select never asserted: nobody answers
     assert d1.read_reg(A.REG_METER_EN) == 0xFFFF
+
+
+def test_the_set_up_names_the_registers_as_the_driver_does():
+    # atm90e32_setup.py repeats the registers and values it writes as private
+    # constants (it may not import the driver, which imports it); on
+    # MicroPython those are folded away, under CPython they can be compared
+    import sys
+    if sys.implementation.name != "cpython":
+        raise Skip("private constants are folded away on MicroPython")
+    from firmware import atm90e32, atm90e32_setup
+    pairs = [(n, getattr(atm90e32_setup, "_" + n)) for n in dir(atm90e32)
+             if (n.startswith("REG_") or n in ("SOFT_RESET_KEY", "CFG_UNLOCK", "CFG_LOCK", "PL_CONST"))
+             and hasattr(atm90e32_setup, "_" + n)]
+    assert len(pairs) >= 15, pairs
+    for name, value in pairs:
+        assert getattr(atm90e32, name) == value, name
+    assert atm90e32_setup._METER_ON == atm90e32._METER_ON

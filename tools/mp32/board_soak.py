@@ -51,7 +51,8 @@ def _modules():
     config, hal, net; the console only when a frame arrives), the ESP32
     HAL, the MQTT client, and the front end and RS485 modules this board
     and config use (the firmware imports those lazily); boot.settle drops
-    boot, config, adccal and frontend again once the Board is built.
+    boot, config, adccal, frontend and atm90e32_setup again once the Board
+    is built.
     One a step: on a board the collector runs whenever the heap fills, here
     only between steps, so the garbage of loading one module is all a step
     may leave."""
@@ -62,7 +63,7 @@ def _modules():
             "firmware.spool", "firmware.outputs", "firmware.frontend"]
     atm = (board.get("frontend") or {}).get("type") == "atm90e32"
     if atm:
-        mods.append("firmware.atm90e32")
+        mods += ["firmware.atm90e32", "firmware.atm90e32_setup"]
     else:
         mods += ["firmware.dsp", "firmware.metering", "firmware.adccal"]
     mods += ["umqtt_pinned.simple", "firmware.mqtt", "firmware.uplink", "firmware.net", "firmware.commands",
