@@ -94,9 +94,9 @@ class Spool:
     def _header(self, b):
         d = self._hdr
         self.flash.readinto(b * self.bs, d)
-        # the magic byte by byte: most headers of a mount are erased ones,
-        # and unpacking 0xFFFFFFFF makes a long int on a 32-bit board
-        if d[0] != 0x50 or d[1] != 0x47 or d[2] != 0x53 or d[3] != 0x31:
+        # the magic in two 16-bit halves: most headers of a mount are erased
+        # ones, and unpacking 0xFFFFFFFF makes a long int on a 32-bit board
+        if d[0] | d[1] << 8 != _MAGIC & 0xFFFF or d[2] | d[3] << 8 != _MAGIC >> 16:
             for i in range(_BHDR_LEN):
                 if d[i] != 0xFF:
                     self.bad += 1       # not an erased header either
